@@ -1,0 +1,3 @@
+from field_client.cli import main
+
+main()

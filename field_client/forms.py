@@ -1,0 +1,132 @@
+"""Reading registrations from people: JSON files and interactive prompts.
+
+Nothing here writes to the store; it turns input into validated
+`RegistrationCreate` values or a list of `FieldError`s naming every bad field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from schemas.enums import ConsentScope, Intention, LegalBasis, Need, Scenario, Sex, Vulnerability
+from schemas.fields import parse_date_of_birth
+from schemas.record import RegistrationCreate
+from schemas.validation import FieldError, InvalidRecord, validate
+
+__all__ = ["parse_json_records", "prompt_record", "validate_all"]
+
+
+def parse_json_records(text: str) -> list[Any]:
+    """Parse one JSON object, a JSON array, or JSON Lines. Raises InvalidRecord."""
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidRecord([FieldError("input", "no records: the input is empty")])
+    if stripped[0] == "[":
+        try:
+            data = json.loads(stripped)
+        except ValueError as exc:
+            raise InvalidRecord([FieldError("input", f"not valid JSON: {exc}")]) from None
+        return list(data)
+    try:
+        return [json.loads(stripped)]
+    except ValueError:
+        pass
+    items: list[Any] = []
+    errors: list[FieldError] = []
+    for number, line in enumerate(stripped.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            errors.append(FieldError(f"line {number}", f"not valid JSON: {exc.msg}"))
+    if errors:
+        raise InvalidRecord(errors)
+    return items
+
+
+def validate_all(items: list[Any]) -> list[RegistrationCreate]:
+    """Validate every item; raise one InvalidRecord listing all errors of all items."""
+    valid: list[RegistrationCreate] = []
+    errors: list[FieldError] = []
+    many = len(items) > 1
+    for index, item in enumerate(items):
+        try:
+            valid.append(validate(RegistrationCreate, item))
+        except InvalidRecord as exc:
+            prefix = f"record {index + 1}: " if many else ""
+            errors.extend(FieldError(prefix + e.path, e.reason) for e in exc.errors)
+    if errors:
+        raise InvalidRecord(errors)
+    return valid
+
+
+Ask = Callable[[str, str], str]
+
+
+def _choices(enum: Any) -> str:
+    return ", ".join(m.value for m in enum)
+
+
+def _split(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def prompt_record(ask: Ask, *, operator: str) -> dict[str, Any]:
+    """Ask for a registration field by field; return the raw input for validation.
+
+    `ask(question, default)` returns what the person typed. Empty answers
+    leave optional fields out.
+    """
+
+    def opt(question: str, default: str = "") -> str | None:
+        return ask(question, default).strip() or None
+
+    record: dict[str, Any] = {
+        "names": {
+            "given": opt("Given name (Latin letters)"),
+            "family": opt("Family name (Latin letters)"),
+            "given_original": opt("Given name (original script)"),
+            "family_original": opt("Family name (original script)"),
+            "aliases": _split(ask("Other names, comma separated", "")),
+        },
+        "sex": ask(f"Sex ({_choices(Sex)})", "unknown"),
+        "nationalities": [
+            c.upper() for c in _split(ask("Nationalities (ISO codes, e.g. EGY,TCD)", ""))
+        ],
+        "languages": _split(ask("Languages (ISO 639 codes, e.g. ar,fr)", "")),
+        "phone": opt("Phone"),
+        "occupation": opt("Occupation"),
+        "employer": opt("Employer"),
+        "situation": {
+            "scenario": ask(f"Scenario ({_choices(Scenario)})", "crossed_border"),
+            "vulnerabilities": _split(ask("Vulnerabilities, comma separated (? for the list)", "")),
+            "needs": _split(ask(f"Needs, comma separated ({_choices(Need)})", "")),
+            "intention": opt(f"Intention ({_choices(Intention)})"),
+        },
+        "notes": opt("Notes"),
+    }
+    if record["situation"]["vulnerabilities"] == ["?"]:
+        record["situation"]["vulnerabilities"] = _split(
+            ask(f"Vulnerabilities ({_choices(Vulnerability)})", "")
+        )
+    try:
+        record["date_of_birth"] = parse_date_of_birth(
+            ask("Date of birth (YYYY-MM-DD, YYYY, ~YYYY if estimated; empty if unknown)", "")
+        )
+    except ValueError:
+        record["date_of_birth"] = None
+    given = ask("Consent given? (yes/no)", "yes").strip().lower() in {"y", "yes"}
+    record["consent"] = {
+        "given": given,
+        "legal_basis": ask(
+            f"Legal basis ({_choices(LegalBasis)})", "consent" if given else "vital_interest"
+        ),
+        "scope": _split(
+            ask(f"Consent scope ({_choices(ConsentScope)})", "registration" if given else "")
+        ),
+        "recorded_by": operator,
+    }
+    return {k: v for k, v in record.items() if v is not None}

@@ -1,0 +1,584 @@
+"""The encrypted field store: registrations, their per-field versions, the
+append-only change log (whose unsent tail is the outbox) and name match keys.
+
+All SQL of the device lives here. Every write runs in one `BEGIN IMMEDIATE`
+transaction that also persists the HLC and the device sequence, so a crash
+leaves either the record with its outbox entries or neither.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from field_client import db
+from field_client.unlock import KeyFile, check_passphrase_strength, new_key_file
+from schemas.fields import flatten, unflatten
+from schemas.ids import uuid7
+from schemas.names import match_keys, name_similarity, query_keys
+from schemas.record import Registration, RegistrationContext, RegistrationCreate
+from schemas.validation import FieldError, InvalidRecord, validate
+from sync.changes import FieldChange, Version
+from sync.hlc import Clock, Stamp, system_ms
+
+__all__ = [
+    "HistoryEntry",
+    "NotFound",
+    "RecordSummary",
+    "SearchHit",
+    "Store",
+    "StoreExists",
+    "StoreStatus",
+    "display_name",
+]
+
+DB_NAME = "store.db"
+KEY_NAME = "store.key"
+READ_ONLY_FIELDS = frozenset({"registration", "schema_version"})
+_SEARCH_CANDIDATES = 200
+
+
+class NotFound(LookupError):
+    """No record with that id (or id prefix) in this store."""
+
+
+class StoreExists(FileExistsError):
+    """`init` on a directory that already holds a store."""
+
+
+@dataclass(frozen=True)
+class RecordSummary:
+    id: str
+    name: str
+    site: str
+    scenario: str | None
+    registered_at: str
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    id: str
+    name: str
+    site: str
+    score: float
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    field: str
+    value: Any
+    stamp: Stamp
+    device_id: str
+    operator: str
+    is_current: bool
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    device_id: str
+    site: str
+    records: int
+    own_records: int
+    changes: int
+    pending_outbox: int
+    last_stamp: Stamp
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def display_name(doc: Mapping[str, Any]) -> str:
+    """`Given Family (original)` for lists and search results."""
+    names = doc.get("names") or {}
+    latin = " ".join(p for p in (names.get("given"), names.get("family")) if p)
+    original = " ".join(p for p in (names.get("given_original"), names.get("family_original")) if p)
+    if latin and original:
+        return f"{latin} ({original})"
+    return latin or original or "?"
+
+
+def _all_names(doc: Mapping[str, Any]) -> list[str]:
+    names = doc.get("names") or {}
+    parts = [names.get(k) for k in ("given", "family", "given_original", "family_original")]
+    return [p for p in parts if p] + list(names.get("aliases") or [])
+
+
+def _bootstrap(engine: sa.Engine, *, site: str, operator: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            sa.insert(db.meta),
+            [
+                {"key": "device_id", "value": str(uuid7())},
+                {"key": "site", "value": site},
+                {"key": "operator", "value": operator},
+                {"key": "hlc", "value": Stamp(0, 0).encode()},
+                {"key": "device_seq", "value": "0"},
+                {"key": "pushed_seq", "value": "0"},
+            ],
+        )
+
+
+class Store:
+    """An unlocked device store. Use `Store.init` or `Store.open`; `close()` when done."""
+
+    def __init__(self, data_dir: Path, engine: sa.Engine, *, wall_ms: Callable[[], int]) -> None:
+        self.data_dir = data_dir
+        self._engine = engine
+        self._conn = engine.connect()
+        meta = self._meta()
+        self.device_id = meta["device_id"]
+        self.site = meta["site"]
+        self.operator = meta.get("operator", "")
+        self._clock = Clock(wall_ms=wall_ms, last=Stamp.decode(meta["hlc"]))
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        data_dir: Path,
+        passphrase: str,
+        *,
+        site: str,
+        operator: str,
+        wall_ms: Callable[[], int] = system_ms,
+        kdf_memory_kib: int = 64 * 1024,
+    ) -> Store:
+        """Create a new store in `data_dir`; refuses a weak passphrase or an existing store."""
+        check_passphrase_strength(passphrase)
+        validate(
+            RegistrationContext,
+            {
+                "site": site,
+                "device_id": "x",
+                "operator": operator,
+                "registered_at": "2000-01-01T00:00:00Z",
+            },
+        )
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if (data_dir / KEY_NAME).exists() or (data_dir / DB_NAME).exists():
+            raise StoreExists(f"{data_dir} already holds a store")
+        data_key = os.urandom(32)
+        with db.private_umask():
+            new_key_file(passphrase, data_key, memory_kib=kdf_memory_kib).save(data_dir / KEY_NAME)
+            engine = db.connect_engine(data_dir / DB_NAME, data_key)
+        _bootstrap(engine, site=site, operator=operator)
+        return cls(data_dir, engine, wall_ms=wall_ms)
+
+    @classmethod
+    def init_unencrypted_for_benchmark(cls, data_dir: Path, *, site: str, operator: str) -> Store:
+        """The same store without SQLCipher, only to measure what encryption costs.
+
+        Never used for people's data: nothing in the CLI reaches it.
+        """
+        data_dir.mkdir(parents=True, exist_ok=True)
+        engine = db.connect_engine(data_dir / DB_NAME, None)
+        _bootstrap(engine, site=site, operator=operator)
+        return cls(data_dir, engine, wall_ms=system_ms)
+
+    @classmethod
+    def open(
+        cls, data_dir: Path, passphrase: str, *, wall_ms: Callable[[], int] = system_ms
+    ) -> Store:
+        """Unlock the store; raises `WrongPassphrase` (nothing touched) or FileNotFoundError."""
+        key_path = data_dir / KEY_NAME
+        if not key_path.exists():
+            raise FileNotFoundError(f"no store in {data_dir}: run `fieldreg init` first")
+        data_key = KeyFile.load(key_path).unwrap(passphrase)
+        with db.private_umask():
+            engine = db.connect_engine(data_dir / DB_NAME, data_key)
+        return cls(data_dir, engine, wall_ms=wall_ms)
+
+    def close(self) -> None:
+        self._conn.close()
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def change_passphrase(self, old: str, new: str) -> None:
+        """Re-wrap the data key under `new` and re-encrypt the database with a fresh key.
+
+        Order matters for crash safety: the new key file is written beside the
+        old one first, the database is re-keyed, then the new file replaces the
+        old. `open` would find whichever pair matches.
+        """
+        check_passphrase_strength(new)
+        key_path = self.data_dir / KEY_NAME
+        KeyFile.load(key_path).unwrap(old)  # raises WrongPassphrase
+        new_key = os.urandom(32)
+        pending = key_path.with_name(KEY_NAME + ".new")
+        with db.private_umask():
+            new_key_file(new, new_key).save(pending)
+        raw = self._conn.connection.dbapi_connection
+        assert raw is not None
+        self._conn.commit()
+        # SQLCipher cannot re-key a database in WAL mode: leave it, re-key, return.
+        raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        raw.execute("PRAGMA journal_mode = DELETE")
+        raw.execute(f"PRAGMA rekey = \"x'{new_key.hex()}'\"")
+        raw.execute("PRAGMA journal_mode = WAL")
+        os.replace(pending, key_path)
+
+    # -- meta ------------------------------------------------------------------------------
+    def _meta(self) -> dict[str, str]:
+        with self._conn.begin():
+            rows = self._conn.execute(sa.select(db.meta.c.key, db.meta.c.value)).all()
+        return {k: v for k, v in rows}
+
+    def _set_meta(self, values: Mapping[str, str]) -> None:
+        stmt = sa.update(db.meta).where(db.meta.c.key == sa.bindparam("k"))
+        self._conn.execute(
+            stmt.values(value=sa.bindparam("v")), [{"k": k, "v": v} for k, v in values.items()]
+        )
+
+    def _next_seq(self) -> int:
+        return int(
+            self._conn.execute(
+                sa.select(db.meta.c.value).where(db.meta.c.key == "device_seq")
+            ).scalar_one()
+        )
+
+    # -- writes ----------------------------------------------------------------------------
+    def register(
+        self,
+        items: Sequence[RegistrationCreate],
+        *,
+        operator: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Registration]:
+        """Save new registrations and their outbox entries in one transaction.
+
+        An item whose `id` is already stored is refused (`InvalidRecord`), and
+        then nothing of the batch is written.
+        """
+        operator = operator or self.operator
+        now = datetime.fromtimestamp(self._clock.now().wall_ms / 1000, UTC)
+        saved: list[Registration] = []
+        record_rows: list[dict[str, Any]] = []
+        change_rows: list[tuple[Any, ...]] = []
+        key_rows: list[tuple[str, str]] = []
+        recorded_at = now.isoformat(timespec="seconds")
+        with self._conn.begin():
+            seq = self._next_seq()
+            ids = [str(item.id) for item in items if item.id is not None]
+            if ids:
+                existing = set(
+                    self._conn.execute(
+                        sa.select(db.records.c.id).where(db.records.c.id.in_(ids))
+                    ).scalars()
+                )
+                if existing:
+                    raise InvalidRecord(
+                        [FieldError("id", f"already registered: {i}") for i in sorted(existing)]
+                    )
+            for item in items:
+                context = {
+                    "site": self.site,
+                    "device_id": self.device_id,
+                    "operator": operator,
+                    "registered_at": now,
+                    "location": item.location,
+                }
+                content = item.model_dump(exclude={"id", "location"})
+                record = Registration(id=item.id or uuid7(), registration=context, **content)
+                stamp = self._clock.now()
+                version = Version(stamp, self.device_id)
+                fields = {p: v for p, v in flatten(record).items() if v not in (None, [])}
+                rid = str(record.id)
+                stamp_text = stamp.encode()
+                for path, value in fields.items():
+                    seq += 1
+                    no_base = None  # a new record: its author saw nothing before
+                    row = (rid, path, _dumps(value), stamp_text, self.device_id, no_base, no_base)
+                    change_rows.append((*row, operator, seq, None, recorded_at))
+                record_rows.append(self._record_row(record, {p: version for p in fields}))
+                key_rows.extend((k, rid) for k in match_keys(record.names.all_names()))
+                saved.append(record)
+                if progress is not None and len(saved) % 250 == 0:
+                    progress(250)
+            if record_rows:
+                self._conn.execute(sa.insert(db.records), record_rows)
+                self._insert_changes(change_rows)
+            self._insert_keys(key_rows)
+            self._set_meta({"device_seq": str(seq), "hlc": self._clock.last.encode()})
+        if progress is not None:
+            progress(len(saved) % 250)
+        return saved
+
+    def edit(
+        self, record_id: str, values: Mapping[str, Any], *, operator: str | None = None
+    ) -> Registration:
+        """Apply `{field path: value}` to a record; validate the whole result first.
+
+        Returns the record as stored. Unchanged values record nothing.
+        """
+        operator = operator or self.operator
+        bad = [FieldError(p, "cannot be edited") for p in values if p in READ_ONLY_FIELDS]
+        if bad:
+            raise InvalidRecord(bad)
+        with self._conn.begin():
+            row = self._load_row(record_id)
+            current = flatten(Registration.model_validate_json(row.doc))
+            unknown = [FieldError(p, "unknown field") for p in values if p not in current]
+            if unknown:
+                raise InvalidRecord(unknown)
+            merged = {**current, **values}
+            record = validate(Registration, {"id": row.id, **unflatten(merged)})
+            after = flatten(record)
+            changed = [p for p in values if after[p] != current[p]]
+            if not changed:
+                return record
+            versions = {p: Version.from_json(v) for p, v in json.loads(row.versions).items()}
+            version = Version(self._clock.now(), self.device_id)
+            seq = self._next_seq()
+            rows = []
+            for path in changed:
+                seq += 1
+                rows.append(
+                    self._change_row(
+                        row.id, path, after[path], version, versions.get(path), operator, seq
+                    )
+                )
+                versions[path] = version
+            self._conn.execute(sa.insert(db.changes), rows)
+            new_row = self._record_row(record, versions)
+            self._conn.execute(
+                sa.update(db.records).where(db.records.c.id == row.id).values(new_row)
+            )
+            if any(p.startswith("names.") for p in changed):
+                self._conn.execute(
+                    sa.delete(db.match_keys).where(db.match_keys.c.record_id == row.id)
+                )
+                keys = [
+                    {"key": k, "record_id": row.id} for k in match_keys(record.names.all_names())
+                ]
+                if keys:
+                    self._conn.execute(sa.insert(db.match_keys), keys)
+            self._set_meta({"device_seq": str(seq), "hlc": self._clock.last.encode()})
+        return record
+
+    # Bulk inserts go through the driver with positional rows: for 10,000
+    # registrations (about 150,000 change rows) SQLAlchemy's per-row parameter
+    # processing costs more than SQLCipher's encryption.
+    def _insert_changes(self, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            self._conn.exec_driver_sql(
+                "INSERT INTO changes (record_id, field, value, stamp, device_id, base_stamp,"
+                " base_device, operator, device_seq, hub_seq, recorded_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def _insert_keys(self, rows: list[tuple[str, str]]) -> None:
+        if rows:
+            self._conn.exec_driver_sql(
+                "INSERT OR IGNORE INTO match_keys (key, record_id) VALUES (?, ?)", rows
+            )
+
+    def _change_row(
+        self,
+        rid: str,
+        path: str,
+        value: Any,
+        version: Version,
+        base: Version | None,
+        operator: str,
+        seq: int | None,
+    ) -> dict[str, Any]:
+        return {
+            "record_id": rid,
+            "field": path,
+            "value": _dumps(value),
+            "stamp": version.stamp.encode(),
+            "device_id": version.device_id,
+            "base_stamp": base.stamp.encode() if base else None,
+            "base_device": base.device_id if base else None,
+            "operator": operator,
+            "device_seq": seq,
+            "hub_seq": None,
+            "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+    @staticmethod
+    def _record_row(record: Registration, versions: Mapping[str, Version]) -> dict[str, Any]:
+        return {
+            "id": str(record.id),
+            "site": record.registration.site,
+            "origin_device": record.registration.device_id,
+            "scenario": record.situation.scenario.value,
+            "registered_at": record.registration.registered_at.isoformat(),
+            "doc": record.model_dump_json(),
+            "versions": _dumps({p: v.to_json() for p, v in versions.items()}),
+        }
+
+    # -- reads -----------------------------------------------------------------------------
+    def _load_row(self, record_id: str) -> sa.Row[Any]:
+        rid = record_id.strip().lower()
+        if len(rid) < 8:
+            raise NotFound(f"record id {record_id!r} is too short (give at least 8 characters)")
+        stmt = (
+            sa.select(db.records).where(db.records.c.id.startswith(rid, autoescape=True)).limit(2)
+        )
+        rows = self._conn.execute(stmt).all()
+        if not rows:
+            raise NotFound(f"no record {record_id!r} in this store")
+        if len(rows) > 1:
+            raise NotFound(f"record id prefix {record_id!r} is ambiguous: give more characters")
+        return rows[0]
+
+    def get(self, record_id: str) -> Registration:
+        """The record with this id (or unique id prefix of >= 8 characters)."""
+        with self._conn.begin():
+            return Registration.model_validate_json(self._load_row(record_id).doc)
+
+    def history(self, record_id: str) -> list[HistoryEntry]:
+        """Every recorded value of every field, oldest first, marking the current one."""
+        with self._conn.begin():
+            row = self._load_row(record_id)
+            current = json.loads(row.versions)
+            stmt = (
+                sa.select(db.changes)
+                .where(db.changes.c.record_id == row.id)
+                .order_by(db.changes.c.field, db.changes.c.stamp, db.changes.c.device_id)
+            )
+            return [
+                HistoryEntry(
+                    field=c.field,
+                    value=json.loads(c.value),
+                    stamp=Stamp.decode(c.stamp),
+                    device_id=c.device_id,
+                    operator=c.operator,
+                    is_current=current.get(c.field) == [c.stamp, c.device_id],
+                )
+                for c in self._conn.execute(stmt)
+            ]
+
+    def list_records(
+        self,
+        *,
+        site: str | None = None,
+        scenario: str | None = None,
+        need: str | None = None,
+        registered_from: date | None = None,
+        registered_to: date | None = None,
+        limit: int | None = None,
+    ) -> list[RecordSummary]:
+        """Records matching every given filter, most recently registered first."""
+        r = db.records.c
+        stmt = sa.select(r.id, r.site, r.scenario, r.registered_at, r.doc).order_by(
+            r.registered_at.desc(), r.id
+        )
+        if site:
+            stmt = stmt.where(r.site == site)
+        if scenario:
+            stmt = stmt.where(r.scenario == scenario)
+        if need:
+            needs = sa.func.json_each(r.doc, "$.situation.needs").table_valued("value")
+            stmt = stmt.where(
+                sa.exists(sa.select(1).select_from(needs).where(needs.c.value == need))
+            )
+        if registered_from:
+            stmt = stmt.where(r.registered_at >= registered_from.isoformat())
+        if registered_to:
+            # registered_at is ISO text; the day after `to` bounds it inclusively.
+            stmt = stmt.where(sa.func.substr(r.registered_at, 1, 10) <= registered_to.isoformat())
+        if limit:
+            stmt = stmt.limit(limit)
+        with self._conn.begin():
+            rows = self._conn.execute(stmt).all()
+        return [
+            RecordSummary(
+                row.id, display_name(json.loads(row.doc)), row.site, row.scenario, row.registered_at
+            )
+            for row in rows
+        ]
+
+    def search(self, text: str, *, limit: int = 20) -> list[SearchHit]:
+        """Records whose names match `text` in any script or spelling, best first.
+
+        Candidates come from the match-key index (cost grows with candidates,
+        not with the store); the best `_SEARCH_CANDIDATES` by matched query
+        tokens are then scored by name similarity.
+        """
+        by_token = query_keys(text)
+        key_to_tokens: dict[str, set[str]] = {}
+        for token, keys in by_token.items():
+            for key in keys:
+                key_to_tokens.setdefault(key, set()).add(token)
+        if not key_to_tokens:
+            return []
+        mk = db.match_keys.c
+        with self._conn.begin():
+            pairs = self._conn.execute(
+                sa.select(mk.record_id, mk.key).where(mk.key.in_(list(key_to_tokens)))
+            ).all()
+            tokens: dict[str, set[str]] = {}
+            hits: dict[str, int] = {}
+            for rid, key in pairs:
+                tokens.setdefault(rid, set()).update(key_to_tokens[key])
+                hits[rid] = hits.get(rid, 0) + 1
+            best = sorted(tokens, key=lambda rid: (len(tokens[rid]), hits[rid]), reverse=True)
+            best = best[:_SEARCH_CANDIDATES]
+            r = db.records.c
+            rows = self._conn.execute(sa.select(r.id, r.site, r.doc).where(r.id.in_(best))).all()
+        scored = []
+        for row in rows:
+            doc = json.loads(row.doc)
+            score = name_similarity(text, _all_names(doc)) * (
+                0.5 + 0.5 * len(tokens[row.id]) / len(by_token)
+            )
+            scored.append(SearchHit(row.id, display_name(doc), row.site, round(score, 1)))
+        scored.sort(key=lambda h: (-h.score, h.id))
+        return scored[:limit]
+
+    def status(self) -> StoreStatus:
+        """Counts and the outbox backlog."""
+        with self._conn.begin():
+            meta = {k: v for k, v in self._conn.execute(sa.select(db.meta.c.key, db.meta.c.value))}
+            count = sa.select(sa.func.count()).select_from
+            records = self._conn.execute(count(db.records)).scalar_one()
+            own = self._conn.execute(
+                count(db.records).where(db.records.c.origin_device == self.device_id)
+            ).scalar_one()
+            changes = self._conn.execute(count(db.changes)).scalar_one()
+        pending = int(meta["device_seq"]) - int(meta["pushed_seq"])
+        return StoreStatus(
+            self.device_id, self.site, records, own, changes, pending, Stamp.decode(meta["hlc"])
+        )
+
+    def outbox(self, *, after_seq: int, limit: int) -> list[FieldChange]:
+        """This device's changes with device_seq > `after_seq`, in sequence order."""
+        c = db.changes.c
+        stmt = (
+            sa.select(db.changes)
+            .where(c.device_seq > after_seq)
+            .order_by(c.device_seq)
+            .limit(limit)
+        )
+        with self._conn.begin():
+            rows = self._conn.execute(stmt).all()
+        return [
+            FieldChange(
+                record_id=row.record_id,
+                field=row.field,
+                value=json.loads(row.value),
+                version=Version(Stamp.decode(row.stamp), row.device_id),
+                base=Version(Stamp.decode(row.base_stamp), row.base_device)
+                if row.base_stamp
+                else None,
+                operator=row.operator,
+                device_seq=row.device_seq,
+            )
+            for row in rows
+        ]

@@ -1,0 +1,152 @@
+"""The field paths that sync and history work on.
+
+A record is synchronised per field: each path below carries its own HLC stamp.
+Nested objects whose parts are edited independently (names, situation) are
+split one level; lists and small objects (documents, consent) are one value,
+so two devices adding different documents is a conflict a person resolves,
+not a silent merge.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from schemas.record import Registration
+
+__all__ = [
+    "FIELD_PATHS",
+    "LIST_FIELDS",
+    "SPLIT_OBJECTS",
+    "TEXT_FIELDS",
+    "flatten",
+    "parse_date_of_birth",
+    "parse_field_value",
+    "unflatten",
+]
+
+SPLIT_OBJECTS = ("names", "situation")
+
+FIELD_PATHS: tuple[str, ...] = (
+    "schema_version",
+    "registration",
+    "names.given",
+    "names.family",
+    "names.given_original",
+    "names.family_original",
+    "names.aliases",
+    "sex",
+    "date_of_birth",
+    "nationalities",
+    "place_of_birth",
+    "languages",
+    "documents",
+    "phone",
+    "occupation",
+    "employer",
+    "situation.scenario",
+    "situation.vulnerabilities",
+    "situation.needs",
+    "situation.intention",
+    "household",
+    "referrals",
+    "consent",
+    "notes",
+)
+
+
+def flatten(record: Registration) -> dict[str, Any]:
+    """Return `{path: json value}` for every field path of `record` (id excluded)."""
+    data = record.model_dump(mode="json", exclude={"id"})
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SPLIT_OBJECTS:
+            for sub, sub_value in value.items():
+                out[f"{key}.{sub}"] = sub_value
+        else:
+            out[key] = value
+    return out
+
+
+def unflatten(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Rebuild the nested JSON document from `{path: value}`.
+
+    Paths not known to this schema version are kept as they are (a newer
+    device may send fields this one does not know); validation decides later.
+    """
+    doc: dict[str, Any] = {}
+    for path, value in fields.items():
+        head, _, tail = path.partition(".")
+        if tail and head in SPLIT_OBJECTS:
+            doc.setdefault(head, {})[tail] = value
+        else:
+            doc[path] = value
+    return doc
+
+
+LIST_FIELDS = frozenset(
+    {
+        "names.aliases",
+        "nationalities",
+        "languages",
+        "situation.vulnerabilities",
+        "situation.needs",
+    }
+)
+
+
+def parse_date_of_birth(text: str) -> dict[str, str] | None:
+    """Parse the short forms people type: `1990-05-02` (exact), `1990` (year only),
+    `~1990` or `~1990-05-02` (estimated); empty means unknown. Raises ValueError."""
+    text = text.strip()
+    if not text:
+        return None
+    precision = "exact"
+    if text.startswith("~"):
+        precision, text = "estimated", text[1:].strip()
+    if len(text) == 4 and text.isdigit():
+        return {
+            "value": f"{text}-01-01",
+            "precision": "year" if precision == "exact" else precision,
+        }
+    return {"value": text, "precision": precision}
+
+
+TEXT_FIELDS = frozenset(
+    {
+        "names.given",
+        "names.family",
+        "names.given_original",
+        "names.family_original",
+        "place_of_birth",
+        "phone",
+        "occupation",
+        "employer",
+        "notes",
+    }
+)
+
+
+def parse_field_value(path: str, text: str) -> Any:
+    """Turn the text of `--set path=text` into the JSON value for that field.
+
+    Free-text fields take the text as it is; list fields take `a,b,c` or a
+    JSON array; `date_of_birth` takes the short forms of
+    `parse_date_of_birth`; other fields take JSON, or the text itself when it
+    is not JSON (so `sex=female` works). An empty text clears the field.
+    """
+    stripped = text.strip()
+    if path == "date_of_birth" and not stripped.startswith("{"):
+        return parse_date_of_birth(stripped)
+    if not stripped:
+        return [] if path in LIST_FIELDS else None
+    if path in TEXT_FIELDS:
+        return stripped
+    try:
+        value = json.loads(stripped)
+    except ValueError:
+        value = stripped
+    if path in LIST_FIELDS and isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value

@@ -1,0 +1,126 @@
+"""`fieldreg` as a person runs it: real subprocesses on a real SQLCipher store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli as run
+from tests.conftest import sample_record
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    data = tmp_path / "device"
+    result = run(data, "init", "--site", "ras-jedir", "--operator", "Amina")
+    assert result.returncode == 0, result.stderr
+    return data
+
+
+def test_init_refuses_weak_passphrase(tmp_path: Path) -> None:
+    result = run(
+        tmp_path / "d", "init", "--site", "s", "--operator", "o", env={"FIELDREG_PASSPHRASE": "abc"}
+    )
+    assert result.returncode == 2
+    assert "passphrase too short" in result.stderr
+    assert not (tmp_path / "d" / "store.db").exists()
+
+
+def test_register_json_forms_and_list(home: Path, tmp_path: Path) -> None:
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(sample_record()))
+    many = tmp_path / "many.json"
+    many.write_text(
+        json.dumps([sample_record(), sample_record(names={"given": "Grace", "family": "Okafor"})])
+    )
+    lines = "\n".join(json.dumps(sample_record(names={"given": f"Person{i}"})) for i in range(3))
+    assert run(home, "register", "--json", str(one)).returncode == 0
+    assert "registered 2 people" in run(home, "register", "--json", str(many)).stdout
+    result = run(home, "register", "--json", "-", input=lines)
+    assert result.returncode == 0, result.stderr
+    listed = run(home, "list", "--json")
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert len(rows) == 6
+    assert run(home, "list", "--json", "--need", "evacuation").stdout.count("\n") == 6
+    assert run(home, "list", "--json", "--scenario", "trapped").stdout.strip() == ""
+    status = run(home, "status").stdout
+    assert "records    6" in status and "not yet sent" in status
+
+
+def test_register_reports_every_bad_field_and_writes_nothing(home: Path) -> None:
+    bad = sample_record(
+        date_of_birth={"value": "2999-01-01"},
+        nationalities=["EGY", "XXX"],
+    )
+    good = sample_record()
+    result = run(home, "register", "--json", "-", input=json.dumps([good, bad]))
+    assert result.returncode == 2
+    assert "record 2: date_of_birth: in the future" in result.stderr
+    assert "record 2: nationalities[1]: 'XXX' is not an ISO 3166-1 alpha-3 code" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert run(home, "list", "--json").stdout.strip() == ""
+
+
+def test_register_refuses_broken_json(home: Path) -> None:
+    result = run(home, "register", "--json", "-", input='{"names": ')
+    assert result.returncode == 2
+    assert "not valid JSON" in result.stderr
+
+
+def test_show_edit_search(home: Path) -> None:
+    result = run(home, "register", "--json", "-", input=json.dumps(sample_record()))
+    rid = result.stdout.split()[1]
+    edited = run(
+        home,
+        "edit",
+        rid[:13],
+        "--set",
+        "situation.needs=food,shelter",
+        "--set",
+        "date_of_birth=~1987",
+    )
+    assert edited.returncode == 0, edited.stderr
+    shown = run(home, "show", rid, "--json")
+    record = json.loads(shown.stdout)
+    assert record["situation"]["needs"] == ["food", "shelter"]
+    assert record["date_of_birth"] == {"value": "1987-01-01", "precision": "estimated"}
+    history = run(home, "show", rid).stdout
+    assert "situation.needs" in history and "current" in history
+    assert rid in run(home, "search", "Muhammad").stdout
+    bad = run(home, "edit", rid, "--set", "nationalities=XXX")
+    assert bad.returncode == 2 and "nationalities[0]: 'XXX' is not" in bad.stderr
+    assert run(home, "edit", rid, "--set", "nonsense").returncode == 2
+    missing = run(home, "show", "01234567-0000")
+    assert missing.returncode == 2 and "no record" in missing.stderr
+
+
+def test_wrong_passphrase_is_a_clear_error(home: Path) -> None:
+    result = run(home, "status", env={"FIELDREG_PASSPHRASE": "this is not the passphrase"})
+    assert result.returncode == 2
+    assert "wrong passphrase" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_no_store_is_a_clear_error(tmp_path: Path) -> None:
+    result = run(tmp_path / "nothing", "status")
+    assert result.returncode == 2
+    assert "fieldreg init" in result.stderr
+
+
+def test_passphrase_change(home: Path) -> None:
+    run(home, "register", "--json", "-", input=json.dumps(sample_record()))
+    new = "four quite random words"
+    result = run(home, "passphrase", env={"FIELDREG_NEW_PASSPHRASE": new})
+    assert result.returncode == 0, result.stderr
+    assert run(home, "status").returncode == 2
+    assert "records    1" in run(home, "status", env={"FIELDREG_PASSPHRASE": new}).stdout
+
+
+def test_schema_is_json_schema() -> None:
+    result = run(Path("/nonexistent"), "schema")
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "Registration"
+    assert "names" in schema["properties"]
+    assert "Scenario" in schema["$defs"]
