@@ -20,6 +20,7 @@ __all__ = [
     "LIST_FIELDS",
     "SPLIT_OBJECTS",
     "TEXT_FIELDS",
+    "field_error",
     "flatten",
     "parse_date_of_birth",
     "parse_field_value",
@@ -150,3 +151,52 @@ def parse_field_value(path: str, text: str) -> Any:
     if path in LIST_FIELDS and isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
+
+
+def _field_adapters() -> dict[str, Any]:
+    from typing import Annotated
+
+    from pydantic import TypeAdapter
+
+    from schemas.record import Names, Registration, Situation
+
+    def adapter(model: Any, name: str) -> Any:
+        info = model.model_fields[name]
+        annotation: Any = info.annotation
+        if info.metadata:
+            annotation = Annotated[(annotation, *info.metadata)]
+        return TypeAdapter(annotation)
+
+    adapters: dict[str, Any] = {}
+    for path in FIELD_PATHS:
+        head, _, tail = path.partition(".")
+        if tail:
+            adapters[path] = adapter(Names if head == "names" else Situation, tail)
+        else:
+            adapters[path] = adapter(Registration, head)
+    return adapters
+
+
+_ADAPTERS: dict[str, Any] = {}
+
+
+def field_error(path: str, value: Any) -> str | None:
+    """Why `value` cannot be the value of field `path`, or None if it can.
+
+    Unknown paths are accepted (a newer device may know more fields). Only the
+    field itself is checked; rules across fields are checked on whole records.
+    """
+    from pydantic import ValidationError
+
+    from schemas.validation import errors_of
+
+    if not _ADAPTERS:
+        _ADAPTERS.update(_field_adapters())
+    adapter = _ADAPTERS.get(path)
+    if adapter is None:
+        return None
+    try:
+        adapter.validate_python(value)
+    except ValidationError as exc:
+        return "; ".join(str(e) for e in errors_of(exc))
+    return None

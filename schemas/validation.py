@@ -7,7 +7,14 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["FieldError", "InvalidRecord", "errors_of", "format_path", "validate"]
+__all__ = [
+    "FieldError",
+    "InvalidRecord",
+    "errors_of",
+    "errors_of_request",
+    "format_path",
+    "validate",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -66,6 +73,15 @@ def _loc(error: Any) -> tuple[int | str, ...]:
 def errors_of(exc: ValidationError) -> list[FieldError]:
     """Every error in a pydantic ValidationError as `FieldError`s, in input order."""
     return [FieldError(format_path(_loc(e)), _reason(e)) for e in exc.errors()]
+
+
+def errors_of_request(errors: Any) -> list[str]:
+    """`path: reason` lines for a FastAPI request validation error list.
+
+    The first location part ('body', 'query', 'header') is kept: it tells the
+    caller where to look.
+    """
+    return [str(FieldError(format_path(_loc(e)), _reason(e))) for e in errors]
 
 
 def validate(model: type[M], data: Any) -> M:

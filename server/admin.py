@@ -1,0 +1,181 @@
+"""Hub administration on the hub machine itself: initialisation, the first
+admin, and the read-outs `fieldreg-hub` prints (devices, records, conflicts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets as pysecrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from schemas.ids import uuid7
+from server import devices as device_store
+from server.db import make_engine, migrate
+from server.keystore import HubSecrets
+from server.models import ConflictRow, QuarantineRow, RecordRow, User
+from server.passwords import hash_password
+from server.records import HubRecord
+from server.sealing import RecordCipher
+from server.settings import HubSettings
+
+__all__ = [
+    "ConflictView",
+    "RecordView",
+    "initialise",
+    "list_conflicts",
+    "list_quarantine",
+    "list_records",
+]
+
+users = User.__table__  # type: ignore[attr-defined]
+records = RecordRow.__table__  # type: ignore[attr-defined]
+conflicts = ConflictRow.__table__  # type: ignore[attr-defined]
+quarantine = QuarantineRow.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class InitResult:
+    data_dir: Path
+    fingerprint: str
+    admin: str
+    admin_password: str | None
+
+
+def initialise(settings: HubSettings, *, admin: str, admin_password: str | None) -> InitResult:
+    """Create keys, master key, database and the first admin. Refuses an existing hub."""
+    secrets = HubSecrets.create(settings.data_dir)
+    engine = make_engine(settings.resolved_database_url())
+    old_umask = os.umask(0o077)  # the SQLite file and its WAL: owner only
+    try:
+        migrate(engine)
+    finally:
+        os.umask(old_umask)
+    generated = admin_password is None
+    password = admin_password or pysecrets.token_urlsafe(18)
+    with engine.begin() as conn:
+        if device_store.get_meta(conn, "epoch") is not None:
+            raise FileExistsError("this database already holds a hub")
+        device_store.set_meta(conn, "epoch", uuid7().hex)
+        device_store.set_meta(conn, "hlc", "0" * 18)
+        conn.execute(
+            sa.insert(users).values(
+                name=admin,
+                role="admin",
+                sites="[]",
+                password_hash=hash_password(password),
+                is_active=True,
+                created_at=datetime.now(UTC),
+            )
+        )
+    engine.dispose()
+    return InitResult(
+        settings.data_dir,
+        secrets.keys.public().fingerprint(),
+        admin,
+        password if generated else None,
+    )
+
+
+@dataclass(frozen=True)
+class RecordView:
+    id: str
+    site: str
+    name: str
+    scenario: str | None
+    nationalities: list[str]
+    needs: list[str]
+
+
+def _name(fields: dict[str, Any]) -> str:
+    parts = [(fields.get(f) or {}).get("v") for f in ("names.given", "names.family")]
+    original = [
+        (fields.get(f) or {}).get("v") for f in ("names.given_original", "names.family_original")
+    ]
+    latin = " ".join(p for p in parts if p)
+    script = " ".join(p for p in original if p)
+    return f"{latin} ({script})" if latin and script else latin or script or "?"
+
+
+def list_records(engine: sa.Engine, master_key: bytes, *, limit: int = 100) -> list[RecordView]:
+    """Records with their names unsealed (identifying: for the hub operator only)."""
+    out = []
+    with engine.connect() as conn:
+        stmt = sa.select(records).order_by(records.c.registered_at).limit(limit)
+        for row in conn.execute(stmt):
+            cipher = RecordCipher(master_key, row.id, row.wrapped_key)
+            rec = HubRecord(row.id, row.wrapped_key, cipher, cipher.open(row.state, "state"))
+            out.append(
+                RecordView(
+                    row.id,
+                    row.site,
+                    _name(rec.fields),
+                    row.scenario,
+                    json.loads(row.nationalities),
+                    json.loads(row.needs),
+                )
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class ConflictView:
+    id: int
+    record_id: str
+    site: str
+    field: str
+    status: str
+    current: dict[str, Any]
+    incoming: dict[str, Any]
+    winner_device: str
+
+
+def list_conflicts(
+    engine: sa.Engine, master_key: bytes, *, status: str = "open"
+) -> list[ConflictView]:
+    """Conflicts with both sides unsealed."""
+    out = []
+    with engine.connect() as conn:
+        stmt = (
+            sa.select(conflicts, records.c.wrapped_key)
+            .join(records, records.c.id == conflicts.c.record_id)
+            .where(conflicts.c.status == status)
+            .order_by(conflicts.c.id)
+        )
+        for row in conn.execute(stmt):
+            payload = RecordCipher(master_key, row.record_id, row.wrapped_key).open(
+                row.payload, "conflict"
+            )
+            out.append(
+                ConflictView(
+                    row.id,
+                    row.record_id,
+                    row.site,
+                    row.field,
+                    row.status,
+                    payload["current"],
+                    payload["incoming"],
+                    row.winner_device,
+                )
+            )
+    return out
+
+
+def list_quarantine(engine: sa.Engine) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(quarantine).order_by(quarantine.c.id)).all()
+    return [
+        {
+            "id": r.id,
+            "device": r.device_id,
+            "batch": r.batch_id,
+            "reason": r.reason,
+            "detail": r.detail,
+            "at": r.received_at,
+        }
+        for r in rows
+    ]

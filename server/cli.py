@@ -1,0 +1,247 @@
+"""`fieldreg-hub`: set up, run and administer a hub from its own machine."""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from schemas.record import RegistrationContext
+from schemas.validation import InvalidRecord, validate
+from server import admin
+from server import devices as device_store
+from server.db import make_engine, migrate
+from server.hub import Hub
+from server.problems import Problem
+from server.settings import HubSettings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="fieldreg-hub",
+    help="The fieldreg hub: receives encrypted batches from field devices.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+device_app = typer.Typer(help="Enrolled devices.", no_args_is_help=True)
+app.add_typer(device_app, name="device")
+out = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir", envvar="FIELDREG_HUB_DATA_DIR", help="Hub keys, master key, SQLite file."
+    ),
+]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _settings(data_dir: Path | None) -> HubSettings:
+    settings = HubSettings()
+    if data_dir is not None:
+        settings = settings.model_copy(update={"data_dir": data_dir})
+    return settings
+
+
+def _hub(data_dir: Path | None) -> Hub:
+    try:
+        return Hub(_settings(data_dir))
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        fail(str(exc))
+
+
+def _duration(text: str) -> timedelta:
+    match = re.fullmatch(r"(\d+)\s*([mhd])", text.strip())
+    if not match or int(match.group(1)) == 0:
+        fail(f"--expires {text!r}: use a number and m, h or d, e.g. 30m, 24h, 7d")
+    unit = {"m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+    return timedelta(**{unit: int(match.group(1))})
+
+
+@app.command()
+def init(
+    data_dir: DataDir = None,
+    admin_name: Annotated[
+        str, typer.Option("--admin", help="Name of the first administrator.")
+    ] = "admin",
+) -> None:
+    """Create the hub's key pairs, master key (0600), database and first admin."""
+    settings = _settings(data_dir)
+    password = os.environ.get("FIELDREG_HUB_ADMIN_PASSWORD")
+    try:
+        result = admin.initialise(settings, admin=admin_name, admin_password=password)
+    except FileExistsError as exc:
+        fail(str(exc))
+    out.print(f"hub initialised in {result.data_dir}")
+    out.print(f"hub key fingerprint: [bold]{result.fingerprint}[/bold]")
+    if result.admin_password:
+        out.print(f"admin {result.admin!r} password (shown once): {result.admin_password}")
+    else:
+        out.print(f"admin {result.admin!r} password taken from FIELDREG_HUB_ADMIN_PASSWORD")
+
+
+@app.command()
+def serve(
+    data_dir: DataDir = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+) -> None:
+    """Run the hub's HTTP API (uvicorn)."""
+    import uvicorn
+
+    from server.app import create_app
+
+    hub = _hub(data_dir)
+    out.print(f"hub {hub.public_keys.fingerprint()} listening on http://{host}:{port}")
+    uvicorn.run(create_app(hub.settings, hub=hub), host=host, port=port, log_level="warning")
+
+
+@app.command("migrate")
+def migrate_cmd(data_dir: DataDir = None) -> None:
+    """Bring the database schema to the latest version."""
+    settings = _settings(data_dir)
+    engine = make_engine(settings.resolved_database_url())
+    migrate(engine)
+    out.print("database schema is up to date")
+
+
+@app.command("enrol-code")
+def enrol_code(
+    site: Annotated[str, typer.Option(help="The site the enrolled device will serve.")],
+    expires: Annotated[
+        str, typer.Option(help="How long the code stays valid: 30m, 24h, 7d.")
+    ] = "24h",
+    data_dir: DataDir = None,
+) -> None:
+    """Print a one-time enrolment code for a device at SITE."""
+    try:
+        validate(
+            RegistrationContext,
+            {
+                "site": site,
+                "device_id": "x",
+                "operator": "x",
+                "registered_at": "2000-01-01T00:00:00Z",
+            },
+        )
+    except InvalidRecord as exc:
+        fail(str(exc))
+    valid_for = _duration(expires)
+    hub = _hub(data_dir)
+    code = hub.create_enrol_code(site, valid_for)
+    out.print(f"enrolment code for site {site}: [bold]{code}[/bold] (valid {expires})")
+    out.print(f"hub key fingerprint: {hub.public_keys.fingerprint()}")
+
+
+def _ago(when: datetime | None, now: datetime) -> str:
+    if when is None:
+        return "never"
+    seconds = int((now - when).total_seconds())
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{max(seconds, 0)}s ago"
+
+
+@device_app.command("list")
+def device_list(data_dir: DataDir = None) -> None:
+    """Each device: sites, last contact, high-water mark, clock offset."""
+    hub = _hub(data_dir)
+    now = datetime.now(UTC)
+    flag_ms = hub.settings.clock_flag_ms
+    with hub.engine.connect() as conn:
+        rows = device_store.list_devices(conn)
+    table = Table("device", "sites", "last contact", "high-water", "clock offset", "status")
+    for d in rows:
+        offset = "?" if d.clock_offset_ms is None else f"{d.clock_offset_ms / 1000:+.1f}s"
+        if d.clock_offset_ms is not None and abs(d.clock_offset_ms) > flag_ms:
+            offset += " [red]CLOCK OFF[/red]"
+        status = f"[red]revoked[/red] ({d.revoked_reason})" if d.is_revoked else "active"
+        table.add_row(
+            d.id,
+            ",".join(sorted(d.sites)),
+            _ago(d.last_contact_at, now),
+            str(d.high_water),
+            offset,
+            status,
+        )
+    out.print(table)
+
+
+@device_app.command("revoke")
+def device_revoke(
+    device_id: Annotated[str, typer.Argument(metavar="ID")],
+    reason: Annotated[
+        str, typer.Option(help="Why (kept with the device).")
+    ] = "revoked by administrator",
+    data_dir: DataDir = None,
+) -> None:
+    """Revoke a device: later batches are refused and kept in quarantine."""
+    hub = _hub(data_dir)
+    try:
+        with hub.engine.begin() as conn:
+            device = device_store.revoke_device(
+                conn, device_id, reason=reason, now=datetime.now(UTC)
+            )
+    except Problem as exc:
+        fail(exc.detail)
+    out.print(f"device {device.id} revoked; its next contact is told to wipe itself")
+
+
+@app.command()
+def records(
+    data_dir: DataDir = None,
+    limit: Annotated[int, typer.Option(min=1)] = 100,
+) -> None:
+    """What the hub holds (names are unsealed: identifying data)."""
+    hub = _hub(data_dir)
+    views = admin.list_records(hub.engine, hub.secrets.master_key, limit=limit)
+    table = Table("id", "site", "name", "scenario", "nationality", "needs")
+    for v in views:
+        table.add_row(
+            v.id, v.site, v.name, v.scenario or "", ",".join(v.nationalities), ",".join(v.needs)
+        )
+    out.print(table)
+    out.print(f"{len(views)} record(s)")
+
+
+@app.command()
+def conflicts(data_dir: DataDir = None) -> None:
+    """Open conflicts, both sides."""
+    hub = _hub(data_dir)
+    views = admin.list_conflicts(hub.engine, hub.secrets.master_key)
+    for c in views:
+        where = f"record {c.record_id} (site {c.site})"
+        out.print(f"[bold]conflict {c.id}[/bold] {where} field [bold]{c.field}[/bold]")
+        for label, side in (("held", c.current), ("incoming", c.incoming)):
+            mark = "  <- applied for now" if side["d"] == c.winner_device else ""
+            out.print(
+                f"  {label:9} {side['v']!r} by {side['o'] or '?'} on device {side['d'][-8:]}{mark}"
+            )
+    out.print(f"{len(views)} open conflict(s)")
+
+
+@app.command("quarantine")
+def quarantine_cmd(data_dir: DataDir = None) -> None:
+    """Batches and edits the hub refused to apply, with why."""
+    hub = _hub(data_dir)
+    items = admin.list_quarantine(hub.engine)
+    for item in items:
+        out.print(f"{item['id']}: device {item['device']} batch {item['batch']}: {item['detail']}")
+    out.print(f"{len(items)} quarantined item(s)")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,201 @@
+"""Devices, enrolment codes, the hub's own metadata and whole-batch quarantine: the SQL."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+
+from server.models import Device, EnrolCode, HubMeta, QuarantineRow
+from server.problems import Problem
+from sync.keys import PublicKeys
+
+__all__ = [
+    "DeviceInfo",
+    "create_enrol_code",
+    "get_device",
+    "get_meta",
+    "list_devices",
+    "quarantine_envelope",
+    "redeem_code",
+    "revoke_device",
+    "set_meta",
+    "touch",
+]
+
+devices = Device.__table__  # type: ignore[attr-defined]
+codes = EnrolCode.__table__  # type: ignore[attr-defined]
+hub_meta = HubMeta.__table__  # type: ignore[attr-defined]
+quarantine = QuarantineRow.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    id: str
+    sites: frozenset[str]
+    public_keys: PublicKeys
+    enrolled_at: datetime
+    last_contact_at: datetime | None
+    high_water: int
+    clock_offset_ms: int | None
+    revoked_at: datetime | None
+    revoked_reason: str | None
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+def _code_hash(code: str) -> str:
+    normalised = code.strip().upper().replace("-", "").replace(" ", "")
+    return hashlib.sha256(normalised.encode()).hexdigest()
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands datetimes back naive; they were stored in UTC.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def create_enrol_code(
+    conn: sa.Connection, *, site: str, valid_for: timedelta, now: datetime
+) -> str:
+    """A new one-time code for `site` (stored hashed); returns the code to show once."""
+    raw = base64.b32encode(os.urandom(15)).decode().rstrip("=")
+    code = "-".join(raw[i : i + 6] for i in range(0, 24, 6))
+    conn.execute(
+        sa.insert(codes).values(
+            code_hash=_code_hash(code), site=site, created_at=now, expires_at=now + valid_for
+        )
+    )
+    return code
+
+
+def redeem_code(
+    conn: sa.Connection,
+    *,
+    code: str,
+    device_id: str,
+    site: str,
+    public_keys: PublicKeys,
+    now: datetime,
+) -> DeviceInfo:
+    """Use an enrolment code to register a device; refuses used, expired or unknown codes."""
+    row = conn.execute(sa.select(codes).where(codes.c.code_hash == _code_hash(code))).first()
+    if row is None:
+        raise Problem(403, "enrol.code_invalid", "this enrolment code is not known")
+    if row.used_at is not None:
+        raise Problem(403, "enrol.code_invalid", "this enrolment code was already used")
+    if _as_utc(row.expires_at) <= now:
+        raise Problem(403, "enrol.code_invalid", "this enrolment code has expired")
+    if row.site != site:
+        raise Problem(
+            409,
+            "enrol.site_mismatch",
+            f"the code is for site {row.site!r}, the device is set up for {site!r}",
+        )
+    if conn.execute(sa.select(devices.c.id).where(devices.c.id == device_id)).first():
+        raise Problem(409, "device.exists", "a device with this id is already enrolled")
+    conn.execute(
+        sa.update(codes)
+        .where(codes.c.code_hash == row.code_hash)
+        .values(used_at=now, used_by=device_id)
+    )
+    conn.execute(
+        sa.insert(devices).values(
+            id=device_id,
+            sites=json.dumps([site]),
+            public_keys=json.dumps(public_keys.to_json()),
+            enrolled_at=now,
+            high_water=0,
+        )
+    )
+    device = get_device(conn, device_id)
+    assert device is not None
+    return device
+
+
+def _info(row: sa.Row[object]) -> DeviceInfo:
+    m = row._mapping
+    return DeviceInfo(
+        id=m["id"],
+        sites=frozenset(json.loads(m["sites"])),
+        public_keys=PublicKeys.from_json(json.loads(m["public_keys"])),
+        enrolled_at=_as_utc(m["enrolled_at"]),
+        last_contact_at=_as_utc(m["last_contact_at"]) if m["last_contact_at"] else None,
+        high_water=m["high_water"],
+        clock_offset_ms=m["clock_offset_ms"],
+        revoked_at=_as_utc(m["revoked_at"]) if m["revoked_at"] else None,
+        revoked_reason=m["revoked_reason"],
+    )
+
+
+def get_device(conn: sa.Connection, device_id: str) -> DeviceInfo | None:
+    row = conn.execute(sa.select(devices).where(devices.c.id == device_id)).first()
+    return None if row is None else _info(row)
+
+
+def list_devices(conn: sa.Connection) -> list[DeviceInfo]:
+    return [_info(row) for row in conn.execute(sa.select(devices).order_by(devices.c.enrolled_at))]
+
+
+def touch(conn: sa.Connection, device_id: str, *, now: datetime) -> None:
+    """Record that the device was in contact now."""
+    conn.execute(sa.update(devices).where(devices.c.id == device_id).values(last_contact_at=now))
+
+
+def revoke_device(conn: sa.Connection, device_id: str, *, reason: str, now: datetime) -> DeviceInfo:
+    """Mark a device revoked; its later requests fail with `device.revoked`."""
+    device = get_device(conn, device_id)
+    if device is None:
+        raise Problem(404, "device.unknown", f"no device {device_id!r}")
+    if not device.is_revoked:
+        conn.execute(
+            sa.update(devices)
+            .where(devices.c.id == device_id)
+            .values(revoked_at=now, revoked_reason=reason)
+        )
+    revoked = get_device(conn, device_id)
+    assert revoked is not None
+    return revoked
+
+
+def quarantine_envelope(
+    conn: sa.Connection,
+    *,
+    device_id: str,
+    batch_id: str,
+    reason: str,
+    detail: str,
+    envelope: bytes,
+    now: datetime,
+) -> None:
+    """Keep a whole batch the hub refused to apply (still sealed to the hub's key)."""
+    conn.execute(
+        sa.insert(quarantine).values(
+            device_id=device_id,
+            batch_id=batch_id,
+            reason=reason,
+            detail=detail,
+            payload=envelope,
+            is_sealed_envelope=True,
+            received_at=now,
+        )
+    )
+
+
+def get_meta(conn: sa.Connection, key: str) -> str | None:
+    return conn.execute(
+        sa.select(hub_meta.c.value).where(hub_meta.c.key == key)
+    ).scalar_one_or_none()
+
+
+def set_meta(conn: sa.Connection, key: str, value: str) -> None:
+    if get_meta(conn, key) is None:
+        conn.execute(sa.insert(hub_meta).values(key=key, value=value))
+    else:
+        conn.execute(sa.update(hub_meta).where(hub_meta.c.key == key).values(value=value))

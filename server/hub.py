@@ -1,0 +1,248 @@
+"""The hub's sync service: enrolment, push and pull, on verified envelopes.
+
+Routes call one method each; every method opens its own short transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from schemas.record import SCHEMA_VERSION
+from server import devices as device_store
+from server.db import make_engine
+from server.feed import decode_cursor, encode_cursor, read_page
+from server.ingest import PushContext, apply_push
+from server.keystore import HubSecrets
+from server.problems import Problem
+from server.settings import HubSettings
+from sync.envelope import EnvelopeError, Header, open_sealed, read_header_unverified, seal
+from sync.hlc import Clock, Stamp, system_ms
+from sync.http_signature import SignatureError, read_key_id_unverified, verify_request
+from sync.keys import KeyFormatError, PublicKeys
+from sync.protocol import dumps
+
+__all__ = ["HUB_ID", "PULL_PATH", "Hub"]
+
+HUB_ID = "hub"
+PULL_PATH = "/api/v1/sync/pull"
+
+_ENVELOPE_STATUS = {
+    "envelope.malformed": 400,
+    "protocol.unsupported": 400,
+    "envelope.bad_signature": 401,
+    "envelope.undecryptable": 400,
+}
+
+
+@dataclass(frozen=True)
+class EnrolRequest:
+    code: str
+    device_id: str
+    site: str
+    public_keys: PublicKeys
+
+
+class Hub:
+    """One hub process: its database, secrets, clock and settings."""
+
+    def __init__(
+        self,
+        settings: HubSettings,
+        *,
+        wall_ms: Callable[[], int] = system_ms,
+        engine: sa.Engine | None = None,
+    ) -> None:
+        self.settings = settings
+        self.secrets = HubSecrets.load(settings.data_dir)
+        self.engine = engine or make_engine(settings.resolved_database_url())
+        self._wall_ms = wall_ms
+        with self.engine.begin() as conn:
+            epoch = device_store.get_meta(conn, "epoch")
+            last = device_store.get_meta(conn, "hlc")
+        if epoch is None or last is None:
+            raise RuntimeError("the hub database is not initialised: run `fieldreg-hub init`")
+        self.epoch = epoch
+        self.clock = Clock(
+            wall_ms=wall_ms, last=Stamp.decode(last), max_ahead_ms=settings.clock_max_ahead_ms
+        )
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self._wall_ms() / 1000, UTC)
+
+    @property
+    def public_keys(self) -> PublicKeys:
+        return self.secrets.keys.public()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "public_keys": self.public_keys.to_json(),
+            "fingerprint": self.public_keys.fingerprint(),
+            "epoch": self.epoch,
+            "protocol": 1,
+        }
+
+    # -- enrolment ---------------------------------------------------------------------
+    def enrol(self, request: EnrolRequest) -> dict[str, Any]:
+        with self.engine.begin() as conn:
+            device = device_store.redeem_code(
+                conn,
+                code=request.code,
+                device_id=request.device_id,
+                site=request.site,
+                public_keys=request.public_keys,
+                now=self.now(),
+            )
+        return {"device_id": device.id, "sites": sorted(device.sites), "hub": self.info()}
+
+    def create_enrol_code(self, site: str, valid_for: timedelta) -> str:
+        with self.engine.begin() as conn:
+            return device_store.create_enrol_code(
+                conn, site=site, valid_for=valid_for, now=self.now()
+            )
+
+    # -- push --------------------------------------------------------------------------
+    def _known_device(self, device_id: str) -> device_store.DeviceInfo:
+        with self.engine.begin() as conn:
+            device = device_store.get_device(conn, device_id)
+        if device is None:
+            raise Problem(401, "device.unknown", "this device is not enrolled at this hub")
+        return device
+
+    def _revoked(self, device: device_store.DeviceInfo) -> Problem:
+        return Problem(
+            403,
+            "device.revoked",
+            "this device was revoked: stop using it and wipe its store",
+            action="wipe",
+        )
+
+    def push(self, envelope: bytes) -> bytes:
+        """Verify, open and apply a push envelope; return the sealed acknowledgement."""
+        try:
+            header = read_header_unverified(envelope)
+        except EnvelopeError as exc:
+            raise Problem(_ENVELOPE_STATUS[exc.code], exc.code, exc.detail) from None
+        device = self._known_device(header.sender)
+        try:
+            opened = open_sealed(envelope, sender=device.public_keys, recipient=self.secrets.keys)
+        except EnvelopeError as exc:
+            raise Problem(_ENVELOPE_STATUS[exc.code], exc.code, exc.detail) from None
+        header = opened.header
+        if header.kind != "push" or header.recipient != HUB_ID:
+            raise Problem(
+                400, "envelope.malformed", "expected a push envelope addressed to the hub"
+            )
+        if header.schema_version > SCHEMA_VERSION:
+            raise Problem(
+                400,
+                "protocol.unsupported",
+                f"this hub knows schema versions up to {SCHEMA_VERSION}",
+            )
+        now = self.now()
+        if device.is_revoked:
+            with self.engine.begin() as conn:
+                device_store.quarantine_envelope(
+                    conn,
+                    device_id=device.id,
+                    batch_id=header.batch_id,
+                    reason="device.revoked",
+                    detail=f"sequence {header.seq_first}-{header.seq_last} sent after revocation",
+                    envelope=envelope,
+                    now=now,
+                )
+            raise self._revoked(device)
+        ctx = PushContext(
+            device_id=device.id,
+            sites=device.sites,
+            header=header,
+            body=opened.body,
+            digest=opened.body_sha256,
+            envelope=envelope,
+            master_key=self.secrets.master_key,
+            clock=self.clock,
+            now=now,
+            hub_now_ms=self._wall_ms(),
+            epoch=self.epoch,
+        )
+        with self.engine.begin() as conn:
+            ack = apply_push(conn, ctx)
+        return self._seal_to(device, "ack", header.batch_id, header.seq_first, header.seq_last, ack)
+
+    def _seal_to(
+        self,
+        device: device_store.DeviceInfo,
+        kind: str,
+        batch_id: str,
+        first: int,
+        last: int,
+        body: Any,
+    ) -> bytes:
+        header = Header(
+            protocol=1,
+            schema_version=SCHEMA_VERSION,
+            kind=kind,
+            sender=HUB_ID,
+            recipient=device.id,
+            batch_id=batch_id,
+            seq_first=first,
+            seq_last=last,
+            sent_at_ms=self._wall_ms(),
+            kem=device.public_keys.kem_algorithm.value,
+        )
+        return seal(header, dumps(body), recipient=device.public_keys, sender=self.secrets.keys)
+
+    # -- pull --------------------------------------------------------------------------
+    def pull(self, *, raw_query: str, headers: Mapping[str, str], cursor: str, limit: int) -> bytes:
+        """A sealed page of edits after `cursor` for the signing device's sites."""
+        try:
+            device_id = read_key_id_unverified(headers)
+        except SignatureError as exc:
+            raise Problem(401, exc.code, exc.detail) from None
+        device = self._known_device(device_id)
+        try:
+            verify_request(
+                method="GET",
+                path=PULL_PATH,
+                query=raw_query,
+                headers=headers,
+                public_key=device.public_keys.signing_public_key(),
+            )
+        except SignatureError as exc:
+            raise Problem(401, exc.code, exc.detail) from None
+        if device.is_revoked:
+            raise self._revoked(device)
+        after = decode_cursor(cursor, self.epoch)
+        with self.engine.begin() as conn:
+            edits, covered, more = read_page(
+                conn,
+                device_id=device.id,
+                sites=device.sites,
+                after_seq=after,
+                max_edits=min(limit, self.settings.pull_page_edits),
+                max_bytes=self.settings.pull_page_bytes,
+                master_key=self.secrets.master_key,
+            )
+            device_store.touch(conn, device.id, now=self.now())
+        body = {
+            "edits": [e.to_json() for e in edits],
+            "cursor": encode_cursor(self.epoch, covered),
+            "more": more,
+            "epoch": self.epoch,
+        }
+        return self._seal_to(device, "pull", f"pull-{after}", after, covered, body)
+
+
+def parse_enrol(data: Mapping[str, Any]) -> EnrolRequest:
+    """Turn the enrolment JSON into a request; bad keys are a 422 naming the field."""
+    try:
+        keys = PublicKeys.from_json(data["public_keys"])
+    except KeyFormatError as exc:
+        raise Problem(422, "request.invalid", f"public_keys: {exc}") from None
+    return EnrolRequest(
+        code=data["code"], device_id=data["device_id"], site=data["site"], public_keys=keys
+    )

@@ -1,0 +1,321 @@
+"""Applying one push batch at the hub, in one transaction.
+
+The decisions are `sync.merge.merge_field`'s; this module loads what they
+need, applies what they return, and writes the change log, conflicts,
+quarantine, the device's high-water mark and the stored acknowledgement.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from schemas.fields import field_error
+from server.db import write_lock
+from server.models import Batch, ChangeRow, ConflictRow, Device, HubMeta, QuarantineRow
+from server.problems import Problem
+from server.records import HubRecord, load_records, save_records
+from sync.envelope import Header
+from sync.hlc import Clock
+from sync.merge import Decision, FieldState, Outcome, merge_field
+from sync.protocol import Edit, ProtocolError
+
+__all__ = ["PushContext", "apply_push"]
+
+batches = Batch.__table__  # type: ignore[attr-defined]
+changes = ChangeRow.__table__  # type: ignore[attr-defined]
+conflicts = ConflictRow.__table__  # type: ignore[attr-defined]
+devices = Device.__table__  # type: ignore[attr-defined]
+quarantine = QuarantineRow.__table__  # type: ignore[attr-defined]
+hub_meta = HubMeta.__table__  # type: ignore[attr-defined]
+
+
+@dataclass
+class PushContext:
+    """Everything `apply_push` needs about one verified, opened push envelope."""
+
+    device_id: str
+    sites: frozenset[str]
+    header: Header
+    body: bytes
+    digest: str
+    envelope: bytes
+    master_key: bytes
+    clock: Clock
+    now: datetime
+    hub_now_ms: int
+    epoch: str
+    quarantined: list[list[Any]] = field(default_factory=list)
+
+
+def _parse_edits(body: bytes) -> list[Edit]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise Problem(400, "batch.malformed", "the batch body is not JSON") from None
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("edits"), list)
+        or set(data) != {"edits"}
+    ):
+        raise Problem(400, "batch.malformed", 'the batch body must be {"edits": [...]}')
+    try:
+        return [Edit.from_json(raw) for raw in data["edits"]]
+    except ProtocolError as exc:
+        raise Problem(400, "batch.malformed", f"an edit is malformed: {exc.detail}") from None
+
+
+def _check_sequence(edits: list[Edit], header: Header, device_id: str) -> None:
+    expected = header.seq_first
+    for edit in edits:
+        if edit.version.device_id != device_id:
+            raise Problem(400, "batch.malformed", "a device may only push its own edits")
+        if edit.first_seq != expected:
+            raise Problem(400, "batch.malformed", f"edits must number the sequence from {expected}")
+        expected += len(edit.fields)
+    if not edits or expected - 1 != header.seq_last:
+        raise Problem(400, "batch.malformed", "the edits do not cover the header's sequence range")
+
+
+def _poison_reason(edit: Edit, rec: HubRecord | None, sites: frozenset[str]) -> str | None:
+    values = dict(edit.fields)
+    if rec is None and "registration" not in values:
+        return "record.unknown: the first edit of a record must carry its registration"
+    for path, value in edit.fields:
+        problem = field_error(path, value)
+        if problem:
+            return f"field.invalid: {path}: {problem}"
+    site = (
+        values["registration"].get("site")
+        if "registration" in values
+        else rec.site
+        if rec
+        else None
+    )
+    if site not in sites:
+        return f"site.out_of_scope: this device does not serve site {site!r}"
+    return None
+
+
+def _stored_ack(conn: sa.Connection, ctx: PushContext) -> dict[str, Any] | None:
+    stmt = sa.select(batches.c.digest, batches.c.ack).where(
+        batches.c.device_id == ctx.device_id, batches.c.batch_id == ctx.header.batch_id
+    )
+    row = conn.execute(stmt).first()
+    if row is None:
+        return None
+    if row.digest != ctx.digest:
+        raise Problem(409, "batch.id_reused", "this batch id was already used for other content")
+    ack: dict[str, Any] = json.loads(row.ack)
+    return {**ack, "duplicate": True}
+
+
+def apply_push(conn: sa.Connection, ctx: PushContext) -> dict[str, Any]:
+    """Apply a push batch; return the acknowledgement (also stored for retries).
+
+    Raises `Problem` for a batch that cannot be taken as a whole (gap, replay,
+    reused id, malformed); then nothing is stored. An edit that cannot be
+    applied on its own (poison) is quarantined and the rest applies.
+    """
+    write_lock(conn)
+    stored = _stored_ack(conn, ctx)
+    if stored is not None:
+        return stored
+    header = ctx.header
+    high_water = conn.execute(
+        sa.select(devices.c.high_water).where(devices.c.id == ctx.device_id)
+    ).scalar_one()
+    if header.seq_first > high_water + 1:
+        raise Problem(
+            409,
+            "batch.gap",
+            f"expected sequence {high_water + 1} next",
+            expected_seq=high_water + 1,
+        )
+    if header.seq_last <= high_water:
+        raise Problem(
+            409, "envelope.replayed", "these changes were already applied", high_water=high_water
+        )
+    edits = _parse_edits(ctx.body)
+    _check_sequence(edits, header, ctx.device_id)
+    fresh = _drop_applied(edits, high_water)
+    recs = load_records(conn, (e.record_id for e in fresh), ctx.master_key)
+    ack: dict[str, Any] = {"superseded": [], "conflicts": [], "quarantined": []}
+    log_rows: list[dict[str, Any]] = []
+    pending_conflicts: list[tuple[int, HubRecord, str, Decision, tuple[str, str]]] = []
+    for edit in fresh:
+        assert edit.first_seq is not None
+        rec = recs.get(edit.record_id)
+        reason = _poison_reason(edit, rec, ctx.sites)
+        if reason is not None:
+            _quarantine(conn, ctx, edit, reason)
+            ack["quarantined"].extend(
+                [seq, reason] for seq in range(edit.first_seq, edit.first_seq + len(edit.fields))
+            )
+            continue
+        if rec is None:
+            rec = recs[edit.record_id] = HubRecord.new(edit.record_id, ctx.master_key)
+        ctx.clock.observe(edit.version.stamp)
+        outcomes: dict[str, str] = {}
+        for offset, (path, value) in enumerate(edit.fields):
+            incoming = FieldState(value, edit.version, edit.bases.get(path))
+            current_operator = str((rec.fields.get(path) or {}).get("o", ""))
+            decision = merge_field(rec.state(path), incoming)
+            if decision.outcome is Outcome.APPLIED:
+                rec.set(path, incoming, edit.operator)
+            outcomes[path] = "conflict" if decision.conflict else decision.outcome.value
+            seq = edit.first_seq + offset
+            if decision.conflict:
+                ack["conflicts"].append(seq)
+                authors = (current_operator, edit.operator)
+                pending_conflicts.append((len(log_rows), rec, path, decision, authors))
+            elif decision.outcome is Outcome.SUPERSEDED:
+                ack["superseded"].append(seq)
+        rec.is_dirty = True
+        log_rows.append(
+            {
+                "record_id": rec.id,
+                "site": rec.site or "",
+                "device_id": ctx.device_id,
+                "device_seq": edit.first_seq,
+                "stamp": edit.version.stamp.encode(),
+                "operator": edit.operator,
+                "batch_id": header.batch_id,
+                "sealed": rec.cipher.seal(
+                    {
+                        "f": [[p, v] for p, v in edit.fields],
+                        "b": {p: b.to_json() for p, b in edit.bases.items()},
+                    },
+                    "change",
+                ),
+                "outcomes": json.dumps(outcomes, separators=(",", ":")),
+                "received_at": ctx.now,
+            }
+        )
+    hub_seqs = _insert_log(conn, log_rows)
+    for index, rec_seq in enumerate(hub_seqs):
+        recs[log_rows[index]["record_id"]].last_hub_seq = rec_seq
+    _insert_conflicts(conn, ctx, pending_conflicts, hub_seqs)
+    save_records(conn, recs.values(), now=ctx.now)
+    conn.execute(
+        sa.update(devices)
+        .where(devices.c.id == ctx.device_id)
+        .values(
+            high_water=header.seq_last,
+            last_contact_at=ctx.now,
+            clock_offset_ms=header.sent_at_ms - ctx.hub_now_ms,
+        )
+    )
+    ack.update(
+        batch_id=header.batch_id,
+        duplicate=False,
+        high_water=header.seq_last,
+        hub_time_ms=ctx.hub_now_ms,
+        epoch=ctx.epoch,
+    )
+    conn.execute(
+        sa.insert(batches).values(
+            device_id=ctx.device_id,
+            batch_id=header.batch_id,
+            digest=ctx.digest,
+            seq_first=header.seq_first,
+            seq_last=header.seq_last,
+            received_at=ctx.now,
+            ack=json.dumps(ack, separators=(",", ":")),
+        )
+    )
+    conn.execute(
+        sa.update(hub_meta).where(hub_meta.c.key == "hlc").values(value=ctx.clock.last.encode())
+    )
+    return ack
+
+
+def _drop_applied(edits: list[Edit], high_water: int) -> list[Edit]:
+    # A batch re-cut after a crash may overlap what the hub already has:
+    # apply only the fields above the high-water mark.
+    fresh: list[Edit] = []
+    for edit in edits:
+        assert edit.first_seq is not None
+        skip = max(0, high_water - edit.first_seq + 1)
+        if skip >= len(edit.fields):
+            continue
+        if skip:
+            kept = edit.fields[skip:]
+            edit = Edit(
+                edit.record_id,
+                edit.version,
+                edit.operator,
+                kept,
+                {p: b for p, b in edit.bases.items() if p in dict(kept)},
+                edit.first_seq + skip,
+            )
+        fresh.append(edit)
+    return fresh
+
+
+def _insert_log(conn: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
+    if not rows:
+        return []
+    stmt = sa.insert(changes).returning(changes.c.hub_seq, sort_by_parameter_order=True)
+    return [row.hub_seq for row in conn.execute(stmt, rows)]
+
+
+def _side(state: FieldState, operator: str) -> dict[str, Any]:
+    version = state.version
+    return {"v": state.value, "s": version.stamp.encode(), "d": version.device_id, "o": operator}
+
+
+def _insert_conflicts(
+    conn: sa.Connection,
+    ctx: PushContext,
+    pending: list[tuple[int, HubRecord, str, Decision, tuple[str, str]]],
+    hub_seqs: list[int],
+) -> None:
+    rows = []
+    for log_index, rec, path, decision, (current_operator, incoming_operator) in pending:
+        assert decision.conflict is not None
+        current, incoming = decision.conflict.current, decision.conflict.incoming
+        winner, loser = decision.conflict.winner, decision.conflict.loser
+        payload = {
+            "field": path,
+            "current": _side(current, current_operator),
+            "incoming": _side(incoming, incoming_operator),
+            "base": incoming.base.to_json() if incoming.base else None,
+        }
+        rows.append(
+            {
+                "record_id": rec.id,
+                "site": rec.site or "",
+                "field": path,
+                "status": "open",
+                "winner_stamp": winner.version.stamp.encode(),
+                "winner_device": winner.version.device_id,
+                "loser_stamp": loser.version.stamp.encode(),
+                "loser_device": loser.version.device_id,
+                "payload": rec.cipher.seal(payload, "conflict"),
+                "opened_at": ctx.now,
+                "opened_by_seq": hub_seqs[log_index],
+            }
+        )
+    if rows:
+        conn.execute(sa.insert(conflicts), rows)
+
+
+def _quarantine(conn: sa.Connection, ctx: PushContext, edit: Edit, reason: str) -> None:
+    assert edit.first_seq is not None
+    last = edit.first_seq + len(edit.fields) - 1
+    conn.execute(
+        sa.insert(quarantine).values(
+            device_id=ctx.device_id,
+            batch_id=ctx.header.batch_id,
+            reason=reason.split(":", 1)[0],
+            detail=f"sequence {edit.first_seq}-{last} (record {edit.record_id}): {reason}",
+            payload=ctx.envelope,
+            is_sealed_envelope=True,
+            received_at=ctx.now,
+        )
+    )

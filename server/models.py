@@ -1,0 +1,159 @@
+"""The hub's tables (SQLModel). Alembic migrations in `server/migrations` create them.
+
+Identifying data lives only in sealed columns (`state`, `sealed`, `payload`):
+AES-GCM under the record's data key. Clear columns hold what statistics need
+(site, scenario, sex, age band, nationalities, vulnerabilities, needs) and
+sync bookkeeping.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "Batch",
+    "ChangeRow",
+    "ConflictRow",
+    "Device",
+    "EnrolCode",
+    "HubMeta",
+    "QuarantineRow",
+    "RecordRow",
+    "User",
+]
+
+
+class HubMeta(SQLModel, table=True):
+    __tablename__ = "hub_meta"
+    key: str = Field(primary_key=True, max_length=64)
+    value: str
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=128)
+    role: str = Field(max_length=32)
+    sites: str = Field(default="[]", description="JSON list; empty for global roles")
+    password_hash: str
+    is_active: bool = True
+    created_at: datetime
+
+
+class EnrolCode(SQLModel, table=True):
+    __tablename__ = "enrol_codes"
+    code_hash: str = Field(primary_key=True, max_length=64)
+    site: str = Field(max_length=64)
+    created_at: datetime
+    expires_at: datetime
+    used_at: datetime | None = None
+    used_by: str | None = Field(default=None, max_length=64)
+
+
+class Device(SQLModel, table=True):
+    __tablename__ = "devices"
+    id: str = Field(primary_key=True, max_length=64)
+    sites: str = Field(description="JSON list of the sites this device serves")
+    public_keys: str = Field(description="JSON of sync.keys.PublicKeys")
+    enrolled_at: datetime
+    last_contact_at: datetime | None = None
+    high_water: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    clock_offset_ms: int | None = Field(default=None, sa_column=Column(BigInteger))
+    revoked_at: datetime | None = None
+    revoked_reason: str | None = None
+
+
+class Batch(SQLModel, table=True):
+    """Every push batch applied, with the acknowledgement sent, so a retry gets it again."""
+
+    __tablename__ = "batches"
+    __table_args__ = (UniqueConstraint("device_id", "batch_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=64, index=True)
+    batch_id: str = Field(max_length=128)
+    digest: str = Field(max_length=64)
+    seq_first: int = Field(sa_column=Column(BigInteger, nullable=False))
+    seq_last: int = Field(sa_column=Column(BigInteger, nullable=False))
+    received_at: datetime
+    ack: str = Field(description="JSON acknowledgement body")
+
+
+class RecordRow(SQLModel, table=True):
+    __tablename__ = "records"
+    id: str = Field(primary_key=True, max_length=36)
+    site: str = Field(max_length=64, index=True)
+    scenario: str | None = Field(default=None, max_length=64, index=True)
+    sex: str | None = Field(default=None, max_length=16)
+    age_band: str = Field(default="unknown", max_length=16)
+    nationalities: str = Field(default="[]")
+    vulnerabilities: str = Field(default="[]")
+    needs: str = Field(default="[]")
+    registered_at: datetime | None = None
+    schema_version: int = 1
+    wrapped_key: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    state: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    last_hub_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    updated_at: datetime
+
+
+class ChangeRow(SQLModel, table=True):
+    """The append-only change log: one row per edit (one record, one stamp, one author).
+
+    `hub_seq` orders the log; pull pages read it. `outcomes` (clear) says per
+    field whether the edit won, lost, or was a duplicate.
+    """
+
+    __tablename__ = "changes"
+    __table_args__ = (Index("ix_changes_site_seq", "site", "hub_seq"),)
+    hub_seq: int | None = Field(
+        default=None,
+        # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets BIGINT.
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    record_id: str = Field(max_length=36, index=True)
+    site: str = Field(max_length=64)
+    device_id: str = Field(max_length=64)
+    device_seq: int | None = Field(default=None, sa_column=Column(BigInteger))
+    stamp: str = Field(max_length=32)
+    operator: str = Field(max_length=200)
+    batch_id: str | None = Field(default=None, max_length=128)
+    sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    outcomes: str
+    received_at: datetime
+
+
+class ConflictRow(SQLModel, table=True):
+    """Two concurrent writes to one field: both kept, the higher applied provisionally."""
+
+    __tablename__ = "conflicts"
+    id: int | None = Field(default=None, primary_key=True)
+    record_id: str = Field(max_length=36, index=True)
+    site: str = Field(max_length=64, index=True)
+    field: str = Field(max_length=64)
+    status: str = Field(default="open", max_length=16, index=True)
+    winner_stamp: str = Field(max_length=32)
+    winner_device: str = Field(max_length=64)
+    loser_stamp: str = Field(max_length=32)
+    loser_device: str = Field(max_length=64)
+    payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    opened_at: datetime
+    opened_by_seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class QuarantineRow(SQLModel, table=True):
+    """What the hub received but would not apply, with why. Never applied, never dropped."""
+
+    __tablename__ = "quarantine"
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=64, index=True)
+    batch_id: str | None = Field(default=None, max_length=128)
+    reason: str = Field(max_length=64)
+    detail: str
+    payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    is_sealed_envelope: bool
+    received_at: datetime

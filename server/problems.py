@@ -1,0 +1,81 @@
+"""One error shape for the whole hub: `Problem(status, code, detail)` rendered as
+`application/problem+json` (RFC 9457) with a stable dotted `code`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from schemas.validation import errors_of_request
+
+__all__ = ["PROBLEM_JSON", "Problem", "install_handlers", "problem_response"]
+
+PROBLEM_JSON = "application/problem+json"
+log = logging.getLogger("fieldreg.hub")
+
+_TITLES = {
+    400: "Bad request",
+    401: "Not authenticated",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Request too large",
+    415: "Unsupported media type",
+    422: "Invalid request",
+    500: "Internal error",
+    503: "Unavailable",
+}
+
+
+class Problem(Exception):
+    """An answer that is not a success, with a stable `code` clients can act on."""
+
+    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.extra = extra
+
+
+def problem_response(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {
+        "type": f"urn:fieldreg:problem:{code}",
+        "title": _TITLES.get(status, "Error"),
+        "status": status,
+        "code": code,
+        "detail": detail,
+        **extra,
+    }
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Every error the app can raise becomes a problem+json answer; nothing leaks."""
+
+    @app.exception_handler(Problem)
+    async def _problem(_request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(exc.status, exc.code, exc.detail, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = errors_of_request(exc.errors())
+        detail = "; ".join(errors) or "the request is not valid"
+        return problem_response(422, "request.invalid", detail, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 401: "auth.required"}
+        code = codes.get(exc.status_code, f"http.{exc.status_code}")
+        return problem_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", exc_info=exc)
+        return problem_response(500, "internal", "the hub failed; the error is logged")

@@ -1,0 +1,153 @@
+"""Records at the hub: sealed per-field state plus clear reporting columns.
+
+A record's state is one sealed JSON object `{field: {"v", "s", "d", "b", "o"}}`
+(value, stamp, device, base, operator) under the record's own data key. The
+clear columns are a projection of it for statistics and scoping; they are
+recomputed whenever the state changes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from schemas.record import DateOfBirth, age_band
+from server.models import RecordRow
+from server.sealing import RecordCipher, new_wrapped_key
+from sync.changes import Version
+from sync.hlc import Stamp
+from sync.merge import FieldState
+
+__all__ = ["HubRecord", "load_records", "projection", "save_records"]
+
+records = RecordRow.__table__  # type: ignore[attr-defined]
+
+
+@dataclass
+class HubRecord:
+    """A record being worked on inside one transaction."""
+
+    id: str
+    wrapped_key: bytes
+    cipher: RecordCipher
+    fields: dict[str, dict[str, Any]] = field(default_factory=dict)
+    is_new: bool = False
+    is_dirty: bool = False
+    last_hub_seq: int = 0
+
+    @classmethod
+    def new(cls, record_id: str, master_key: bytes) -> HubRecord:
+        wrapped = new_wrapped_key(master_key, record_id)
+        return cls(record_id, wrapped, RecordCipher(master_key, record_id, wrapped), is_new=True)
+
+    def state(self, path: str) -> FieldState | None:
+        raw = self.fields.get(path)
+        if raw is None:
+            return None
+        base = Version(Stamp.decode(raw["b"][0]), raw["b"][1]) if raw.get("b") else None
+        return FieldState(raw["v"], Version(Stamp.decode(raw["s"]), raw["d"]), base)
+
+    def set(self, path: str, state: FieldState, operator: str) -> None:
+        self.fields[path] = {
+            "v": state.value,
+            "s": state.version.stamp.encode(),
+            "d": state.version.device_id,
+            "b": state.base.to_json() if state.base else None,
+            "o": operator,
+        }
+        self.is_dirty = True
+
+    def value(self, path: str) -> Any:
+        raw = self.fields.get(path)
+        return None if raw is None else raw["v"]
+
+    @property
+    def site(self) -> str | None:
+        registration = self.value("registration")
+        return registration.get("site") if isinstance(registration, dict) else None
+
+
+def _list(value: Any) -> str:
+    return json.dumps(
+        sorted(v for v in value if isinstance(v, str)) if isinstance(value, list) else []
+    )
+
+
+def projection(rec: HubRecord, today: date) -> dict[str, Any]:
+    """The clear reporting columns of a record (tolerant: odd values become unknown)."""
+    registration = rec.value("registration") or {}
+    registered_at = None
+    try:
+        registered_at = datetime.fromisoformat(str(registration.get("registered_at")))
+    except ValueError:
+        registered_at = None
+    try:
+        band = age_band(DateOfBirth.model_validate(rec.value("date_of_birth")), today)
+    except ValueError:
+        band = "unknown"
+    scenario, sex = rec.value("situation.scenario"), rec.value("sex")
+    version = rec.value("schema_version")
+    return {
+        "site": rec.site or "",
+        "scenario": scenario if isinstance(scenario, str) else None,
+        "sex": sex if isinstance(sex, str) else None,
+        "age_band": band,
+        "nationalities": _list(rec.value("nationalities")),
+        "vulnerabilities": _list(rec.value("situation.vulnerabilities")),
+        "needs": _list(rec.value("situation.needs")),
+        "registered_at": registered_at,
+        "schema_version": version if isinstance(version, int) else 1,
+    }
+
+
+def load_records(
+    conn: sa.Connection, ids: Iterable[str], master_key: bytes
+) -> dict[str, HubRecord]:
+    """The stored records among `ids`, unsealed (missing ids are simply absent)."""
+    wanted = list(set(ids))
+    out: dict[str, HubRecord] = {}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        stmt = sa.select(
+            records.c.id, records.c.wrapped_key, records.c.state, records.c.last_hub_seq
+        )
+        for row in conn.execute(stmt.where(records.c.id.in_(chunk))):
+            cipher = RecordCipher(master_key, row.id, row.wrapped_key)
+            out[row.id] = HubRecord(
+                row.id,
+                row.wrapped_key,
+                cipher,
+                cipher.open(row.state, "state"),
+                last_hub_seq=row.last_hub_seq,
+            )
+    return out
+
+
+def save_records(conn: sa.Connection, recs: Iterable[HubRecord], *, now: datetime) -> None:
+    """Insert new and update changed records: sealed state and projection."""
+    today = now.astimezone(UTC).date()
+    inserts: list[Mapping[str, Any]] = []
+    updates: list[Mapping[str, Any]] = []
+    for rec in recs:
+        if not rec.is_dirty:
+            continue
+        row = {
+            "state": rec.cipher.seal(rec.fields, "state"),
+            "last_hub_seq": rec.last_hub_seq,
+            "updated_at": now,
+            **projection(rec, today),
+        }
+        if rec.is_new:
+            inserts.append({"id": rec.id, "wrapped_key": rec.wrapped_key, **row})
+        else:
+            updates.append({"rid": rec.id, **row})
+    if inserts:
+        conn.execute(sa.insert(records), inserts)
+    if updates:
+        stmt = sa.update(records).where(records.c.id == sa.bindparam("rid"))
+        conn.execute(stmt, updates)

@@ -1,0 +1,36 @@
+"""Hub settings, from `FIELDREG_HUB_*` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["HubSettings"]
+
+
+class HubSettings(BaseSettings):
+    """Everything the hub reads from its environment, with sane defaults.
+
+    `database_url` defaults to an SQLite file inside `data_dir`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FIELDREG_HUB_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("hub-data"), description="Keys, master key and SQLite file."
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; SQLite in data_dir if unset."
+    )
+    max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    pull_page_edits: int = Field(default=500, ge=1, le=10_000)
+    pull_page_bytes: int = Field(default=512 * 1024, ge=1024)
+    clock_max_ahead_ms: int = Field(default=60_000, ge=0)
+    clock_flag_ms: int = Field(default=300_000, ge=0)
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'hub.db').resolve()}"

@@ -1,0 +1,74 @@
+"""`fieldreg-hub` as an operator runs it: real subprocesses on a real hub directory."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from server.settings import HubSettings
+from tests.hubkit import HandDevice, live_hub
+
+
+def hub(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {
+        **os.environ,
+        "FIELDREG_HUB_DATA_DIR": str(data_dir),
+        "COLUMNS": "200",
+        **(env or {}),
+    }
+    full_env.pop("FIELDREG_HUB_DATABASE_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_init_creates_private_keys_and_refuses_twice(tmp_path: Path) -> None:
+    data = tmp_path / "hub"
+    first = hub(data, "init")
+    assert first.returncode == 0, first.stderr
+    assert "fingerprint" in first.stdout and "password (shown once)" in first.stdout
+    for name in ("hub.keys", "master.key", "hub.db"):
+        assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    second = hub(data, "init")
+    assert second.returncode == 2 and "already holds a hub" in second.stderr
+    assert hub(data, "migrate").returncode == 0
+
+
+def test_enrol_code_device_list_and_revoke(tmp_path: Path) -> None:
+    data = tmp_path / "hub"
+    assert (
+        hub(data, "init", env={"FIELDREG_HUB_ADMIN_PASSWORD": "a long admin password"}).returncode
+        == 0
+    )
+    bad = hub(data, "enrol-code", "--site", "Ras Jedir!")
+    assert bad.returncode == 2 and "not a site code" in bad.stderr
+    assert hub(data, "enrol-code", "--site", "ras-jedir", "--expires", "soon").returncode == 2
+    made = hub(data, "enrol-code", "--site", "ras-jedir", "--expires", "30m")
+    assert made.returncode == 0 and "enrolment code for site ras-jedir" in made.stdout
+    with live_hub(HubSettings(data_dir=data)) as (url, live), httpx.Client(base_url=url) as http:
+        device = HandDevice.enrol(http, live, "ras-jedir")
+    listed = hub(data, "device", "list")
+    assert device.id in listed.stdout and "active" in listed.stdout
+    revoked = hub(data, "device", "revoke", device.id, "--reason", "phone lost")
+    assert revoked.returncode == 0
+    assert "revoked" in hub(data, "device", "list").stdout
+    missing = hub(data, "device", "revoke", "no-such-device")
+    assert missing.returncode == 2 and "no device" in missing.stderr
+
+
+def test_commands_before_init_explain_what_to_do(tmp_path: Path) -> None:
+    result = hub(tmp_path / "empty", "device", "list")
+    assert result.returncode == 2
+    assert "fieldreg-hub init" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,280 @@
+"""The hub's push route against a real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from server.hub import Hub
+from sync.changes import Version
+from sync.envelope import Header, seal
+from sync.hlc import Clock, system_ms
+from tests.hubkit import HandDevice, init_hub, live_hub
+
+
+@pytest.fixture
+def hub_env(tmp_path: Path) -> Iterator[tuple[httpx.Client, Hub, Path]]:
+    settings = init_hub(tmp_path / "hub")
+    with live_hub(settings) as (url, hub), httpx.Client(base_url=url, timeout=30) as http:
+        yield http, hub, tmp_path / "hub"
+
+
+def count(hub: Hub, table: str) -> int:
+    with hub.engine.connect() as conn:
+        return int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+def stored(hub: Hub) -> tuple[int, ...]:
+    return tuple(count(hub, t) for t in ("records", "changes", "batches", "conflicts"))
+
+
+def test_push_applies_once_and_duplicates_are_acknowledged(
+    hub_env: tuple[httpx.Client, Hub, Path],
+) -> None:
+    http, hub, _ = hub_env
+    dev = HandDevice.enrol(http, hub, "ras-jedir")
+    edits = [dev.new_record("Amina"), dev.new_record("Yusuf")]
+    envelope = dev.envelope(edits)
+    ack = dev.open_answer(dev.push(envelope))
+    assert ack["duplicate"] is False and ack["high_water"] == edits[-1].last_seq
+    assert stored(hub) == (2, 2, 1, 0)
+    again = dev.open_answer(dev.push(envelope))  # the answer was lost; the device retries
+    assert again["duplicate"] is True and again["high_water"] == ack["high_water"]
+    resealed = dev.open_answer(dev.push(dev.envelope(edits)))  # re-sealed after a crash
+    assert resealed["duplicate"] is True
+    assert stored(hub) == (2, 2, 1, 0)
+
+
+def test_same_batch_id_other_content_is_refused(hub_env: tuple[httpx.Client, Hub, Path]) -> None:
+    http, hub, _ = hub_env
+    dev = HandDevice.enrol(http, hub, "ras-jedir")
+    edit = dev.new_record("Amina")
+    dev.open_answer(dev.push(dev.envelope([edit])))
+    other = type(edit)(
+        edit.record_id, edit.version, edit.operator, (("names.given", "X"),), {}, edit.first_seq
+    )
+    before = stored(hub)
+    answer = dev.push(dev.envelope([other], batch_id=f"{edit.first_seq}-{edit.last_seq}"))
+    assert answer.status_code == 409 and answer.json()["code"] in {
+        "batch.id_reused",
+        "batch.malformed",
+    }
+    assert stored(hub) == before
+
+
+def test_gap_names_the_expected_sequence(hub_env: tuple[httpx.Client, Hub, Path]) -> None:
+    http, hub, _ = hub_env
+    dev = HandDevice.enrol(http, hub, "ras-jedir")
+    dev.new_record("Lost")  # numbered, never sent
+    answer = dev.push(dev.envelope([dev.new_record("Later")]))
+    assert answer.status_code == 409
+    problem = answer.json()
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert problem["code"] == "batch.gap" and problem["expected_seq"] == 1
+    assert stored(hub) == (0, 0, 0, 0)
+
+
+def test_replay_under_a_new_batch_id_is_refused(hub_env: tuple[httpx.Client, Hub, Path]) -> None:
+    http, hub, _ = hub_env
+    dev = HandDevice.enrol(http, hub, "ras-jedir")
+    edits = [dev.new_record("Amina")]
+    dev.open_answer(dev.push(dev.envelope(edits)))
+    before = stored(hub)
+    answer = dev.push(dev.envelope(edits, batch_id="replayed-copy"))
+    assert answer.status_code == 409 and answer.json()["code"] == "envelope.replayed"
+    assert stored(hub) == before
+
+
+def _flip(data: bytes, index: int) -> bytes:
+    return data[:index] + bytes([data[index] ^ 0x01]) + data[index + 1 :]
+
+
+def test_tampering_is_refused_with_stable_codes(hub_env: tuple[httpx.Client, Hub, Path]) -> None:
+    http, hub, _ = hub_env
+    dev = HandDevice.enrol(http, hub, "ras-jedir")
+    other = HandDevice.enrol(http, hub, "ras-jedir")
+    envelope = dev.envelope([dev.new_record("Amina")])
+    header_len = int.from_bytes(envelope[5:9], "big")
+    ct_start = 9 + header_len + 4
+    cases = {
+        "header": (
+            _flip(envelope, 9 + header_len // 2),
+            {"envelope.malformed", "envelope.bad_signature"},
+        ),
+        "ciphertext": (_flip(envelope, ct_start + 100), {"envelope.bad_signature"}),
+        "signature": (_flip(envelope, len(envelope) - 5), {"envelope.bad_signature"}),
+        "truncated": (envelope[:-10], {"envelope.malformed"}),
+        "magic": (b"XXXX" + envelope[4:], {"envelope.malformed"}),
+    }
+    for name, (bad, codes) in cases.items():
+        answer = dev.push(bad)
+        assert answer.status_code in (400, 401), name
+        assert answer.json()["code"] in codes, (name, answer.json())
+    # Device B re-signs A's batch under A's name: the signature does not verify against A's key.
+    header = Header(
+        protocol=1,
+        schema_version=1,
+        kind="push",
+        sender=dev.id,
+        recipient="hub",
+        batch_id="1-7",
+        seq_first=1,
+        seq_last=7,
+        sent_at_ms=system_ms(),
+        kem=dev.hub_keys.kem_algorithm.value,
+    )
+    forged = seal(header, b'{"edits":[]}', recipient=dev.hub_keys, sender=other.keys)
+    assert dev.push(forged).json()["code"] == "envelope.bad_signature"
+    # An unknown device, and an unsupported protocol version.
+    stranger = HandDevice(http, "not-enrolled", "ras-jedir", other.keys, dev.hub_keys)
+    assert (
+        dev.push(stranger.envelope([stranger.new_record("X")])).json()["code"] == "device.unknown"
+    )
+    future = envelope[:9] + envelope[9:].replace(b'"protocol":1', b'"protocol":2', 1)
+    assert dev.push(future).json()["code"] == "protocol.unsupported"
+    assert stored(hub) == (0, 0, 0, 0)
+
+
+def test_poison_edit_is_quarantined_and_the_rest_applies(
+    hub_env: tuple[httpx.Client, Hub, Path],
+) -> None:
+    http, hub, _ = hub_env
+    dev = HandDevice.enrol(http, hub, "ras-jedir")
+    good = dev.new_record("Amina")
+    bad = dev.edit(good.record_id, {"sex": "robot"})
+    elsewhere = dev.new_record("Far")
+    elsewhere_fields = dict(elsewhere.fields)
+    elsewhere_fields["registration"] = {**elsewhere_fields["registration"], "site": "other-site"}
+    outside = type(elsewhere)(
+        elsewhere.record_id,
+        elsewhere.version,
+        "t",
+        tuple(elsewhere_fields.items()),
+        {},
+        elsewhere.first_seq,
+    )
+    unknown = dev.edit(str(uuid.uuid4()), {"phone": "+218 91 000 0000"})
+    ack = dev.open_answer(dev.push(dev.envelope([good, bad, outside, unknown])))
+    reasons = {reason.split(":")[0] for _, reason in ack["quarantined"]}
+    assert reasons == {"field.invalid", "site.out_of_scope", "record.unknown"}
+    assert ack["high_water"] == unknown.last_seq
+    assert count(hub, "records") == 1 and count(hub, "quarantine") == 3
+
+
+def test_revoked_device_is_refused_and_its_batch_quarantined(
+    hub_env: tuple[httpx.Client, Hub, Path],
+) -> None:
+    http, hub, _ = hub_env
+    dev = HandDevice.enrol(http, hub, "ras-jedir")
+    from datetime import UTC, datetime
+
+    from server import devices
+
+    with hub.engine.begin() as conn:
+        devices.revoke_device(conn, dev.id, reason="phone lost", now=datetime.now(UTC))
+    answer = dev.push(dev.envelope([dev.new_record("Amina")]))
+    assert answer.status_code == 403
+    assert answer.json()["code"] == "device.revoked" and answer.json()["action"] == "wipe"
+    assert count(hub, "records") == 0 and count(hub, "quarantine") == 1
+
+
+def test_concurrent_edits_open_one_conflict(hub_env: tuple[httpx.Client, Hub, Path]) -> None:
+    http, hub, _ = hub_env
+    a = HandDevice.enrol(http, hub, "ras-jedir")
+    b = HandDevice.enrol(http, hub, "ras-jedir")
+    create = a.new_record("Amina")
+    a.open_answer(a.push(a.envelope([create])))
+    base = Version(create.version.stamp, a.id)
+    a_edit = a.edit(create.record_id, {"situation.needs": ["food"]}, {"situation.needs": base})
+    b_create_seq = b.seq
+    b_edit = b.edit(create.record_id, {"situation.needs": ["shelter"]}, {"situation.needs": base})
+    assert b_create_seq == 0
+    a.open_answer(a.push(a.envelope([a_edit])))
+    ack = b.open_answer(b.push(b.envelope([b_edit])))
+    assert ack["conflicts"] == [b_edit.first_seq]
+    assert count(hub, "conflicts") == 1
+    # The same field edited again on top of the winner is sequential: no new conflict.
+    winner = max(a_edit.version, b_edit.version)
+    a_next = a.edit(
+        create.record_id, {"situation.needs": ["food", "shelter"]}, {"situation.needs": winner}
+    )
+    a.open_answer(a.push(a.envelope([a_next])))
+    assert count(hub, "conflicts") == 1
+
+
+def test_identifying_values_never_reach_the_database_in_clear(
+    hub_env: tuple[httpx.Client, Hub, Path],
+) -> None:
+    http, hub, data_dir = hub_env
+    dev = HandDevice.enrol(http, hub, "ras-jedir")
+    names = ["Zubeidaqa", "Qarawiyyinoo", "Tesfamariamx"]
+    edits = [dev.new_record(n) for n in names]
+    dev.open_answer(dev.push(dev.envelope(edits)))
+    hub.engine.dispose()
+    for path in data_dir.iterdir():
+        raw = path.read_bytes()
+        for name in [*names, "Testperson"]:
+            assert name.encode() not in raw, f"{name} in {path.name}"
+    assert count(hub, "records") == 3
+
+
+def test_enrol_codes_are_one_time_and_expire(hub_env: tuple[httpx.Client, Hub, Path]) -> None:
+    http, hub, _ = hub_env
+    from sync.keys import KeyPairs
+
+    keys = KeyPairs.generate().public().to_json()
+    code = hub.create_enrol_code("ras-jedir", timedelta(hours=1))
+    first = http.post(
+        "/api/v1/enrol",
+        json={"code": code, "device_id": "d1", "site": "ras-jedir", "public_keys": keys},
+    )
+    assert first.status_code == 200
+    again = http.post(
+        "/api/v1/enrol",
+        json={"code": code, "device_id": "d2", "site": "ras-jedir", "public_keys": keys},
+    )
+    assert again.status_code == 403 and "already used" in again.json()["detail"]
+    expired = hub.create_enrol_code("ras-jedir", timedelta(seconds=-1))
+    late = http.post(
+        "/api/v1/enrol",
+        json={"code": expired, "device_id": "d3", "site": "ras-jedir", "public_keys": keys},
+    )
+    assert late.status_code == 403 and "expired" in late.json()["detail"]
+    other = hub.create_enrol_code("port-zarzis", timedelta(hours=1))
+    wrong = http.post(
+        "/api/v1/enrol",
+        json={"code": other, "device_id": "d4", "site": "ras-jedir", "public_keys": keys},
+    )
+    assert wrong.status_code == 409 and wrong.json()["code"] == "enrol.site_mismatch"
+    bad_keys = http.post(
+        "/api/v1/enrol",
+        json={
+            "code": other,
+            "device_id": "d5",
+            "site": "port-zarzis",
+            "public_keys": {**keys, "signing": "AA"},
+        },
+    )
+    assert bad_keys.status_code == 422 and bad_keys.json()["code"] == "request.invalid"
+
+
+def test_device_a_day_ahead_cannot_drag_the_hub_clock(
+    hub_env: tuple[httpx.Client, Hub, Path],
+) -> None:
+    http, hub, _ = hub_env
+    day_ms = 86_400_000
+    dev = HandDevice.enrol(http, hub, "ras-jedir")
+    dev.clock = Clock(wall_ms=lambda: system_ms() + day_ms)
+    dev.open_answer(dev.push(dev.envelope([dev.new_record("Amina")])))
+    assert hub.clock.last.wall_ms <= system_ms() + 60_000
+    with hub.engine.connect() as conn:
+        offset = conn.execute(
+            sa.text("SELECT clock_offset_ms FROM devices WHERE id = :i"), {"i": dev.id}
+        ).scalar_one()
+    assert offset > day_ms - 60_000
