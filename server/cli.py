@@ -119,29 +119,28 @@ def migrate_cmd(data_dir: DataDir = None) -> None:
 
 @app.command("enrol-code")
 def enrol_code(
-    site: Annotated[str, typer.Option(help="The site the enrolled device will serve.")],
+    sites: Annotated[
+        list[str],
+        typer.Option(
+            "--site", help="A site the device will serve (repeat for a team covering several)."
+        ),
+    ],
     expires: Annotated[
         str, typer.Option(help="How long the code stays valid: 30m, 24h, 7d.")
     ] = "24h",
     data_dir: DataDir = None,
 ) -> None:
-    """Print a one-time enrolment code for a device at SITE."""
-    try:
-        validate(
-            RegistrationContext,
-            {
-                "site": site,
-                "device_id": "x",
-                "operator": "x",
-                "registered_at": "2000-01-01T00:00:00Z",
-            },
-        )
-    except InvalidRecord as exc:
-        fail(str(exc))
+    """Print a one-time enrolment code for a device serving SITE (or several)."""
+    for site in sites:
+        context = {"site": site, "device_id": "x", "operator": "x", "registered_at": "2000-01-01"}
+        try:
+            validate(RegistrationContext, {**context, "registered_at": "2000-01-01T00:00:00Z"})
+        except InvalidRecord as exc:
+            fail(str(exc))
     valid_for = _duration(expires)
     hub = _hub(data_dir)
-    code = hub.create_enrol_code(site, valid_for)
-    out.print(f"enrolment code for site {site}: [bold]{code}[/bold] (valid {expires})")
+    code = hub.create_enrol_code(sites, valid_for)
+    out.print(f"enrolment code for site {', '.join(sites)}: [bold]{code}[/bold] (valid {expires})")
     out.print(f"hub key fingerprint: {hub.public_keys.fingerprint()}")
 
 

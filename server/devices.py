@@ -62,14 +62,18 @@ def _as_utc(value: datetime) -> datetime:
 
 
 def create_enrol_code(
-    conn: sa.Connection, *, site: str, valid_for: timedelta, now: datetime
+    conn: sa.Connection, *, sites: list[str], valid_for: timedelta, now: datetime
 ) -> str:
-    """A new one-time code for `site` (stored hashed); returns the code to show once."""
+    """A new one-time code for a device serving `sites` (stored hashed); returns the
+    code to show once. The device's own site must be one of them."""
     raw = base64.b32encode(os.urandom(15)).decode().rstrip("=")
     code = "-".join(raw[i : i + 6] for i in range(0, 24, 6))
     conn.execute(
         sa.insert(codes).values(
-            code_hash=_code_hash(code), site=site, created_at=now, expires_at=now + valid_for
+            code_hash=_code_hash(code),
+            sites=json.dumps(sorted(set(sites))),
+            created_at=now,
+            expires_at=now + valid_for,
         )
     )
     return code
@@ -92,11 +96,12 @@ def redeem_code(
         raise Problem(403, "enrol.code_invalid", "this enrolment code was already used")
     if _as_utc(row.expires_at) <= now:
         raise Problem(403, "enrol.code_invalid", "this enrolment code has expired")
-    if row.site != site:
+    code_sites = json.loads(row.sites)
+    if site not in code_sites:
         raise Problem(
             409,
             "enrol.site_mismatch",
-            f"the code is for site {row.site!r}, the device is set up for {site!r}",
+            f"the code is for site(s) {', '.join(code_sites)}; the device is set up for {site!r}",
         )
     if conn.execute(sa.select(devices.c.id).where(devices.c.id == device_id)).first():
         raise Problem(409, "device.exists", "a device with this id is already enrolled")
@@ -108,7 +113,7 @@ def redeem_code(
     conn.execute(
         sa.insert(devices).values(
             id=device_id,
-            sites=json.dumps([site]),
+            sites=json.dumps(code_sites),
             public_keys=json.dumps(public_keys.to_json()),
             enrolled_at=now,
             high_water=0,

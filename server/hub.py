@@ -99,10 +99,10 @@ class Hub:
             )
         return {"device_id": device.id, "sites": sorted(device.sites), "hub": self.info()}
 
-    def create_enrol_code(self, site: str, valid_for: timedelta) -> str:
+    def create_enrol_code(self, sites: list[str], valid_for: timedelta) -> str:
         with self.engine.begin() as conn:
             return device_store.create_enrol_code(
-                conn, site=site, valid_for=valid_for, now=self.now()
+                conn, sites=sites, valid_for=valid_for, now=self.now()
             )
 
     # -- push --------------------------------------------------------------------------

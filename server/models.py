@@ -46,7 +46,7 @@ class User(SQLModel, table=True):
 class EnrolCode(SQLModel, table=True):
     __tablename__ = "enrol_codes"
     code_hash: str = Field(primary_key=True, max_length=64)
-    site: str = Field(max_length=64)
+    sites: str = Field(description="JSON list; the device's own site must be one of them")
     created_at: datetime
     expires_at: datetime
     used_at: datetime | None = None

@@ -71,11 +71,11 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 401: "auth.required"}
+        codes = {404: "route.not_found", 405: "route.method_not_allowed", 401: "auth.required"}
         code = codes.get(exc.status_code, f"http.{exc.status_code}")
         return problem_response(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error", exc_info=exc)
-        return problem_response(500, "internal", "the hub failed; the error is logged")
+        return problem_response(500, "hub.internal", "the hub failed; the error is logged")

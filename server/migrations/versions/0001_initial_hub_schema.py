@@ -94,7 +94,7 @@ def upgrade() -> None:
     op.create_table(
         "enrol_codes",
         sa.Column("code_hash", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
-        sa.Column("site", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column("sites", sqlmodel.sql.sqltypes.AutoString(), nullable=False),
         sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("expires_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("used_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),

@@ -1,0 +1,97 @@
+"""Every route answers bad input with the one problem+json shape (pinned here)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.hub import Hub
+from tests.hubkit import init_hub, live_hub
+
+PROBLEM_KEYS = {"type", "title", "status", "code", "detail"}
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, Hub]]:
+    settings = init_hub(Path(tmp_path_factory.mktemp("hub")))
+    with live_hub(settings) as (url, hub), httpx.Client(base_url=url, timeout=30) as http:
+        yield http, hub
+
+
+def assert_problem(answer: httpx.Response, status: int) -> dict[str, object]:
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    body: dict[str, object] = answer.json()
+    assert set(body) >= PROBLEM_KEYS
+    assert body["status"] == status
+    assert (
+        (isinstance(body["code"], str)
+        and "." in body["code"])
+        or body["code"] in {"not_found", "internal"}
+    )
+    assert "Traceback" not in answer.text
+    return body
+
+
+BAD_REQUESTS = {
+    ("POST", "/api/v1/enrol"): [
+        ({"content": b"not json", "headers": {"content-type": "application/json"}}, 422),
+        ({"json": {"code": "x"}}, 422),
+        ({"json": {"code": "x", "device_id": "a b", "site": "s", "public_keys": {}}}, 422),
+    ],
+    ("POST", "/api/v1/sync/push"): [
+        ({"content": b""}, 400),
+        ({"content": b"FRGE\x01garbage"}, 400),
+        ({"content": b"x", "headers": {"content-type": "text/plain"}}, 415),
+    ],
+    ("GET", "/api/v1/sync/pull"): [
+        ({}, 401),
+        ({"params": {"limit": "0"}}, 422),
+        ({"headers": {"signature-input": "nonsense", "signature": "x"}}, 401),
+    ],
+    ("GET", "/healthz"): [],
+    ("GET", "/api/v1/hub"): [],
+}
+
+
+def test_every_route_is_covered_here(live: tuple[httpx.Client, Hub]) -> None:
+    _, hub = live
+    spec = create_app(hub.settings, hub=hub).openapi()
+    routes = {(method.upper(), path) for path, item in spec["paths"].items() for method in item}
+    assert routes == set(BAD_REQUESTS)
+
+
+@pytest.mark.parametrize(("method", "path"), list(BAD_REQUESTS))
+def test_bad_input_gets_a_problem(live: tuple[httpx.Client, Hub], method: str, path: str) -> None:
+    http, _ = live
+    for kwargs, status in BAD_REQUESTS[(method, path)]:
+        assert_problem(http.request(method, path, **kwargs), status)
+
+
+def test_unknown_route_and_method(live: tuple[httpx.Client, Hub]) -> None:
+    http, _ = live
+    assert assert_problem(http.get("/nowhere"), 404)["code"] == "route.not_found"
+    assert assert_problem(http.delete("/api/v1/enrol"), 405)["code"] == "route.method_not_allowed"
+
+
+def test_too_large_envelope(live: tuple[httpx.Client, Hub]) -> None:
+    http, hub = live
+    size = hub.settings.max_request_bytes + 1
+    answer = http.post(
+        "/api/v1/sync/push",
+        content=b"F" * size,
+        headers={"content-type": "application/octet-stream"},
+    )
+    assert assert_problem(answer, 413)["code"] == "request.too_large"
+
+
+def test_openapi_and_health(live: tuple[httpx.Client, Hub]) -> None:
+    http, _ = live
+    spec = http.get("/openapi.json").json()
+    assert "/api/v1/sync/push" in spec["paths"]
+    health = http.get("/healthz").json()
+    assert health["status"] == "ok" and health["database"] == "sqlite"
