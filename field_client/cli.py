@@ -12,23 +12,43 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import httpx
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.prompt import Prompt
 from rich.table import Table
 
+from field_client.enrolment import AlreadyEnrolled, EnrolmentRefused
+from field_client.enrolment import enrol as enrol_device
 from field_client.forms import parse_json_records, prompt_record, validate_all
-from field_client.store import NotFound, Store, StoreExists, display_name
+from field_client.store import NotFound, Store, StoreExists, UnreadableRecord, display_name
+from field_client.sync_runner import (
+    DEFAULT_MAX_BATCH_BYTES,
+    NotEnrolled,
+    SyncError,
+    SyncSummary,
+    run_sync,
+)
+from field_client.sync_runner import watch as watch_sync
 from field_client.unlock import WeakPassphrase, WrongPassphrase
 from schemas.enums import Need, Scenario
 from schemas.fields import parse_field_value
 from schemas.record import Registration, RegistrationCreate
 from schemas.validation import InvalidRecord, validate
+from sync.envelope import MAX_BODY_BYTES
+from sync.transport import READ_TIMEOUT_S, HubClient, HubProblem, HubUnreachable
 
 __all__ = ["app", "main"]
 
@@ -87,6 +107,8 @@ def opened(data_dir: Path) -> Iterator[Store]:
         raise typer.Exit(2) from None
     except NotFound as exc:
         fail(str(exc.args[0]))
+    except UnreadableRecord as exc:
+        fail(str(exc))
     finally:
         store.close()
 
@@ -305,6 +327,159 @@ def status(data_dir: DataDir = DEFAULT_DIR) -> None:
     out.print(f"changes    {st.changes}")
     out.print(f"outbox     {st.pending_outbox} change(s) not yet sent")
     out.print(f"clock      {st.last_stamp.isoformat()}")
+    link = st.sync
+    if not link.is_enrolled:
+        out.print("hub        not enrolled (fieldreg enrol --hub URL --code CODE)")
+        return
+    out.print(f"hub        {link.hub_url}", highlight=False)
+    out.print(f"hub key    {link.hub_fingerprint}", highlight=False)
+    out.print(f"sites      {', '.join(link.sites)}")
+    out.print(f"pushed     {link.pushed_seq} of {link.last_seq} change(s) confirmed by the hub")
+    last = "never"
+    if link.last_sync_at_ms is not None:
+        when = datetime.fromtimestamp(link.last_sync_at_ms / 1000, UTC)
+        last = when.strftime("%Y-%m-%d %H:%M UTC")
+    out.print(f"last sync  {last}")
+    out.print(f"lost       {link.lost_edits} of your changes lost or in conflict at the hub")
+    if link.quarantined:
+        out.print(f"quarantine {link.quarantined} of your changes held by the hub for review")
+    if link.is_revoked:
+        out.print("[red]REVOKED[/red]    the hub ordered this device wiped: see your coordinator")
+
+
+def _hub_url(text: str) -> str:
+    try:
+        url = httpx.URL(text.strip())
+    except httpx.InvalidURL as exc:
+        fail(f"--hub: {text!r} is not a URL ({exc})")
+    if url.scheme not in ("http", "https") or not url.host:
+        fail(f"--hub: {text!r} is not an http:// or https:// URL")
+    return str(url).rstrip("/")
+
+
+def _hub_failure(exc: Exception, url: str, *, is_stored: bool) -> NoReturn:
+    """One line for the operator; never a traceback."""
+    if isinstance(exc, HubUnreachable):
+        tail = "nothing lost, run again" if is_stored else "nothing was stored, run again"
+        fail(f"hub unreachable at {url}: {exc.detail}; {tail}")
+    if isinstance(exc, HubProblem):
+        hint = "; try a smaller --max-batch-bytes" if exc.code == "request.too_large" else ""
+        fail(f"the hub refused ({exc.code}): {exc.detail}{hint}")
+    if isinstance(exc, SyncError):
+        fail(f"{exc.detail} ({exc.code})")
+    fail(str(exc))
+
+
+@app.command()
+def enrol(
+    hub: Annotated[str, typer.Option("--hub", help="The hub's URL, e.g. https://hub.example.org")],
+    code: Annotated[str, typer.Option(help="The one-time enrolment code from the hub operator.")],
+    expect_fingerprint: Annotated[
+        str | None,
+        typer.Option(help="The hub key fingerprint the hub operator read out; refuse any other."),
+    ] = None,
+    data_dir: DataDir = DEFAULT_DIR,
+) -> None:
+    """Enrol this device with a hub: make its keys, pin the hub's keys."""
+    url = _hub_url(hub)
+    if not code.strip():
+        fail("--code is empty")
+    with opened(data_dir) as store, httpx.Client(base_url=url) as http:
+        try:
+            result = enrol_device(
+                store, HubClient(http), code=code.strip(), expect_fingerprint=expect_fingerprint
+            )
+        except (AlreadyEnrolled, EnrolmentRefused) as exc:
+            fail(str(exc))
+        except (HubUnreachable, HubProblem) as exc:
+            _hub_failure(exc, url, is_stored=False)
+    out.print(f"enrolled with {url}", highlight=False)
+    out.print(f"hub fingerprint  {result.hub_fingerprint}", highlight=False)
+    out.print(f"sites            {', '.join(result.sites)}")
+    out.print("compare the fingerprint with the one the hub operator reads out")
+
+
+def _summary_line(summary: SyncSummary) -> str:
+    s = summary
+    line = (
+        f"sent {s.sent_changes} changes in {s.sent_batches} batches,"
+        f" acknowledged {s.acknowledged} ({s.duplicates} duplicates),"
+        f" received {s.received_edits}, conflicts {s.conflicts},"
+        f" your edits that lost: {s.superseded}"
+    )
+    if s.quarantined:
+        line += f"; quarantined by the hub: {s.quarantined}"
+    return line
+
+
+class _SyncBar:
+    """A rich progress bar on stderr, one task per phase (push, pull)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._tasks: dict[str, TaskID] = {}
+
+    def __call__(self, phase: str, done: int, total: int | None) -> None:
+        if phase not in self._tasks:
+            label = "pushing" if phase == "push" else "pulling"
+            self._tasks[phase] = self._progress.add_task(label, total=total)
+        self._progress.update(self._tasks[phase], completed=done, total=total)
+
+
+@app.command()
+def sync(
+    hub_timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds to wait for each answer of the hub.")
+    ] = READ_TIMEOUT_S,
+    max_batch_bytes: Annotated[
+        int, typer.Option(min=1024, max=MAX_BODY_BYTES, help="Size of a batch before compression.")
+    ] = DEFAULT_MAX_BATCH_BYTES,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Keep syncing (backing off when idle) until Ctrl-C.")
+    ] = False,
+    data_dir: DataDir = DEFAULT_DIR,
+) -> None:
+    """Send what waits in the outbox to the hub, then receive what others changed."""
+    with opened(data_dir) as store:
+        enrolment = store.sync.read_enrolment()
+        if enrolment is None:
+            fail(NotEnrolled().detail)
+        url = enrolment.hub_url
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=err,
+            transient=True,
+        )
+
+        def report(result: SyncSummary | Exception) -> None:
+            # --watch: a line for each run that moved something, and each failure.
+            if isinstance(result, SyncSummary):
+                if result.has_moved:
+                    out.print(_summary_line(result), highlight=False)
+            elif isinstance(result, HubUnreachable):
+                err.print(f"hub unreachable at {url}: {result.detail}; retrying", highlight=False)
+            else:
+                err.print(f"the hub failed ({result}); retrying", highlight=False)
+
+        with httpx.Client(base_url=url) as http, progress:
+            client = HubClient(http, read_timeout_s=hub_timeout)
+            bar = _SyncBar(progress)
+            try:
+                if watch:
+                    summary = watch_sync(
+                        store, client, max_batch_bytes=max_batch_bytes, progress=bar, on_run=report
+                    )
+                else:
+                    summary = run_sync(store, client, max_batch_bytes=max_batch_bytes, progress=bar)
+            except (HubUnreachable, HubProblem, SyncError) as exc:
+                progress.stop()
+                _hub_failure(exc, url, is_stored=True)
+    if watch:
+        out.print(f"stopped; in total: {_summary_line(summary)}", highlight=False)
+    else:
+        out.print(_summary_line(summary), highlight=False)
 
 
 @app.command()

@@ -47,7 +47,9 @@ records = sa.Table(
 
 # Append-only log of every field change this device made or received. Rows
 # with a device_seq are this device's own edits; those above the pushed
-# high-water mark form the outbox.
+# high-water mark form the outbox. `outcome` is the hub's verdict on an own
+# edit (NULL until the hub acknowledged it): 'applied', 'superseded',
+# 'conflict' or 'quarantined:<reason>'. Received rows carry the hub_seq.
 changes = sa.Table(
     "changes",
     SCHEMA,
@@ -63,6 +65,7 @@ changes = sa.Table(
     sa.Column("device_seq", sa.Integer, unique=True),
     sa.Column("hub_seq", sa.Integer),
     sa.Column("recorded_at", sa.Text, nullable=False),
+    sa.Column("outcome", sa.Text),
 )
 
 # Name match keys, derived at write time, so search is an index lookup.

@@ -1,9 +1,11 @@
 """The encrypted field store: registrations, their per-field versions, the
 append-only change log (whose unsent tail is the outbox) and name match keys.
 
-All SQL of the device lives here. Every write runs in one `BEGIN IMMEDIATE`
-transaction that also persists the HLC and the device sequence, so a crash
-leaves either the record with its outbox entries or neither.
+All SQL of the device lives here and in `field_client.sync_store` (enrolment,
+the pushed mark, pulled edits), reached as `Store.sync`. Every write runs in
+one `BEGIN IMMEDIATE` transaction that also persists the HLC and the device
+sequence, so a crash leaves either the record with its outbox entries or
+neither.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import ValidationError
 
 from field_client import db
+from field_client.sync_store import SyncStatus, SyncStore
 from field_client.unlock import KeyFile, check_passphrase_strength, new_key_file
 from schemas.fields import flatten, unflatten
 from schemas.ids import uuid7
@@ -36,6 +40,7 @@ __all__ = [
     "Store",
     "StoreExists",
     "StoreStatus",
+    "UnreadableRecord",
     "display_name",
 ]
 
@@ -51,6 +56,12 @@ class NotFound(LookupError):
 
 class StoreExists(FileExistsError):
     """`init` on a directory that already holds a store."""
+
+
+class UnreadableRecord(ValueError):
+    """A stored record (received from the hub) that is not a valid `Registration`
+    for this schema version: a newer device's fields, or a record whose first
+    edits have not been pulled yet. Its document and history are kept."""
 
 
 @dataclass(frozen=True)
@@ -89,26 +100,47 @@ class StoreStatus:
     changes: int
     pending_outbox: int
     last_stamp: Stamp
+    sync: SyncStatus
 
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def _names(doc: Mapping[str, Any], *keys: str) -> list[str]:
+    # Documents pulled from the hub may not validate: read names defensively.
+    names = doc.get("names")
+    names = names if isinstance(names, dict) else {}
+    return [p for p in (names.get(k) for k in keys) if isinstance(p, str) and p]
+
+
 def display_name(doc: Mapping[str, Any]) -> str:
     """`Given Family (original)` for lists and search results."""
-    names = doc.get("names") or {}
-    latin = " ".join(p for p in (names.get("given"), names.get("family")) if p)
-    original = " ".join(p for p in (names.get("given_original"), names.get("family_original")) if p)
+    latin = " ".join(_names(doc, "given", "family"))
+    original = " ".join(_names(doc, "given_original", "family_original"))
     if latin and original:
         return f"{latin} ({original})"
     return latin or original or "?"
 
 
 def _all_names(doc: Mapping[str, Any]) -> list[str]:
-    names = doc.get("names") or {}
-    parts = [names.get(k) for k in ("given", "family", "given_original", "family_original")]
-    return [p for p in parts if p] + list(names.get("aliases") or [])
+    names = doc.get("names")
+    aliases = names.get("aliases") if isinstance(names, dict) else None
+    extra = [a for a in aliases if isinstance(a, str)] if isinstance(aliases, list) else []
+    return _names(doc, "given", "family", "given_original", "family_original") + extra
+
+
+def _parse_doc(row: Any) -> Registration:
+    try:
+        return Registration.model_validate_json(row.doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "record"
+        raise UnreadableRecord(
+            f"record {row.id} does not fit this version of fieldreg"
+            f" ({exc.error_count()} problem(s), first: {where}: {first['msg']});"
+            " it is kept as received: update fieldreg or sync again"
+        ) from None
 
 
 def _bootstrap(engine: sa.Engine, *, site: str, operator: str) -> None:
@@ -138,6 +170,7 @@ class Store:
         self.site = meta["site"]
         self.operator = meta.get("operator", "")
         self._clock = Clock(wall_ms=wall_ms, last=Stamp.decode(meta["hlc"]))
+        self.sync = SyncStore(self._conn, self._clock, device_id=self.device_id, wall_ms=wall_ms)
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -329,7 +362,7 @@ class Store:
             raise InvalidRecord(bad)
         with self._conn.begin():
             row = self._load_row(record_id)
-            current = flatten(Registration.model_validate_json(row.doc))
+            current = flatten(_parse_doc(row))
             unknown = [FieldError(p, "unknown field") for p in values if p not in current]
             if unknown:
                 raise InvalidRecord(unknown)
@@ -438,9 +471,13 @@ class Store:
         return rows[0]
 
     def get(self, record_id: str) -> Registration:
-        """The record with this id (or unique id prefix of >= 8 characters)."""
+        """The record with this id (or unique id prefix of >= 8 characters).
+
+        Raises `NotFound`, or `UnreadableRecord` for a received record that
+        does not validate under this schema version.
+        """
         with self._conn.begin():
-            return Registration.model_validate_json(self._load_row(record_id).doc)
+            return _parse_doc(self._load_row(record_id))
 
     def history(self, record_id: str) -> list[HistoryEntry]:
         """Every recorded value of every field, oldest first, marking the current one."""
@@ -554,7 +591,14 @@ class Store:
             changes = self._conn.execute(count(db.changes)).scalar_one()
         pending = int(meta["device_seq"]) - int(meta["pushed_seq"])
         return StoreStatus(
-            self.device_id, self.site, records, own, changes, pending, Stamp.decode(meta["hlc"])
+            self.device_id,
+            self.site,
+            records,
+            own,
+            changes,
+            pending,
+            Stamp.decode(meta["hlc"]),
+            self.sync.status(),
         )
 
     def outbox(self, *, after_seq: int, limit: int) -> list[FieldChange]:

@@ -4,6 +4,7 @@ that crafts envelopes by hand (to send what a correct client never would)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -30,6 +31,34 @@ from sync.keys import KeyPairs, PublicKeys
 from sync.protocol import Edit, dumps
 
 ADMIN_PASSWORD = "hub admin test password"
+POSTGRES_ENV = "FIELDREG_TEST_POSTGRES_URL"
+
+
+def database_backends() -> list[str]:
+    """'sqlite' always; 'postgresql' too when FIELDREG_TEST_POSTGRES_URL is set."""
+    return ["sqlite", "postgresql"] if os.environ.get(POSTGRES_ENV) else ["sqlite"]
+
+
+@contextmanager
+def fresh_database(backend: str) -> Iterator[str | None]:
+    """A database URL for one test: None (SQLite in the hub's data dir) or a new,
+    empty PostgreSQL database created on the server named by the environment and
+    dropped afterwards."""
+    if backend == "sqlite":
+        yield None
+        return
+    import psycopg
+
+    admin_url = os.environ[POSTGRES_ENV]
+    name = f"fieldreg_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = admin_url.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def init_hub(data_dir: Path, database_url: str | None = None) -> HubSettings:

@@ -28,11 +28,10 @@ def assert_problem(answer: httpx.Response, status: int) -> dict[str, object]:
     body: dict[str, object] = answer.json()
     assert set(body) >= PROBLEM_KEYS
     assert body["status"] == status
-    assert (
-        (isinstance(body["code"], str)
-        and "." in body["code"])
-        or body["code"] in {"not_found", "internal"}
-    )
+    assert (isinstance(body["code"], str) and "." in body["code"]) or body["code"] in {
+        "not_found",
+        "internal",
+    }
     assert "Traceback" not in answer.text
     return body
 

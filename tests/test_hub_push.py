@@ -15,14 +15,17 @@ from server.hub import Hub
 from sync.changes import Version
 from sync.envelope import Header, seal
 from sync.hlc import Clock, system_ms
-from tests.hubkit import HandDevice, init_hub, live_hub
+from tests.hubkit import HandDevice, database_backends, fresh_database, init_hub, live_hub
 
 
-@pytest.fixture
-def hub_env(tmp_path: Path) -> Iterator[tuple[httpx.Client, Hub, Path]]:
-    settings = init_hub(tmp_path / "hub")
-    with live_hub(settings) as (url, hub), httpx.Client(base_url=url, timeout=30) as http:
-        yield http, hub, tmp_path / "hub"
+@pytest.fixture(params=database_backends())
+def hub_env(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[httpx.Client, Hub, Path]]:
+    with fresh_database(request.param) as url:
+        settings = init_hub(tmp_path / "hub", url)
+        with live_hub(settings) as (base, hub), httpx.Client(base_url=base, timeout=30) as http:
+            yield http, hub, tmp_path / "hub"
 
 
 def count(hub: Hub, table: str) -> int:
@@ -216,6 +219,11 @@ def test_identifying_values_never_reach_the_database_in_clear(
     names = ["Zubeidaqa", "Qarawiyyinoo", "Tesfamariamx"]
     edits = [dev.new_record(n) for n in names]
     dev.open_answer(dev.push(dev.envelope(edits)))
+    with hub.engine.connect() as conn:  # every row of every table, as the database returns it
+        for table in sa.inspect(conn).get_table_names():
+            dump = repr(conn.execute(sa.text(f"SELECT * FROM {table}")).all())
+            for name in names:
+                assert name not in dump, f"{name} in table {table}"
     hub.engine.dispose()
     for path in data_dir.iterdir():
         raw = path.read_bytes()
