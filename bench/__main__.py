@@ -6,7 +6,7 @@ import importlib
 import sys
 import time
 
-SUITES = ["field_store"]
+SUITES = ["field_store", "hub_sync"]
 
 
 def main(argv: list[str]) -> int:

@@ -460,9 +460,10 @@ class Store:
         rid = record_id.strip().lower()
         if len(rid) < 8:
             raise NotFound(f"record id {record_id!r} is too short (give at least 8 characters)")
-        stmt = (
-            sa.select(db.records).where(db.records.c.id.startswith(rid, autoescape=True)).limit(2)
-        )
+        # A range on the primary key (not LIKE, which SQLite cannot index here):
+        # every id starting with `rid` sorts in [rid, rid + U+FFFF).
+        ids = db.records.c.id
+        stmt = sa.select(db.records).where(ids >= rid, ids < rid + "\uffff").limit(2)
         rows = self._conn.execute(stmt).all()
         if not rows:
             raise NotFound(f"no record {record_id!r} in this store")

@@ -148,6 +148,9 @@ def _text_at(doc: Mapping[str, Any], outer: str, inner: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+_UPDATE_COLUMNS = ("site", "origin_device", "scenario", "registered_at", "doc", "versions")
+
+
 def _record_row(
     record_id: str, doc: dict[str, Any], versions: Mapping[str, Version]
 ) -> dict[str, Any]:
@@ -259,28 +262,32 @@ class SyncStore:
 
     # -- push ------------------------------------------------------------------------------
     def _outbox_rows(self, after_seq: int, limit: int) -> list[FieldChange]:
-        c = db.changes.c
-        stmt = (
-            sa.select(db.changes)
-            .where(c.device_seq > after_seq)
-            .order_by(c.device_seq)
-            .limit(limit)
-        )
+        # Raw rows and a version cache: the fields of one edit share their
+        # stamp and author, and a batch holds thousands of rows.
+        rows = self._conn.exec_driver_sql(
+            "SELECT record_id, field, value, stamp, device_id, base_stamp, base_device,"
+            " operator, device_seq FROM changes WHERE device_seq > ? ORDER BY device_seq LIMIT ?",
+            (after_seq, limit),
+        ).all()
+        versions: dict[tuple[str, str], Version] = {}
+
+        def version(stamp: str, device: str) -> Version:
+            found = versions.get((stamp, device))
+            if found is None:
+                found = versions[(stamp, device)] = Version(Stamp.decode(stamp), device)
+            return found
+
         return [
             FieldChange(
-                record_id=row.record_id,
-                field=row.field,
-                value=json.loads(row.value),
-                version=Version(Stamp.decode(row.stamp), row.device_id),
-                base=(
-                    Version(Stamp.decode(row.base_stamp), row.base_device)
-                    if row.base_stamp
-                    else None
-                ),
-                operator=row.operator,
-                device_seq=row.device_seq,
+                record_id=rid,
+                field=path,
+                value=json.loads(value),
+                version=version(stamp, device),
+                base=version(base_stamp, base_device) if base_stamp else None,
+                operator=operator,
+                device_seq=seq,
             )
-            for row in self._conn.execute(stmt)
+            for rid, path, value, stamp, device, base_stamp, base_device, operator, seq in rows
         ]
 
     def _outbox_edits(self, after_seq: int, chunk_rows: int) -> Iterator[Edit]:
@@ -493,22 +500,36 @@ class SyncStore:
         return {(row[0], row[1], row[2], row[3]) for row in rows}
 
     def _write_merged(self, merging: Mapping[str, _Merging]) -> None:
+        # One statement per kind of write for the whole page: a page of 500
+        # new records is 500 rows in one executemany, not 500 round trips.
+        inserts: list[dict[str, Any]] = []
+        updates: list[tuple[Any, ...]] = []
+        rekeyed: list[str] = []
+        key_rows: set[tuple[str, str]] = set()
         for rid, state in merging.items():
             if not state.is_changed:
                 continue
             row = _record_row(rid, {"id": rid, **unflatten(state.fields)}, state.versions)
             if state.is_new:
-                self._conn.execute(sa.insert(db.records), row)
+                inserts.append(row)
             else:
-                self._conn.execute(sa.update(db.records).where(db.records.c.id == rid).values(row))
+                updates.append((*(row[c] for c in _UPDATE_COLUMNS), rid))
             if state.is_new or state.are_names_changed:
-                self._conn.execute(sa.delete(db.match_keys).where(db.match_keys.c.record_id == rid))
-                keys = {(k, rid) for k in match_keys(_doc_names(json.loads(row["doc"])))}
-                if keys:
-                    self._conn.exec_driver_sql(
-                        "INSERT OR IGNORE INTO match_keys (key, record_id) VALUES (?, ?)",
-                        sorted(keys),
-                    )
+                rekeyed.append(rid)
+                key_rows.update((k, rid) for k in match_keys(_doc_names(json.loads(row["doc"]))))
+        if inserts:
+            self._conn.execute(sa.insert(db.records), inserts)
+        if updates:
+            assignments = ", ".join(f"{c} = ?" for c in _UPDATE_COLUMNS)
+            self._conn.exec_driver_sql(f"UPDATE records SET {assignments} WHERE id = ?", updates)
+        if rekeyed:
+            self._conn.execute(
+                sa.delete(db.match_keys).where(db.match_keys.c.record_id.in_(rekeyed))
+            )
+        if key_rows:
+            self._conn.exec_driver_sql(
+                "INSERT OR IGNORE INTO match_keys (key, record_id) VALUES (?, ?)", sorted(key_rows)
+            )
 
     # -- status ----------------------------------------------------------------------------
     def status(self) -> SyncStatus:

@@ -1,0 +1,154 @@
+"""Sync benchmarks against a real hub process on 127.0.0.1: push of 10,000 records
+end to end (seal, HTTP, verify, open, merge, commit) beside plain sqlite3
+executemany of the same rows, bytes on the wire per record, and pull."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.people import person
+from field_client.enrolment import enrol
+from field_client.store import Store
+from field_client.sync_runner import run_sync
+from schemas.record import RegistrationCreate
+from server.admin import initialise
+from server.hub import Hub
+from server.settings import HubSettings
+from sync.transport import HubClient
+
+__all__ = ["run"]
+
+N = 10_000
+PASSPHRASE = "benchmark passphrase four words"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class _HubProcess:
+    def __init__(self, data_dir: Path) -> None:
+        self.settings = HubSettings(data_dir=data_dir)
+        initialise(self.settings, admin="admin", admin_password="bench admin password")
+        self.port = _free_port()
+        env = {**os.environ, "FIELDREG_HUB_DATA_DIR": str(data_dir)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", "--port", str(self.port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError("hub did not start")
+
+    def code(self) -> str:
+        hub = Hub(self.settings)
+        try:
+            return hub.create_enrol_code(["bench"], timedelta(hours=1))
+        finally:
+            hub.engine.dispose()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def _device(path: Path, hub: _HubProcess) -> Store:
+    store = Store.init(path, PASSPHRASE, site="bench", operator="bench", kdf_memory_kib=8192)
+    with httpx.Client(base_url=hub.url) as http:
+        enrol(store, HubClient(http), code=hub.code())
+    return store
+
+
+def _raw_insert(path: Path, docs: list[str]) -> float:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE records (id TEXT PRIMARY KEY, doc TEXT NOT NULL)")
+    rows = [(f"id-{i}", doc) for i, doc in enumerate(docs)]
+    start = time.perf_counter()
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO records VALUES (?, ?)", rows)
+    conn.execute("COMMIT")
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return elapsed
+
+
+def _one_run(root: Path, items: list[RegistrationCreate]) -> dict[str, float]:
+    hub = _HubProcess(root / "hub")
+    sent = {"bytes": 0}
+
+    def count(request: httpx.Request) -> None:
+        if request.url.path.endswith("/sync/push"):
+            sent["bytes"] += len(request.content)
+
+    try:
+        pusher = _device(root / "a", hub)
+        puller = _device(root / "b", hub)
+        with pusher, puller:
+            pusher.register(items)
+            summaries = pusher.list_records()
+            docs = [json.dumps(pusher.get(s.id).model_dump(mode="json")) for s in summaries]
+            with httpx.Client(base_url=hub.url, event_hooks={"request": [count]}) as http:
+                start = time.perf_counter()
+                run_sync(pusher, HubClient(http))
+                push_s = time.perf_counter() - start
+            with httpx.Client(base_url=hub.url) as http:
+                start = time.perf_counter()
+                pulled = run_sync(puller, HubClient(http))
+                pull_s = time.perf_counter() - start
+            assert puller.status().records == len(items), "pull did not bring every record"
+            assert pulled.received_edits == len(items)
+        raw_s = _raw_insert(root / "raw.db", docs)
+        plain_json = statistics.mean(len(d.encode()) for d in docs)
+    finally:
+        hub.stop()
+    return {
+        "push_records_per_s": len(items) / push_s,
+        "raw_insert_records_per_s": len(items) / raw_s,
+        "push_vs_raw_slowdown": push_s / raw_s,
+        "wire_bytes_per_record": sent["bytes"] / len(items),
+        "plain_json_bytes_per_record": plain_json,
+        "pull_records_per_s": len(items) / pull_s,
+    }
+
+
+def run(runs: int = 3) -> dict[str, dict[str, Any]]:
+    rng = random.Random(11)
+    items = [RegistrationCreate.model_validate(person(rng)) for _ in range(N)]
+    results: list[dict[str, float]] = []
+    for i in range(runs):
+        with tempfile.TemporaryDirectory(prefix=f"fieldreg-sync-bench-{i}-") as tmp:
+            results.append(_one_run(Path(tmp), items))
+    median = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    wire, plain = median["wire_bytes_per_record"], median["plain_json_bytes_per_record"]
+    median["wire_vs_json_ratio"] = wire / plain
+    return {
+        f"push/pull of {N:,} records via a hub on SQLite (median of {runs}; targets: push >= 5000/s "
+        "and <= 4x raw, <= 250 B/record, pull >= 5000/s)": median
+    }
