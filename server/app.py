@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
 
 from server.hub import Hub
 from server.problems import install_handlers
-from server.routes import health, sync_routes
+from server.routes import audit_routes, auth_routes, health, people_routes, sync_routes
 from server.settings import HubSettings
 
 __all__ = ["create_app"]
@@ -24,4 +26,18 @@ def create_app(settings: HubSettings | None = None, *, hub: Hub | None = None) -
     install_handlers(app)
     app.include_router(health.router)
     app.include_router(sync_routes.router)
+    app.include_router(auth_routes.router)
+    app.include_router(people_routes.router)
+    app.include_router(audit_routes.router)
+
+    @app.middleware("http")
+    async def echo_request_id(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        rid = getattr(request.state, "request_id", None)
+        if rid:
+            response.headers["X-Request-ID"] = rid
+        return response
+
     return app

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -14,8 +16,9 @@ from rich.table import Table
 
 from schemas.record import RegistrationContext
 from schemas.validation import InvalidRecord, validate
-from server import admin
+from server import accounts, admin, audit_commands
 from server import devices as device_store
+from server.accounts import Role
 from server.db import make_engine, migrate
 from server.hub import Hub
 from server.problems import Problem
@@ -32,6 +35,8 @@ app = typer.Typer(
 )
 device_app = typer.Typer(help="Enrolled devices.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
+user_app = typer.Typer(help="People who log in to the hub.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
 out = Console()
 err = Console(stderr=True)
 
@@ -199,6 +204,138 @@ def device_revoke(
     out.print(f"device {device.id} revoked; its next contact is told to wipe itself")
 
 
+def _cli_request_id() -> str:
+    return f"cli-{uuid.uuid4().hex[:12]}"
+
+
+def _new_password(prompt: str) -> str:
+    from_env = os.environ.get("FIELDREG_HUB_USER_PASSWORD")
+    if from_env:
+        return from_env
+    try:
+        first = getpass.getpass(f"{prompt}: ")
+        if getpass.getpass(f"{prompt} (again): ") != first:
+            fail("the two passwords differ")
+    except (EOFError, OSError):
+        fail("no password: set FIELDREG_HUB_USER_PASSWORD or run in a terminal")
+    return first
+
+
+@user_app.command("add")
+def user_add(
+    name: Annotated[str, typer.Argument(help="Login name.")],
+    role: Annotated[Role, typer.Option(help="What the user may do (see docs/permissions.md).")],
+    sites: Annotated[
+        list[str] | None,
+        typer.Option("--site", help="A site in scope (repeat); none: all, for auditor/admin."),
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Add a user (password asked, or FIELDREG_HUB_USER_PASSWORD)."""
+    hub = _hub(data_dir)
+    password = _new_password("Password")
+    try:
+        with hub.engine.begin() as conn:
+            user = accounts.add_user(
+                conn,
+                name=name,
+                role=role,
+                sites=sites or [],
+                password=password,
+                now=datetime.now(UTC),
+            )
+            hub.audit(
+                conn,
+                actor="cli:admin",
+                action="user.add",
+                target=f"user:{name}",
+                request_id=_cli_request_id(),
+                detail={"role": role.value, "sites": sorted(user.sites)},
+            )
+    except Problem as exc:
+        fail(exc.detail)
+    scope = ", ".join(sorted(user.sites)) or "all sites"
+    out.print(f"user {user.name} added as {user.role.value} ({scope})")
+
+
+@user_app.command("list")
+def user_list(data_dir: DataDir = None) -> None:
+    """Every user: role, sites, state."""
+    hub = _hub(data_dir)
+    with hub.engine.connect() as conn:
+        found = accounts.list_users(conn)
+    table = Table("user", "role", "sites", "state")
+    now = datetime.now(UTC)
+    for u in found:
+        state = (
+            "disabled"
+            if not u.is_active
+            else "locked"
+            if u.locked_until and u.locked_until > now
+            else "active"
+        )
+        table.add_row(u.name, u.role.value, ", ".join(sorted(u.sites)) or "all", state)
+    out.print(table)
+
+
+@user_app.command("disable")
+def user_disable(name: Annotated[str, typer.Argument()], data_dir: DataDir = None) -> None:
+    """Disable a user and end their sessions."""
+    hub = _hub(data_dir)
+    try:
+        with hub.engine.begin() as conn:
+            accounts.set_active(conn, name, is_active=False)
+            hub.audit(
+                conn,
+                actor="cli:admin",
+                action="user.disable",
+                target=f"user:{name}",
+                request_id=_cli_request_id(),
+            )
+    except Problem as exc:
+        fail(exc.detail)
+    out.print(f"user {name} disabled; their sessions are ended")
+
+
+@user_app.command("enable")
+def user_enable(name: Annotated[str, typer.Argument()], data_dir: DataDir = None) -> None:
+    """Enable a disabled user again."""
+    hub = _hub(data_dir)
+    try:
+        with hub.engine.begin() as conn:
+            accounts.set_active(conn, name, is_active=True)
+            hub.audit(
+                conn,
+                actor="cli:admin",
+                action="user.enable",
+                target=f"user:{name}",
+                request_id=_cli_request_id(),
+            )
+    except Problem as exc:
+        fail(exc.detail)
+    out.print(f"user {name} enabled")
+
+
+@user_app.command("reset-password")
+def user_reset_password(name: Annotated[str, typer.Argument()], data_dir: DataDir = None) -> None:
+    """Set a new password (asked, or FIELDREG_HUB_USER_PASSWORD); clears a lockout."""
+    hub = _hub(data_dir)
+    password = _new_password("New password")
+    try:
+        with hub.engine.begin() as conn:
+            accounts.set_password(conn, name, password)
+            hub.audit(
+                conn,
+                actor="cli:admin",
+                action="user.reset_password",
+                target=f"user:{name}",
+                request_id=_cli_request_id(),
+            )
+    except Problem as exc:
+        fail(exc.detail)
+    out.print(f"password of {name} reset; their sessions are ended")
+
+
 @app.command()
 def records(
     data_dir: DataDir = None,
@@ -240,6 +377,9 @@ def quarantine_cmd(data_dir: DataDir = None) -> None:
     for item in items:
         out.print(f"{item['id']}: device {item['device']} batch {item['batch']}: {item['detail']}")
     out.print(f"{len(items)} quarantined item(s)")
+
+
+audit_commands.register(app)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ Routes call one method each; every method opens its own short transaction.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -13,12 +14,16 @@ from typing import Any
 import sqlalchemy as sa
 
 from schemas.record import SCHEMA_VERSION
+from server import audit as audit_log
 from server import devices as device_store
+from server import name_index
 from server.db import make_engine
 from server.feed import decode_cursor, encode_cursor, read_page
 from server.ingest import PushContext, apply_push
 from server.keystore import HubSecrets
+from server.name_index import IndexKey
 from server.problems import Problem
+from server.records import load_records
 from server.settings import HubSettings
 from sync.envelope import EnvelopeError, Header, open_sealed, read_header_unverified, seal
 from sync.hlc import Clock, Stamp, system_ms
@@ -70,6 +75,34 @@ class Hub:
         self.clock = Clock(
             wall_ms=wall_ms, last=Stamp.decode(last), max_ahead_ms=settings.clock_max_ahead_ms
         )
+        self.audit_enabled = True  # benchmarks turn it off to measure what auditing costs
+        self.name_index = IndexKey(self.secrets.master_key)
+
+    def audit(
+        self,
+        conn: sa.Connection,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        request_id: str,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append an entry to the hash-chained audit log, in the caller's transaction.
+
+        `detail` holds counts and ids only, never identifying values.
+        """
+        if self.audit_enabled:
+            audit_log.append(
+                conn,
+                actor=actor,
+                action=action,
+                target=target,
+                request_id=request_id,
+                now=self.now(),
+                signer=self.secrets.keys,
+                detail=detail,
+            )
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self._wall_ms() / 1000, UTC)
@@ -87,7 +120,7 @@ class Hub:
         }
 
     # -- enrolment ---------------------------------------------------------------------
-    def enrol(self, request: EnrolRequest) -> dict[str, Any]:
+    def enrol(self, request: EnrolRequest, *, request_id: str = "-") -> dict[str, Any]:
         with self.engine.begin() as conn:
             device = device_store.redeem_code(
                 conn,
@@ -96,6 +129,14 @@ class Hub:
                 site=request.site,
                 public_keys=request.public_keys,
                 now=self.now(),
+            )
+            self.audit(
+                conn,
+                actor=f"device:{device.id}",
+                action="device.enrol",
+                target=f"device:{device.id}",
+                request_id=request_id,
+                detail={"sites": sorted(device.sites)},
             )
         return {"device_id": device.id, "sites": sorted(device.sites), "hub": self.info()}
 
@@ -121,7 +162,7 @@ class Hub:
             action="wipe",
         )
 
-    def push(self, envelope: bytes) -> bytes:
+    def push(self, envelope: bytes, *, request_id: str = "-") -> bytes:
         """Verify, open and apply a push envelope; return the sealed acknowledgement."""
         try:
             header = read_header_unverified(envelope)
@@ -171,7 +212,34 @@ class Hub:
         )
         with self.engine.begin() as conn:
             ack = apply_push(conn, ctx)
+            if not ack["duplicate"]:
+                self._reindex_names(conn, opened.body)
+            self.audit(
+                conn,
+                actor=f"device:{device.id}",
+                action="sync.push",
+                target=f"batch:{header.batch_id}",
+                request_id=request_id,
+                detail={
+                    "seq": [header.seq_first, header.seq_last],
+                    "duplicate": ack["duplicate"],
+                    "conflicts": len(ack["conflicts"]),
+                    "quarantined": len(ack["quarantined"]),
+                },
+            )
         return self._seal_to(device, "ack", header.batch_id, header.seq_first, header.seq_last, ack)
+
+    def _reindex_names(self, conn: sa.Connection, body: bytes) -> None:
+        # Records whose names an edit touched get their blind index entries anew.
+        touched = {
+            raw["r"]
+            for raw in json.loads(body)["edits"]
+            if any(str(pair[0]).startswith("names.") for pair in raw["f"])
+        }
+        if touched:
+            recs = load_records(conn, touched, self.secrets.master_key)
+            values = {rid: {p: f["v"] for p, f in rec.fields.items()} for rid, rec in recs.items()}
+            name_index.reindex(conn, self.name_index, values)
 
     def _seal_to(
         self,
@@ -197,7 +265,15 @@ class Hub:
         return seal(header, dumps(body), recipient=device.public_keys, sender=self.secrets.keys)
 
     # -- pull --------------------------------------------------------------------------
-    def pull(self, *, raw_query: str, headers: Mapping[str, str], cursor: str, limit: int) -> bytes:
+    def pull(
+        self,
+        *,
+        raw_query: str,
+        headers: Mapping[str, str],
+        cursor: str,
+        limit: int,
+        request_id: str = "-",
+    ) -> bytes:
         """A sealed page of edits after `cursor` for the signing device's sites."""
         try:
             device_id = read_key_id_unverified(headers)
@@ -228,6 +304,15 @@ class Hub:
                 master_key=self.secrets.master_key,
             )
             device_store.touch(conn, device.id, now=self.now())
+            if edits:
+                self.audit(
+                    conn,
+                    actor=f"device:{device.id}",
+                    action="sync.pull",
+                    target=f"hub_seq:{after}-{covered}",
+                    request_id=request_id,
+                    detail={"edits": len(edits)},
+                )
         body = {
             "edits": [e.to_json() for e in edits],
             "cursor": encode_cursor(self.epoch, covered),

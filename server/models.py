@@ -14,14 +14,18 @@ from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, UniqueCo
 from sqlmodel import Field, SQLModel
 
 __all__ = [
+    "AuditCheckpoint",
+    "AuditEntry",
     "Batch",
     "ChangeRow",
     "ConflictRow",
     "Device",
     "EnrolCode",
     "HubMeta",
+    "NameKey",
     "QuarantineRow",
     "RecordRow",
+    "Session",
     "User",
 ]
 
@@ -41,6 +45,51 @@ class User(SQLModel, table=True):
     password_hash: str
     is_active: bool = True
     created_at: datetime
+    failed_logins: int = 0
+    locked_until: datetime | None = None
+
+
+class Session(SQLModel, table=True):
+    """An opaque bearer token, stored only as its SHA-256; revocable and expiring."""
+
+    __tablename__ = "sessions"
+    token_hash: str = Field(primary_key=True, max_length=64)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None = None
+
+
+class AuditEntry(SQLModel, table=True):
+    """One hash-chained entry: `hash` covers the previous entry's hash and this
+    entry's content, so editing, deleting or reordering any row breaks the chain."""
+
+    __tablename__ = "audit_log"
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
+    at: datetime
+    actor: str = Field(max_length=128)
+    action: str = Field(max_length=64, index=True)
+    target: str = Field(max_length=128)
+    request_id: str = Field(max_length=64)
+    detail: str = Field(default="{}", description="JSON; never identifying values")
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64)
+
+
+class AuditCheckpoint(SQLModel, table=True):
+    """The hub's Ed25519 signature over the chain up to `entry_id`."""
+
+    __tablename__ = "audit_checkpoints"
+    id: int | None = Field(default=None, primary_key=True)
+    entry_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    entry_hash: str = Field(max_length=64)
+    at: datetime
+    signature: str = Field(max_length=128)
 
 
 class EnrolCode(SQLModel, table=True):
@@ -99,6 +148,15 @@ class RecordRow(SQLModel, table=True):
     updated_at: datetime
 
 
+class NameKey(SQLModel, table=True):
+    """Blind index of name match keys: HMAC of each key under a key derived from
+    the master key, so the hub can search names without storing them in clear."""
+
+    __tablename__ = "name_keys"
+    key_hash: str = Field(primary_key=True, max_length=32)
+    record_id: str = Field(primary_key=True, max_length=36, index=True)
+
+
 class ChangeRow(SQLModel, table=True):
     """The append-only change log: one row per edit (one record, one stamp, one author).
 
@@ -143,6 +201,12 @@ class ConflictRow(SQLModel, table=True):
     payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     opened_at: datetime
     opened_by_seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    resolved_at: datetime | None = None
+    resolved_by: str | None = Field(default=None, max_length=128)
+    resolution: bytes | None = Field(
+        default=None, sa_column=Column(LargeBinary), description="sealed: value chosen, reason"
+    )
+    resolution_seq: int | None = Field(default=None, sa_column=Column(BigInteger))
 
 
 class QuarantineRow(SQLModel, table=True):

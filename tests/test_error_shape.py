@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
+from server import accounts
 from server.app import create_app
 from server.hub import Hub
 from tests.hubkit import init_hub, live_hub
 
 PROBLEM_KEYS = {"type", "title", "status", "code", "detail"}
+PASSWORD = "error shape test password"
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,46 @@ BAD_REQUESTS = {
     ],
     ("GET", "/healthz"): [],
     ("GET", "/api/v1/hub"): [],
+    ("POST", "/api/v1/auth/token"): [
+        ({"data": {"username": "nobody"}}, 422),
+        ({"data": {"username": "nobody", "password": "nothing at all"}}, 401),
+    ],
+    ("POST", "/api/v1/auth/logout"): [({"headers": {"authorization": "Bearer nonsense"}}, 401)],
+    ("GET", "/api/v1/me"): [({}, 401)],
+    ("GET", "/api/v1/audit"): [({"params": {"limit": "-1"}, "auth": True}, 422)],
+    ("GET", "/api/v1/records"): [
+        ({"params": {"limit": "0"}, "auth": True}, 422),
+        ({"params": {"scenario": "party"}, "auth": True}, 422),
+        ({"params": {"registered_from": "yesterday"}, "auth": True}, 422),
+    ],
+    ("GET", "/api/v1/records/{record_id}"): [({"path": "/api/v1/records/nope", "auth": True}, 404)],
+    ("GET", "/api/v1/conflicts"): [({"params": {"status": "maybe"}, "auth": True}, 422)],
+    ("GET", "/api/v1/conflicts/{conflict_id}"): [
+        ({"path": "/api/v1/conflicts/abc", "auth": True}, 422),
+        ({"path": "/api/v1/conflicts/999", "auth": True}, 404),
+    ],
+    ("POST", "/api/v1/conflicts/{conflict_id}/resolve"): [
+        ({"path": "/api/v1/conflicts/1/resolve", "json": {"choice": "coin"}, "auth": True}, 422),
+        (
+            {
+                "path": "/api/v1/conflicts/999/resolve",
+                "json": {"choice": "current", "reason": "why not"},
+                "auth": True,
+            },
+            404,
+        ),
+    ],
+    ("POST", "/api/v1/conflicts/{conflict_id}/reopen"): [
+        (
+            {
+                "path": "/api/v1/conflicts/1/reopen",
+                "content": b"{",
+                "headers": {"content-type": "application/json"},
+                "auth": True,
+            },
+            422,
+        ),
+    ],
 }
 
 
@@ -66,9 +109,32 @@ def test_every_route_is_covered_here(live: tuple[httpx.Client, Hub]) -> None:
 
 @pytest.mark.parametrize(("method", "path"), list(BAD_REQUESTS))
 def test_bad_input_gets_a_problem(live: tuple[httpx.Client, Hub], method: str, path: str) -> None:
-    http, _ = live
-    for kwargs, status in BAD_REQUESTS[(method, path)]:
-        assert_problem(http.request(method, path, **kwargs), status)
+    http, hub = live
+    for spec, status in BAD_REQUESTS[(method, path)]:
+        kwargs = dict(spec)
+        target = kwargs.pop("path", path)
+        if kwargs.pop("auth", False):
+            kwargs["headers"] = {
+                **kwargs.get("headers", {}),
+                "authorization": f"Bearer {_token(http, hub)}",
+            }
+        assert_problem(http.request(method, target, **kwargs), status)
+
+
+def _token(http: httpx.Client, hub: Hub) -> str:
+    with hub.engine.begin() as conn:
+        if accounts.get_user(conn, "shape") is None:
+            accounts.add_user(
+                conn,
+                name="shape",
+                role=accounts.Role.ADMIN,
+                sites=[],
+                password=PASSWORD,
+                now=datetime.now(UTC),
+            )
+    answer = http.post("/api/v1/auth/token", data={"username": "shape", "password": PASSWORD})
+    token: str = answer.json()["access_token"]
+    return token
 
 
 def test_unknown_route_and_method(live: tuple[httpx.Client, Hub]) -> None:

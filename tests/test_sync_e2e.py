@@ -260,3 +260,42 @@ def test_three_devices_random_concurrent_edits_converge(
         with live.engine.connect() as conn:
             stmt = sa.text("SELECT count(*) FROM changes WHERE site = :s")
             assert conn.execute(stmt, {"s": site}).scalar_one() == edits_made
+
+
+def test_a_resolution_reaches_devices_on_their_next_pull(
+    tmp_path: Path, hub: tuple[str, Hub]
+) -> None:
+    url, live = hub
+    a = new_device(tmp_path, "a", url, live, sites=["s1"])
+    b = new_device(tmp_path, "b", url, live, sites=["s1"])
+    with a, b:
+        [rec] = a.register([RegistrationCreate.model_validate(sample_record())])
+        sync(a, url)
+        sync(b, url)
+        rid = str(rec.id)
+        a.edit(rid, {"occupation": "driver"})
+        b.edit(rid, {"occupation": "cook"})
+        sync(a, url)
+        sync(b, url)
+        with live.engine.begin() as conn:
+            from server import conflict_review
+
+            [open_conflict] = conflict_review.list_conflicts(
+                conn, sites=None, status="open", field=None, site=None, limit=10, offset=0
+            )
+            conflict_review.resolve(
+                conn,
+                open_conflict.id,
+                sites=None,
+                choice="value",
+                value="bus driver",
+                reason="asked the person",
+                actor="user:auditor",
+                clock=live.clock,
+                master_key=live.secrets.master_key,
+                now=live.now(),
+            )
+        sync(a, url)
+        sync(b, url)
+        assert a.get(rid).occupation == b.get(rid).occupation == "bus driver"
+        assert device_state(a) == device_state(b) == hub_state(live)

@@ -1,14 +1,25 @@
-"""Dependencies shared by routes, written once."""
+"""Dependencies shared by routes, written once: the hub, the request id, and
+the current user with the permission a route needs."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import OAuth2PasswordBearer
 
+from server import accounts
+from server.accounts import UserInfo
 from server.hub import Hub
+from server.permissions import Permission, is_allowed
+from server.problems import Problem
 
-__all__ = ["HubDep", "get_hub"]
+__all__ = ["CurrentUser", "HubDep", "RequestId", "get_hub", "require"]
+
+oauth2 = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
 
 
 def get_hub(request: Request) -> Hub:
@@ -17,3 +28,52 @@ def get_hub(request: Request) -> Hub:
 
 
 HubDep = Annotated[Hub, Depends(get_hub)]
+
+
+def request_id(request: Request) -> str:
+    """The caller's X-Request-ID if it is sane, else a new one (echoed in the answer)."""
+    given = request.headers.get("x-request-id", "")
+    rid = (
+        given
+        if 0 < len(given) <= 64 and given.isascii() and given.isprintable()
+        else uuid.uuid4().hex
+    )
+    request.state.request_id = rid
+    return rid
+
+
+RequestId = Annotated[str, Depends(request_id)]
+
+
+def current_user(hub: HubDep, token: Annotated[str | None, Depends(oauth2)]) -> UserInfo:
+    if not token:
+        raise Problem(
+            401,
+            "auth.required",
+            "log in first: POST /api/v1/auth/token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    with hub.engine.begin() as conn:
+        user = accounts.user_for_token(conn, token, now=datetime.now(UTC))
+    if user is None:
+        raise Problem(
+            401,
+            "auth.invalid_token",
+            "the token is unknown, expired or revoked",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return user
+
+
+CurrentUser = Annotated[UserInfo, Depends(current_user)]
+
+
+def require(permission: Permission) -> Callable[[UserInfo], UserInfo]:
+    """A dependency: the current user, if their role has `permission` (else 403)."""
+
+    def check(user: CurrentUser) -> UserInfo:
+        if not is_allowed(user.role, permission):
+            raise Problem(403, "auth.forbidden", f"a {user.role.value} may not {permission.value}")
+        return user
+
+    return check

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.hub import parse_enrol
 from server.problems import Problem
-from server.routes.deps import HubDep
+from server.routes.deps import HubDep, RequestId
 
 __all__ = ["router"]
 
@@ -63,9 +63,9 @@ def hub_info(hub: HubDep) -> HubInfoPublic:
 
 
 @router.post("/enrol", response_model=EnrolPublic)
-def enrol(body: EnrolIn, hub: HubDep) -> EnrolPublic:
+def enrol(body: EnrolIn, hub: HubDep, rid: RequestId) -> EnrolPublic:
     """Enrol a device with a one-time code; answers the hub's keys to pin."""
-    return EnrolPublic.model_validate(hub.enrol(parse_enrol(body.model_dump())))
+    return EnrolPublic.model_validate(hub.enrol(parse_enrol(body.model_dump()), request_id=rid))
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -88,10 +88,10 @@ async def _body(request: Request, limit: int) -> bytes:
     responses=_ENVELOPE_ANSWER,
     response_class=Response,
 )
-async def push(request: Request, hub: HubDep) -> Response:
+async def push(request: Request, hub: HubDep, rid: RequestId) -> Response:
     """Apply a sealed batch of edits; answers a sealed acknowledgement."""
     envelope = await _body(request, hub.settings.max_request_bytes)
-    sealed = await run_in_threadpool(hub.push, envelope)
+    sealed = await run_in_threadpool(hub.push, envelope, request_id=rid)
     return Response(sealed, media_type=OCTETS)
 
 
@@ -99,12 +99,18 @@ async def push(request: Request, hub: HubDep) -> Response:
 async def pull(
     request: Request,
     hub: HubDep,
+    rid: RequestId,
     cursor: Annotated[str, Query(max_length=256)] = "",
     limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
 ) -> Response:
     """A sealed page of edits after `cursor`; the request is signed (RFC 9421)."""
     raw_query = request.scope.get("query_string", b"").decode("latin-1")
     sealed = await run_in_threadpool(
-        hub.pull, raw_query=raw_query, headers=request.headers, cursor=cursor, limit=limit
+        hub.pull,
+        raw_query=raw_query,
+        headers=request.headers,
+        cursor=cursor,
+        limit=limit,
+        request_id=rid,
     )
     return Response(sealed, media_type=OCTETS)

@@ -1,0 +1,111 @@
+"""`fieldreg-hub audit verify | export`: prove the audit chain intact, archive the log.
+
+`register(app)` adds the `audit` group to the hub's CLI. The small helpers
+below mirror `server.cli`'s (importing them would be circular: `server.cli`
+imports this module to register it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, NoReturn, TextIO
+
+import typer
+
+from server import audit
+from server.hub import Hub
+from server.settings import HubSettings
+
+__all__ = ["audit_app", "register"]
+
+audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir", envvar="FIELDREG_HUB_DATA_DIR", help="Hub keys, master key, SQLite file."
+    ),
+]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `audit` commands (verify, export) to `app`."""
+    app.add_typer(audit_app, name="audit")
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _hub(data_dir: Path | None) -> Hub:
+    settings = HubSettings()
+    if data_dir is not None:
+        settings = settings.model_copy(update={"data_dir": data_dir})
+    try:
+        return Hub(settings)
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _since(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        _fail(f"--since {text!r}: use ISO 8601, e.g. 2026-11-29 or 2026-11-29T10:00:00Z")
+    return when if when.tzinfo else when.replace(tzinfo=UTC)  # naive means UTC
+
+
+@audit_app.command("verify")
+def verify_cmd(data_dir: DataDir = None) -> None:
+    """Recompute the hash chain and check the hub's signed checkpoints.
+
+    Exit 0 when intact, 1 when broken (naming the first broken entry).
+    """
+    hub = _hub(data_dir)
+    try:
+        with hub.engine.connect() as conn:
+            result = audit.verify(conn, hub.public_keys.signing_public_key())
+    finally:
+        hub.engine.dispose()
+    if not result.is_intact:
+        typer.echo(f"BROKEN at entry {result.first_broken_id}: {result.reason}")
+        raise typer.Exit(1)
+    typer.echo(f"checked {result.entries} entries and {result.checkpoints} checkpoints: intact")
+
+
+def _write(hub: Hub, since: datetime | None, sink: TextIO) -> tuple[int, int]:
+    counts = {"entry": 0, "checkpoint": 0}
+    with hub.engine.connect() as conn:
+        for item in audit.export(conn, since=since):
+            sink.write(json.dumps(item, separators=(",", ":")) + "\n")
+            counts[item["kind"]] += 1
+    return counts["entry"], counts["checkpoint"]
+
+
+@audit_app.command("export")
+def export_cmd(
+    since: Annotated[
+        str | None,
+        typer.Option(help="Start at the first entry at or after this ISO 8601 time (UTC if bare)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write to this file instead of stdout.")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Entries and signed checkpoints as JSON Lines, for an archive kept elsewhere."""
+    start = _since(since) if since is not None else None
+    hub = _hub(data_dir)
+    try:
+        if out is None:
+            _write(hub, start, sys.stdout)
+            return
+        with out.open("w", encoding="utf-8") as sink:
+            entries, marks = _write(hub, start, sink)
+    finally:
+        hub.engine.dispose()
+    typer.echo(f"exported {entries} entries and {marks} checkpoints to {out}", err=True)

@@ -1,0 +1,38 @@
+"""Who may do what: the one permission table the hub enforces.
+
+`docs/permissions.md` shows it to people; `tests/test_permissions.py` walks
+every route with every role and checks allowed / 401 / 403 against it.
+Site scope is separate: a scoped user only ever sees records of their sites
+(another site's record is a 404, never the record).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from server.accounts import Role
+
+__all__ = ["PERMISSIONS", "Permission", "is_allowed"]
+
+
+class Permission(StrEnum):
+    RECORDS_READ = "records.read"
+    CONFLICTS_READ = "conflicts.read"
+    CONFLICTS_RESOLVE = "conflicts.resolve"
+    AUDIT_READ = "audit.read"
+    USERS_READ = "users.read"
+
+
+PERMISSIONS: dict[Permission, frozenset[Role]] = {
+    Permission.RECORDS_READ: frozenset(
+        {Role.FIELD_WORKER, Role.HUB_OPERATOR, Role.AUDITOR, Role.ADMIN}
+    ),
+    Permission.CONFLICTS_READ: frozenset({Role.HUB_OPERATOR, Role.AUDITOR, Role.ADMIN}),
+    Permission.CONFLICTS_RESOLVE: frozenset({Role.AUDITOR, Role.ADMIN}),
+    Permission.AUDIT_READ: frozenset({Role.AUDITOR, Role.ADMIN}),
+    Permission.USERS_READ: frozenset({Role.ADMIN}),
+}
+
+
+def is_allowed(role: Role, permission: Permission) -> bool:
+    return role in PERMISSIONS[permission]
