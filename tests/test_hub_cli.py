@@ -72,3 +72,48 @@ def test_commands_before_init_explain_what_to_do(tmp_path: Path) -> None:
     result = hub(tmp_path / "empty", "device", "list")
     assert result.returncode == 2
     assert "fieldreg-hub init" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_user_commands(tmp_path: Path) -> None:
+    data = tmp_path / "hub"
+    assert (
+        hub(data, "init", env={"FIELDREG_HUB_ADMIN_PASSWORD": "a long admin password"}).returncode
+        == 0
+    )
+    password = {"FIELDREG_HUB_USER_PASSWORD": "operator password long"}
+    scoped = hub(data, "user", "add", "amina", "--role", "hub_operator", env=password)
+    assert scoped.returncode == 2 and "at least one --site" in scoped.stderr
+    weak = hub(
+        data,
+        "user",
+        "add",
+        "amina",
+        "--role",
+        "hub_operator",
+        "--site",
+        "s1",
+        env={"FIELDREG_HUB_USER_PASSWORD": "short"},
+    )
+    assert weak.returncode == 2 and "at least 12 characters" in weak.stderr
+    added = hub(
+        data, "user", "add", "amina", "--role", "hub_operator", "--site", "s1", env=password
+    )
+    assert added.returncode == 0, added.stderr
+    assert hub(data, "user", "add", "amina", "--role", "auditor", env=password).returncode == 2
+    assert hub(data, "user", "add", "x", "--role", "janitor", env=password).returncode == 2
+    listed = hub(data, "user", "list").stdout
+    assert "amina" in listed and "hub_operator" in listed and "admin" in listed
+    assert hub(data, "user", "disable", "amina").returncode == 0
+    assert "disabled" in hub(data, "user", "list").stdout
+    assert hub(data, "user", "enable", "amina").returncode == 0
+    reset = hub(
+        data,
+        "user",
+        "reset-password",
+        "amina",
+        env={"FIELDREG_HUB_USER_PASSWORD": "brand new password"},
+    )
+    assert reset.returncode == 0
+    assert hub(data, "user", "disable", "nobody").returncode == 2
+    verified = hub(data, "audit", "verify")
+    assert verified.returncode == 0 and "intact" in verified.stdout

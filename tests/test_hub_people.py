@@ -80,9 +80,9 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     with (
         fresh_database(request.param) as url,
         live_hub(init_hub(tmp_path / "hub", url)) as (base, hub),
+        httpx.Client(base_url=base, timeout=30) as http,
     ):
-        with httpx.Client(base_url=base, timeout=30) as http:
-            yield World(http, hub)
+        yield World(http, hub)
 
 
 # Each people-facing route, the permission it needs, and a request to make.
