@@ -344,6 +344,14 @@ def records(
     """What the hub holds (names are unsealed: identifying data)."""
     hub = _hub(data_dir)
     views = admin.list_records(hub.engine, hub.secrets.master_key, limit=limit)
+    with hub.engine.begin() as conn:  # a read of identifying data, like any other
+        hub.audit(
+            conn,
+            actor="cli:hub",
+            action="records.list",
+            target=f"records:{len(views)}",
+            request_id=_cli_request_id(),
+        )
     table = Table("id", "site", "name", "scenario", "nationality", "needs")
     for v in views:
         table.add_row(
@@ -358,6 +366,14 @@ def conflicts(data_dir: DataDir = None) -> None:
     """Open conflicts, both sides."""
     hub = _hub(data_dir)
     views = admin.list_conflicts(hub.engine, hub.secrets.master_key)
+    with hub.engine.begin() as conn:
+        hub.audit(
+            conn,
+            actor="cli:hub",
+            action="conflicts.list",
+            target=f"conflicts:{len(views)}",
+            request_id=_cli_request_id(),
+        )
     for c in views:
         where = f"record {c.record_id} (site {c.site})"
         out.print(f"[bold]conflict {c.id}[/bold] {where} field [bold]{c.field}[/bold]")

@@ -1,0 +1,90 @@
+"""`fieldreg register` in a terminal: the form asked field by field, through a real pty."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from field_client.forms import prompt_record
+from schemas.record import RegistrationCreate
+from schemas.validation import validate
+from tests.conftest import PASSPHRASE, run_cli
+
+ANSWERS = {
+    "Given name (Latin letters)": "Amina",
+    "Family name (Latin letters)": "Haroun",
+    "Given name (original script)": "أمينة",
+    "Sex": "female",
+    "Nationalities": "tcd",
+    "Languages": "ar,fr",
+    "Scenario": "trapped",
+    "Needs": "evacuation, food",
+    "Date of birth": "~1990",
+    "Consent given?": "yes",
+}
+
+
+def scripted(question: str, default: str) -> str:
+    return next((a for q, a in ANSWERS.items() if question.startswith(q)), default)
+
+
+def test_the_form_builds_a_valid_registration() -> None:
+    record = validate(RegistrationCreate, prompt_record(scripted, operator="Yusuf"))
+    assert record.names.given == "Amina" and record.names.given_original == "أمينة"
+    assert record.nationalities == ["TCD"]
+    assert [n.value for n in record.situation.needs] == ["evacuation", "food"]
+    assert record.date_of_birth is not None and record.date_of_birth.precision.value == "estimated"
+    assert record.consent.recorded_by == "Yusuf"
+
+
+def test_register_in_a_real_terminal(tmp_path: Path) -> None:
+    home = tmp_path / "device"
+    assert run_cli(home, "init", "--site", "camp-1", "--operator", "Yusuf").returncode == 0
+    env = {
+        **os.environ,
+        "FIELDREG_HOME": str(home),
+        "FIELDREG_PASSPHRASE": PASSPHRASE,
+        "COLUMNS": "200",
+    }
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "field_client", "register"],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=env,
+        close_fds=True,
+    )
+    os.close(follower)
+    screen = b""
+    deadline = time.monotonic() + 60
+    answered = 0
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.2)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            screen += chunk
+            if chunk.rstrip().endswith((b":", b")")):
+                question = screen.decode(errors="replace").splitlines()[-1]
+                os.write(leader, (scripted(question.strip(), "") + "\n").encode())
+                answered += 1
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+    text = screen.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "registered" in text and answered >= 10
+    listed = run_cli(home, "search", "Amina")
+    assert "Amina Haroun" in listed.stdout
