@@ -556,25 +556,30 @@ class Store:
                 key_to_tokens.setdefault(key, set()).add(token)
         if not key_to_tokens:
             return []
+        # SQLite ranks the candidates itself (a common name matches thousands of
+        # keys; fetching them all into Python was the cost of a search).
+        order = {token: i for i, token in enumerate(by_token)}
+        which_token = {key: min(order[t] for t in toks) for key, toks in key_to_tokens.items()}
         mk = db.match_keys.c
+        matched = sa.func.count(sa.distinct(sa.case(which_token, value=mk.key))).label("matched")
+        hits = sa.func.count().label("hits")
+        ranked = (
+            sa.select(mk.record_id, matched)
+            .where(mk.key.in_(list(key_to_tokens)))
+            .group_by(mk.record_id)
+            .order_by(matched.desc(), hits.desc(), mk.record_id)
+            .limit(_SEARCH_CANDIDATES)
+        )
         with self._conn.begin():
-            pairs = self._conn.execute(
-                sa.select(mk.record_id, mk.key).where(mk.key.in_(list(key_to_tokens)))
-            ).all()
-            tokens: dict[str, set[str]] = {}
-            hits: dict[str, int] = {}
-            for rid, key in pairs:
-                tokens.setdefault(rid, set()).update(key_to_tokens[key])
-                hits[rid] = hits.get(rid, 0) + 1
-            best = sorted(tokens, key=lambda rid: (len(tokens[rid]), hits[rid]), reverse=True)
-            best = best[:_SEARCH_CANDIDATES]
+            tokens = {rid: n for rid, n in self._conn.execute(ranked)}
+            best = list(tokens)
             r = db.records.c
             rows = self._conn.execute(sa.select(r.id, r.site, r.doc).where(r.id.in_(best))).all()
         scored = []
         for row in rows:
             doc = json.loads(row.doc)
             score = name_similarity(text, _all_names(doc)) * (
-                0.5 + 0.5 * len(tokens[row.id]) / len(by_token)
+                0.5 + 0.5 * tokens[row.id] / len(by_token)
             )
             scored.append(SearchHit(row.id, display_name(doc), row.site, round(score, 1)))
         scored.sort(key=lambda h: (-h.score, h.id))

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from schemas.record import RegistrationContext
 from schemas.validation import InvalidRecord, validate
-from server import accounts, admin, audit_commands
+from server import accounts, admin, audit_commands, dedup_commands
 from server import devices as device_store
 from server.accounts import Role
 from server.db import make_engine, migrate
@@ -396,6 +396,7 @@ def quarantine_cmd(data_dir: DataDir = None) -> None:
 
 
 audit_commands.register(app)
+dedup_commands.register(app)
 
 
 def main() -> None:

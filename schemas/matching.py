@@ -1,0 +1,499 @@
+"""Duplicate detection: blocking keys and a field-by-field, explained match score.
+
+Pure functions, no I/O, shared by the hub and the devices. A registration is
+read as the JSON document of `Registration.model_dump(mode="json")`, leniently:
+any field may be missing or malformed, and such a field is simply no evidence.
+
+`record_keys` gives the blocking keys: two records are compared only if they
+share one, so each key combines evidence (every key is short ASCII):
+
+* ``n:<c1>+<c2>`` two name codes of the record, sorted; a code is the skeleton
+  of the token's variant group or of the token (``mhmt`` for every Muhammad);
+  ``n:<c>`` alone only for a record with one long name (Moneeruddin);
+* ``y:<c>@<year>`` one name code that is not in `COMMON_NAME_CODES` + a birth
+  year (a year-only date also keys the year either side; an estimate, none);
+* ``b:<c>@<yyyy-mm-dd>`` any name code + an exact birth date;
+* ``d:<NUMBER>`` a document number, letters and digits only, upper-cased;
+* ``p:<8 digits>`` the last 8 digits of the phone number.
+
+A common first name is never a key alone, nor with only a birth year.
+
+`score` compares two records the Fellegi-Sunter way: each field adds log-odds
+for (agree) or against (disagree) "one person", a missing field adds 0, and
+the sum goes through a logistic. With `key_counts` from the caller's index
+an agreeing name weighs by how many records carry it (term frequency).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date
+from functools import lru_cache
+from typing import Any, Literal
+
+from rapidfuzz import fuzz
+from rapidfuzz.distance import DamerauLevenshtein
+
+from schemas.names import name_tokens, normalise, skeleton, variant_group
+
+__all__ = [
+    "COMMON_NAME_CODES",
+    "MAX_BLOCK",
+    "OPERATING_THRESHOLD",
+    "REVIEW_THRESHOLD",
+    "YEAR_TOLERANCE",
+    "FieldAgreement",
+    "Match",
+    "Outcome",
+    "Profile",
+    "candidates",
+    "name_code",
+    "profile",
+    "record_keys",
+    "score",
+]
+
+REVIEW_THRESHOLD = 0.15
+"""A pair at or above this is queued for a person: on `make bench` (bench/dedup_eval.py,
+seeds 1-5) recall 0.92-0.93 of all true pairs (0.96 share a key), precision 0.90."""
+OPERATING_THRESHOLD = 0.6
+"""A pair at or above this is written by `dedup-file`: on the bench pair precision 0.98,
+recall 0.81-0.82, F1 0.89 (issue 5 asks for precision >= 0.95 and F1 >= 0.85)."""
+MAX_BLOCK = 200
+"""`candidates` skips a key carried by more records than this (a phone a whole site gave,
+a name pair as common as Mohamed Ali): such a block brings hundreds of candidates and
+scarcely a duplicate the record's other keys miss (none at 53,000 records on the bench)."""
+YEAR_TOLERANCE: Mapping[str, int] = {"exact": 0, "year": 1, "estimated": 3}
+"""How many years a birth date of each precision may be off and still agree."""
+
+Outcome = Literal["agree", "partial", "disagree", "missing"]
+_Compared = tuple[Outcome, float, str]
+
+_BIAS = 10.0  # log prior odds against a pair: about ln(20,000), a country office's caseload
+_MAX_TOKENS = 8
+_STRONG, _CLOSE = 0.9, 0.8  # token similarity: the same name / probably a typo of it
+_COMMON = (
+    "muhammad ahmed ali hassan hussein ibrahim abdullah omar osman musa adam yusuf idris"
+    " abdelrahman fatima mariam aisha amina khadija rahman islam hossain uddin begum akter"
+    " miah alam gebre tesfaye haile diallo traore camara mamadou santos reyes cruz maria jose"
+)
+
+
+@lru_cache(maxsize=1 << 16)
+def name_code(token: str) -> str:
+    """The phonetic code of one normalised name token: the skeleton of its variant
+    group if it has one, else its own skeleton (Miah, Mia: ``m``), else the token."""
+    group = variant_group(token)
+    return skeleton(group if group is not None else token) or token
+
+
+COMMON_NAME_CODES: frozenset[str] = frozenset(
+    name_code(t) for word in _COMMON.split() for t in name_tokens(word)
+)
+"""Codes of names so frequent in the migration corridors that agreeing on one is weak
+evidence and earns no name + birth-year key."""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldAgreement:
+    """How one field of two records compares, and what that weighed (log-odds)."""
+
+    field: str
+    outcome: Outcome
+    weight: float
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """The score of a pair in 0..1 and, field by field, why."""
+
+    score: float
+    explanation: tuple[FieldAgreement, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _NameForm:
+    text: str  # as written, for explanations
+    tokens: tuple[str, ...]
+    given: int  # how many leading tokens are the given name
+
+
+@dataclass(frozen=True, slots=True)
+class _Birth:
+    year: int
+    month: int
+    day: int
+    precision: str  # exact, year or estimated; an exact 1 January counts as 'year'
+
+    def __str__(self) -> str:
+        if self.precision == "exact":
+            return f"{self.year:04d}-{self.month:02d}-{self.day:02d}"
+        return f"{self.year} ({self.precision})"
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A record read once for matching (`profile`): what `score` compares."""
+
+    names: tuple[_NameForm, ...]
+    birth: _Birth | None
+    sex: str | None
+    nationalities: frozenset[str]
+    documents: frozenset[tuple[str, str, str]]  # (number, type, issuing country or "")
+    phone: str | None
+    place: str | None
+    household: tuple[str, str] | None  # (group id, relationship)
+    keys: frozenset[str]  # see `record_keys`
+
+
+def _text(value: Any) -> str | None:
+    return value.strip() or None if isinstance(value, str) else None
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _items(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+def _name_forms(names: Mapping[str, Any]) -> tuple[_NameForm, ...]:
+    given, family = _text(names.get("given")), _text(names.get("family"))
+    given_o, family_o = _text(names.get("given_original")), _text(names.get("family_original"))
+    parts = [(given or given_o, family or family_o), (given_o or given, family_o or family)]
+    parts += [(None, alias) for alias in map(_text, _items(names.get("aliases"))) if alias]
+    forms: dict[tuple[str, ...], _NameForm] = {}
+    for first, last in parts:
+        text = " ".join(p for p in (first, last) if p)
+        tokens = tuple(name_tokens(text)[:_MAX_TOKENS])
+        if tokens and tokens not in forms:
+            forms[tokens] = _NameForm(text, tokens, len(name_tokens(first or "")))
+    return tuple(forms.values())
+
+
+def _birth(value: Any) -> _Birth | None:
+    if not isinstance(value, Mapping):  # shorthand: 1987-05-04, 1987 or ~1987
+        value = {"value": value}
+    raw, precision = value.get("value"), value.get("precision")
+    text = raw.strip() if isinstance(raw, str) else ""
+    if year := re.fullmatch(r"(~)?\s*(\d{4})", text):
+        text, precision = f"{year[2]}-01-01", "estimated" if year[1] else precision or "year"
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        return None
+    precision = precision if isinstance(precision, str) and precision in YEAR_TOLERANCE else "exact"
+    if precision == "exact" and day.month == day.day == 1:
+        precision = "year"  # what forms put when only the year is known
+    return _Birth(day.year, day.month, day.day, precision)
+
+
+def _ascii(text: Any, keep: str) -> str:
+    """Letters and digits of `text` (Arabic-Indic digits too) as ASCII, for numbers."""
+    if not isinstance(text, str):
+        return ""
+    text = "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in text)
+    return re.sub(keep, "", unicodedata.normalize("NFKC", text).upper())
+
+
+def _keys(
+    codes: list[str], birth: _Birth | None, numbers: Iterable[str], phone: str | None
+) -> frozenset[str]:
+    keys = {f"d:{number}" for number in numbers} | ({f"p:{phone}"} if phone else set())
+    keys.update(f"n:{a}+{b}" for i, a in enumerate(codes) for b in codes[i + 1 :])
+    if len(codes) == 1 and len(codes[0]) >= 4 and codes[0] not in COMMON_NAME_CODES:
+        keys.add(f"n:{codes[0]}")
+    if birth is not None and birth.precision != "estimated":  # 7 years: too broad a block
+        tolerance = YEAR_TOLERANCE[birth.precision]
+        years = range(birth.year - tolerance, birth.year + tolerance + 1)
+        rare = [c for c in codes if len(c) >= 2 and c not in COMMON_NAME_CODES]
+        keys.update(f"y:{c}@{year}" for c in rare for year in years)
+        if birth.precision == "exact":
+            keys.update(f"b:{c}@{birth}" for c in codes)
+    return frozenset(keys)
+
+
+def profile(doc: Mapping[str, Any]) -> Profile:
+    """Read a registration document once for matching and blocking.
+
+    Never raises: a missing, mistyped or unparseable field is left out.
+    """
+    doc = _mapping(doc)
+    forms = _name_forms(_mapping(doc.get("names")))
+    codes = sorted({name_code(t) for form in forms for t in form.tokens})[: 2 * _MAX_TOKENS]
+    sex = (_text(doc.get("sex")) or "").lower()
+    documents = set()
+    for item in map(_mapping, _items(doc.get("documents"))):
+        number = _ascii(item.get("number"), r"[^0-9A-Z]")
+        kind, country = _text(item.get("type")) or "", _text(item.get("issuing_country")) or ""
+        if len(number) >= 5:  # shorter numbers identify nobody
+            documents.add((number, kind.lower(), country.upper()))
+    digits = _ascii(doc.get("phone"), r"\D")
+    phone = digits[-8:] if len(digits) >= 8 else None
+    household = _mapping(doc.get("household"))
+    group, relation = _text(household.get("group_id")), _text(household.get("relationship"))
+    birth = _birth(doc.get("date_of_birth"))
+    nationalities = {n.upper() for n in map(_text, _items(doc.get("nationalities"))) if n}
+    return Profile(
+        names=forms,
+        birth=birth,
+        sex={"m": "male", "f": "female", "male": sex, "female": sex, "other": sex}.get(sex),
+        nationalities=frozenset(nationalities),
+        documents=frozenset(documents),
+        phone=phone,
+        place=normalise(_text(doc.get("place_of_birth")) or "") or None,
+        household=(group, relation or "?") if group else None,
+        keys=_keys(codes, birth, (number for number, _, _ in documents), phone),
+    )  # fmt: skip
+
+
+def _as_profile(record: Mapping[str, Any] | Profile) -> Profile:
+    return record if isinstance(record, Profile) else profile(record)
+
+
+def record_keys(doc: Mapping[str, Any] | Profile) -> set[str]:
+    """Return the blocking keys of a record (their kinds are in the module docstring)."""
+    return set(_as_profile(doc).keys)
+
+
+def candidates(
+    keys: Iterable[str], index: Mapping[str, Collection[str]], *, max_block: int = MAX_BLOCK
+) -> set[str]:
+    """Return the ids filed under any of `keys` in `index` (key -> record ids),
+    skipping keys filed for more than `max_block` records. Keeps the record's own id."""
+    found: set[str] = set()
+    for key in keys:
+        block = index.get(key)
+        if block is not None and len(block) <= max_block:
+            found.update(block)
+    return found
+
+
+@lru_cache(maxsize=1 << 18)
+def _token_similarity(a: str, b: str) -> tuple[float, str]:
+    if a == b:
+        return 1.0, "same"
+    code_a, code_b = name_code(a), name_code(b)
+    text = DamerauLevenshtein.normalized_similarity(a, b)
+    if code_a == code_b:
+        group = variant_group(a)
+        if group is not None and group == variant_group(b):
+            return 0.95, f"variants of {group}"
+        # Twins Hassan and Hussein share hsn but are spelt apart: only close.
+        strong = len(code_a) >= 2 and text >= 0.6
+        return max(text, 0.93 if strong else 0.85), f"same skeleton {code_a}"
+    sound = 0.9 * DamerauLevenshtein.normalized_similarity(code_a, code_b)
+    return max(text, sound), f"{a}/{b} close"
+
+
+def _token_weight(code: str) -> float:
+    # ln(m/u) with no index to count names: short codes are shared by different names
+    # (Hassan, Hussein: hsn), and about one man in ten in the corridors is a Muhammad.
+    if code in COMMON_NAME_CODES:
+        return 1.5
+    return 2.5 if len(code) <= 2 else 3.0 if len(code) == 3 else 4.0
+
+
+def _compare_forms(a: _NameForm, b: _NameForm) -> tuple[float, float, Outcome, list[str], int]:
+    """Align the tokens of two names, most alike first, in any order; return the
+    evidence for (agreeing tokens) and against (conflicting or extra tokens), the
+    outcome, notes, and how many tokens agreed only closely."""
+    x, y = (b, a) if a.tokens > b.tokens else (a, b)  # one orientation: symmetric
+    pairs = sorted(
+        (-_token_similarity(*sorted((s, t)))[0], i, j)
+        for i, s in enumerate(x.tokens)
+        for j, t in enumerate(y.tokens)
+    )
+    used_x: set[int] = set()
+    used_y: set[int] = set()
+    agreement, penalty, notes, order = 0.0, 0.0, [], []
+    close = conflicts = 0
+    for negative, i, j in pairs:
+        if i in used_x or j in used_y:
+            continue
+        used_x.add(i)
+        used_y.add(j)
+        s, t = x.tokens[i], y.tokens[j]
+        how = _token_similarity(*sorted((s, t)))[1]
+        if -negative >= _CLOSE:
+            order.append((i, j))
+            close += -negative < _STRONG
+            share = 1.0 if -negative >= _STRONG else 0.6
+            agreement += share * min(_token_weight(name_code(s)), _token_weight(name_code(t)))
+            notes += [] if how == "same" else [how]
+        else:
+            conflicts += 1
+            penalty -= 6.0 if -negative < 0.6 else 1.5  # another given name: another person
+            notes.append(f"different {s}/{t}")
+    extra = len(x.tokens) + len(y.tokens) - len(used_x) - len(used_y)
+    penalty -= 0.3 * extra  # a father's name written on one record only
+    notes += [f"{extra} name(s) on one side only"] if extra else []
+    for form, aligned in ((x, used_x), (y, used_y)):
+        if 0 < form.given < len(form.tokens) and order and not aligned & set(range(form.given)):
+            penalty -= 3.0  # Jamal Adil Ahmad is not Ahmed Adel
+            notes.append(f"given name {' '.join(form.tokens[: form.given])} unmatched")
+    if [j for _, j in sorted(order)] != sorted(j for _, j in order):
+        penalty -= 1.0  # swapped on 1 record in 8, but Ahmed Mohamed's son is Mohamed Ahmed
+        notes.append("order differs")
+    outcome: Outcome = "partial" if close or conflicts or extra else "agree"
+    outcome = outcome if order else "disagree"
+    return min(agreement, 10.0), max(penalty, -8.0), outcome, notes, close
+
+
+def _names(a: Profile, b: Profile, counts: Mapping[str, int] | None) -> _Compared:
+    if not a.names or not b.names:
+        return "missing", 0.0, "no name on one side"
+    found = [(*_compare_forms(fa, fb), fa, fb) for fa in a.names for fb in b.names]
+    agreement, penalty, outcome, notes, close, fa, fb = max(
+        found, key=lambda f: (f[0] + f[1], -f[4], sorted((f[5].tokens, f[6].tokens)))
+    )  # the best reading of both names; ties broken the same way whichever comes first
+    shared = [counts.get(k, 2) for k in a.keys & b.keys if k[0] == "n"] if counts else []
+    if shared and outcome != "disagree":
+        # Term frequency: the other records carrying this name pair hold, on the
+        # bench, about two more registrations of the same person for every one
+        # who merely shares the name; the fewer carriers, the surer the match.
+        carriers = max(2, min(shared))
+        agreement = _BIAS - math.log((carriers - 1) / 2.0) - 2.0 * close
+        notes = [*notes, f"name pair carried by {carriers} records"]
+    skeletons = [n.removeprefix("same skeleton ") for n in notes if n.startswith("same skel")]
+    notes = [n for n in notes if not n.startswith("same skel")]
+    notes = [f"same skeleton {', '.join(skeletons)}"] * bool(skeletons) + notes
+    detail = f"'{fa.text}' ~ '{fb.text}' ({'; '.join(notes) or 'same spelling'})"
+    return outcome, agreement + penalty, detail
+
+
+def _birth_dates(a: Profile, b: Profile) -> _Compared:
+    x, y = a.birth, b.birth
+    if x is None or y is None:
+        return "missing", 0.0, "date of birth missing on one side"
+    shown, gap = f"{x} vs {y}", abs(x.year - y.year)
+    slack = YEAR_TOLERANCE[x.precision] + YEAR_TOLERANCE[y.precision]
+    far = f"{shown} ({gap} years apart)"
+    if gap > slack + 4:  # no slip of the pen and no estimate is that far off
+        return "disagree", -8.0, far
+    if x.precision == y.precision == "exact":
+        if (x.month, x.day) == (y.month, y.day):
+            return ("agree", 8.0, shown) if not gap else ("partial", 1.0, shown + " (year typo?)")
+        if not gap:
+            typo = (x.month, x.day) == (y.day, y.month) or x.month == y.month or x.day == y.day
+            return ("partial", 2.0, shown + " (typo?)") if typo else ("disagree", -1.5, shown)
+        return "disagree", -2.0 if gap == 1 else -4.0, far
+    tolerance = max(YEAR_TOLERANCE[x.precision], YEAR_TOLERANCE[y.precision])
+    vague = "estimated" in (x.precision, y.precision)
+    if gap == 0:
+        return "agree", 2.0 if vague else 3.5, shown + " (same year)"
+    if gap <= tolerance:
+        return "agree", 1.0 if vague else 2.0, shown + f" (within {tolerance} year(s))"
+    if gap <= slack + 1:
+        return "partial", 0.0, shown + " (near)"
+    return "disagree", -2.5 if vague else -4.0, far
+
+
+def _sex(a: Profile, b: Profile) -> _Compared:
+    if a.sex is None or b.sex is None:
+        return "missing", 0.0, "sex not recorded on one side"
+    if a.sex == b.sex:
+        return "agree", 0.1, f"both {a.sex}"  # the names already told the sex
+    if "other" in (a.sex, b.sex):
+        return "partial", 0.0, f"{a.sex} vs {b.sex}"
+    return "disagree", -5.0, f"{a.sex} vs {b.sex}"
+
+
+def _nationalities(a: Profile, b: Profile) -> _Compared:
+    if not a.nationalities or not b.nationalities:
+        return "missing", 0.0, "nationality missing on one side"
+    if shared := a.nationalities & b.nationalities:
+        return "agree", 0.2, "both " + ", ".join(sorted(shared))  # so did the names, mostly
+    return (
+        "disagree",
+        -2.5,
+        f"{', '.join(sorted(a.nationalities))} vs " + ", ".join(sorted(b.nationalities)),
+    )
+
+
+def _documents(a: Profile, b: Profile) -> _Compared:
+    if not a.documents or not b.documents:
+        return "missing", 0.0, "no document number on one side"
+    if same := sorted({d[0] for d in a.documents} & {d[0] for d in b.documents}):
+        return "agree", 12.0, f"document {same[0]} on both"
+    found: list[_Compared] = []
+    for number, kind, country in a.documents:
+        for other, other_kind, other_country in b.documents:
+            if (kind, country) != (other_kind, other_country):
+                continue
+            pair = " vs ".join(sorted((number, other)))
+            if DamerauLevenshtein.distance(number, other) == 1 and len(number) >= 6:
+                found.append(("partial", 4.0, f"{kind} {pair} (one character apart)"))
+            else:  # a new passport happens, so this is not decisive
+                found.append(("disagree", -2.5, f"{kind} numbers differ: {pair}"))
+    return max(found, key=lambda f: (f[1], f[2]), default=("missing", 0.0, "different kinds"))
+
+
+def _phones(a: Profile, b: Profile) -> _Compared:
+    if a.phone is None or b.phone is None:
+        return "missing", 0.0, "phone missing on one side"
+    if a.phone == b.phone:  # shared within a household: moderate evidence only
+        return "agree", 3.0, f"same number ending {a.phone}"
+    return "disagree", -0.7, "different numbers (phones change)"
+
+
+def _places(a: Profile, b: Profile) -> _Compared:
+    if a.place is None or b.place is None:
+        return "missing", 0.0, "place of birth missing on one side"
+    similarity = fuzz.token_set_ratio(a.place, b.place)
+    shown = f"'{a.place}' vs '{b.place}'"
+    if similarity >= 85:
+        return "agree", 1.5, shown
+    return ("partial", 0.0, shown) if similarity >= 60 else ("disagree", -0.7, shown)
+
+
+def _households(a: Profile, b: Profile) -> _Compared:
+    if a.household is None or b.household is None or a.household[0] != b.household[0]:
+        return "missing", 0.0, "not registered in one household"
+    roles = f"{a.household[1]}, {b.household[1]}"
+    if a.household[1] == b.household[1] == "head":  # one household has one head
+        return "partial", 0.0, "same household, both head"
+    # A household is registered member by member: two of its records are two people.
+    return "disagree", -15.0, f"members of one household ({roles})"
+
+
+_FIELDS = (
+    ("date_of_birth", _birth_dates),
+    ("sex", _sex),
+    ("nationalities", _nationalities),
+    ("documents", _documents),
+    ("phone", _phones),
+    ("place_of_birth", _places),
+    ("household", _households),
+)
+
+
+def score(
+    a: Mapping[str, Any] | Profile,
+    b: Mapping[str, Any] | Profile,
+    *,
+    key_counts: Mapping[str, int] | None = None,
+) -> Match:
+    """Compare two records field by field; return the score in 0..1 and its explanation.
+
+    `key_counts` maps a blocking key to how many records carry it (the caller's
+    index, both records included): an agreeing name then weighs by its rarity
+    (two of the three Habtom Asmeroms are likelier one person than two of four
+    hundred Mohamed Alis). Without it a name weighs by `COMMON_NAME_CODES` and
+    length, more cautiously. The thresholds assume `key_counts`. Symmetric in
+    `a` and `b` (but for the order of texts in details); a field missing on
+    either side weighs 0. `profile` a record once to score it against many.
+    """
+    pa, pb = _as_profile(a), _as_profile(b)
+    explanation = (
+        FieldAgreement("names", *_names(pa, pb, key_counts)),
+        *(FieldAgreement(field, *compare(pa, pb)) for field, compare in _FIELDS),
+    )
+    total = math.fsum(item.weight for item in explanation)
+    return Match(round(1.0 / (1.0 + math.exp(_BIAS - total)), 4), explanation)

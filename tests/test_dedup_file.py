@@ -1,0 +1,279 @@
+"""`fieldreg-hub dedup-file`: duplicate pairs in a JSON Lines or CSV file, no hub needed.
+
+Run through a small Typer app that calls `server.dedup_commands.register` (what
+`server.cli` does) and, once `server.cli` registers it, as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from bench.dedup_data import generate
+from schemas.matching import OPERATING_THRESHOLD
+from server import dedup_commands
+from server.dedup_file import InputError, parse, unflatten
+
+ROOT = Path(__file__).resolve().parent.parent
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _hub() -> None:
+    """Stands in for `fieldreg-hub`."""
+
+
+dedup_commands.register(app)
+
+
+def run(*args: str, stdin: str | None = None) -> Any:
+    return CliRunner().invoke(app, ["dedup-file", *args], input=stdin)
+
+
+def pairs_of(path: Path) -> dict[frozenset[str], float]:
+    with path.open(newline="", encoding="utf-8") as stream:
+        rows = list(csv.reader(stream))
+    assert rows[0] == ["id_1", "id_2", "score"]
+    return {frozenset(row[:2]): float(row[2]) for row in rows[1:]}
+
+
+def people() -> list[dict[str, Any]]:
+    """Mohamed Abdel Rahman three times (two spellings, one in Arabic script), a
+    different Mohamed Ali, a household, and records with nearly nothing in them."""
+    phone = "+218 92 555 1234"
+    return [
+        {
+            "id": "egy-1",
+            "names": {"given": "Mohamed", "family": "Abdel Rahman"},
+            "sex": "male",
+            "date_of_birth": {"value": "1990-05-04", "precision": "exact"},
+            "nationalities": ["EGY"],
+            "documents": [{"type": "passport", "status": "held", "number": "A12345678"}],
+        },
+        {
+            "id": "egy-2",
+            "names": {"given": "Muhammad", "family": "Abdelrahman"},
+            "date_of_birth": {"value": "1990-05-04"},
+            "phone": "0912345678",
+        },
+        {
+            "id": "egy-3",
+            "names": {"given_original": "محمد", "family_original": "عبد الرحمن"},
+            "documents": [{"type": "passport", "number": "a 1234 5678"}],
+        },
+        {
+            "id": "other",
+            "names": {"given": "Mohamed", "family": "Ali"},
+            "sex": "male",
+            "date_of_birth": {"value": "1971-01-01", "precision": "year"},
+        },
+        {
+            "id": "head",
+            "names": {"given": "Ahmed", "family": "Hassan"},
+            "date_of_birth": {"value": "1975-03-02"},
+            "phone": phone,
+        },
+        {
+            "id": "child",
+            "names": {"given": "Omar", "family": "Hassan"},
+            "date_of_birth": {"value": "2005-07-02"},
+            "phone": phone,
+        },
+        {"names": {"given": "Tesfaye"}},  # no id: named by its line number, 7
+        {"documents": [{"number": "A-12345678"}]},  # nothing but a document number
+    ]
+
+
+def test_jsonl_pairs_with_bad_lines_reported(tmp_path: Path) -> None:
+    lines = [json.dumps(p, ensure_ascii=False) for p in people()]
+    lines.insert(3, "{not json")
+    lines.insert(5, "[1, 2]")
+    source = tmp_path / "people.jsonl"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "pairs.csv"
+    result = run(str(source), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "line 4: not valid JSON" in result.stderr
+    assert "line 6: expected a JSON object, got list" in result.stderr
+    assert "8 records, 2 skipped" in result.stderr
+    found = pairs_of(out)
+    # one person: every pair among these four, or enough of them to join all four
+    same = {"egy-1", "egy-2", "egy-3", "10"}
+    assert set().union(*found) == same
+    assert {frozenset(("egy-1", "egy-2")), frozenset(("egy-3", "10"))} <= set(found)
+    assert all(value >= OPERATING_THRESHOLD for value in found.values())
+
+
+def test_csv_with_dotted_columns(tmp_path: Path) -> None:
+    source = tmp_path / "people.csv"
+    source.write_text(
+        "\ufeffid,names.given,names.family,sex,date_of_birth,nationalities,"
+        "documents.0.type,documents.0.number,phone,notes\n"
+        "1,Mohamed,Abdel Rahman,male,1990-05-04,EGY;SDN,passport,A12345678,,\n"
+        "2,Muhammad,Abdelrahman,,1990,SDN,,,+218 91 234 5678,seen at Salloum\n"
+        "3,محمد,عبد الرحمن,,,,passport,a1234-5678,,\n"
+        "4,Ahmed,Hassan,male,1975-03-02,,,,0912345678,\n"
+        "5,Omar,Hassan,male,2005-07-02,,,,0912345678,\n"
+        "6,too,many,cells,,,,,,,,,\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "pairs.csv"
+    result = run(str(source), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "line 7: 13 cells, but the header has 10" in result.stderr
+    found = pairs_of(out)
+    assert frozenset(("1", "3")) in found  # the document number, however written
+    assert frozenset(("4", "5")) not in found  # a father and his son
+    assert all(value >= OPERATING_THRESHOLD for value in found.values())
+
+
+def test_threshold_and_stdout(tmp_path: Path) -> None:
+    source = tmp_path / "people.jsonl"
+    source.write_text("\n".join(json.dumps(p) for p in people()), encoding="utf-8")
+    strict = run(str(source), "--out", "-", "--threshold", "0.999")
+    loose = run(str(source), "--out", "-", "--threshold", "0")
+    assert strict.exit_code == loose.exit_code == 0
+    assert strict.stdout.splitlines()[0] == "id_1,id_2,score"
+    assert len(strict.stdout.splitlines()) < len(loose.stdout.splitlines())
+    assert "head,child," in loose.stdout  # scored (they share a phone), just not a pair
+
+
+def test_stdin_is_read_as_json(tmp_path: Path) -> None:
+    out = tmp_path / "pairs.csv"
+    text = "\n".join(json.dumps(p) for p in people()[:3])
+    result = run("-", "--out", str(out), stdin=text)
+    assert result.exit_code == 0, result.output
+    assert set(pairs_of(out)) >= {frozenset(("egy-1", "egy-2")), frozenset(("egy-1", "egy-3"))}
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "message"),
+    [
+        (None, (), "cannot read"),
+        (b"", (), "no records: the input is empty"),
+        (b"\xff\xfe\x00garbage", (), "is not UTF-8 text"),
+        (b"{nope\n[1]\n", (), "no readable record"),
+        (b'{"names": {"given": "A"}}\nnot json\n', ("--strict",), "--strict: nothing written"),
+        (b'{"names": {"given": "A"}}\n', ("--threshold", "high"), "--threshold 'high'"),
+        (b'{"names": {"given": "A"}}\n', ("--threshold", "1.5"), "from 0 to 1"),
+        (b'{"names": {"given": "A"}}\n', ("--format", "xml"), "--format 'xml'"),
+        (b"given,family\nA,B\n", ("--format", "csv"), "no known column"),
+        (b'id,names.given\n1,"A\n', ("--format", "csv"), "not valid CSV"),
+        (b'[{"names": ', (), "not valid JSON"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path, content: bytes | None, args: tuple[str, ...], message: str
+) -> None:
+    source = tmp_path / "in.jsonl"
+    if content is not None:
+        source.write_bytes(content)
+    out = tmp_path / "pairs.csv"
+    result = run(str(source), "--out", str(out), *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_unwritable_output_is_one_line(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(people()[0]), encoding="utf-8")
+    result = run(str(source), "--out", str(tmp_path / "missing-dir" / "pairs.csv"))
+    assert result.exit_code == 2
+    assert "error: cannot write" in result.stderr
+
+
+def test_parse_and_unflatten() -> None:
+    assert unflatten(
+        {
+            "names.given": " Awa ",
+            "names.aliases": "Aoua; Hawa",
+            "documents.1.number": "P1234567",
+            "documents": "",
+            "household.group_id": "g1",
+            "sex": "",
+        }
+    ) == {
+        "names": {"given": "Awa", "aliases": ["Aoua", "Hawa"]},
+        "documents": [None, {"number": "P1234567"}],
+        "household": {"group_id": "g1"},
+    }
+    with pytest.raises(ValueError, match="documents"):
+        unflatten({"documents": "P1234567"})
+    with pytest.raises(ValueError, match="clashes"):
+        unflatten({"sex": "male", "sex.code": "m"})
+    parsed = parse('[{"id": 1}, {"id": 1}, {"id": {"x": 1}}, {}]')
+    assert [r.id for r in parsed.records] == ["1", "4"]
+    assert [str(b) for b in parsed.bad] == [
+        "line 2: id '1' already used on line 1",
+        "line 3: id must be a string or a number",
+    ]
+    with pytest.raises(InputError, match="empty"):
+        parse("  \n")
+
+
+def test_a_large_file_is_matched_well(tmp_path: Path) -> None:
+    data = generate(1_200, seed=21)
+    source = tmp_path / "big.jsonl"
+    source.write_text(
+        "\n".join(json.dumps({**item.doc, "id": f"r{i}"}) for i, item in enumerate(data)),
+        encoding="utf-8",
+    )
+    out = tmp_path / "pairs.csv"
+    result = run(str(source), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    person = {f"r{i}": item.true_person for i, item in enumerate(data)}
+    found = pairs_of(out)
+    right = sum(len({person[i] for i in pair}) == 1 for pair in found)
+    assert len(found) > 500 and right / len(found) >= 0.95
+
+
+def _wired() -> bool:
+    from server.cli import app as hub_app
+
+    return "dedup-file" in typer.main.get_command(hub_app).commands  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not _wired(), reason="server.cli does not register dedup-file yet")
+def test_real_command_in_a_subprocess(tmp_path: Path) -> None:
+    source = tmp_path / "people.jsonl"
+    source.write_text(
+        "\n".join(json.dumps(p, ensure_ascii=False) for p in people()), encoding="utf-8"
+    )
+    out = tmp_path / "pairs.csv"
+    env = {**os.environ, "COLUMNS": "200"}
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "dedup-file", str(source), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert frozenset(("egy-1", "egy-2")) in pairs_of(out)
+    bad = subprocess.run(
+        [sys.executable, "-m", "server", "dedup-file", str(tmp_path / "nope"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("error: cannot read")
+    assert "Traceback" not in bad.stderr
