@@ -46,7 +46,7 @@ __all__ = [
 
 DB_NAME = "store.db"
 KEY_NAME = "store.key"
-READ_ONLY_FIELDS = frozenset({"registration", "schema_version"})
+READ_ONLY_FIELDS = frozenset({"registration", "schema_version", "merged_into"})
 _SEARCH_CANDIDATES = 200
 
 

@@ -54,6 +54,7 @@ FIELD_PATHS: tuple[str, ...] = (
     "referrals",
     "consent",
     "notes",
+    "merged_into",
 )
 
 

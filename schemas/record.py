@@ -254,11 +254,16 @@ class RegistrationContext(_Model):
 
 
 class Registration(RegistrationContent):
-    """A stored registration: content plus identity and context."""
+    """A stored registration: content plus identity and context.
+
+    `merged_into` is set by the hub when an operator merges this registration
+    into another one of the same person; nothing of it is deleted.
+    """
 
     id: uuid.UUID
     schema_version: int = SCHEMA_VERSION
     registration: RegistrationContext
+    merged_into: uuid.UUID | None = None
 
 
 def age_band(dob: DateOfBirth | None, on: date) -> str:

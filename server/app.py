@@ -8,7 +8,14 @@ from fastapi import FastAPI, Request, Response
 
 from server.hub import Hub
 from server.problems import install_handlers
-from server.routes import audit_routes, auth_routes, health, people_routes, sync_routes
+from server.routes import (
+    audit_routes,
+    auth_routes,
+    duplicate_routes,
+    health,
+    people_routes,
+    sync_routes,
+)
 from server.settings import HubSettings
 
 __all__ = ["create_app"]
@@ -29,6 +36,7 @@ def create_app(settings: HubSettings | None = None, *, hub: Hub | None = None) -
     app.include_router(auth_routes.router)
     app.include_router(people_routes.router)
     app.include_router(audit_routes.router)
+    app.include_router(duplicate_routes.router)
 
     @app.middleware("http")
     async def echo_request_id(

@@ -12,11 +12,12 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from schemas.record import RegistrationContext
 from schemas.validation import InvalidRecord, validate
-from server import accounts, admin, audit_commands, dedup_commands
+from server import accounts, admin, audit_commands, dedup_commands, duplicates
 from server import devices as device_store
 from server.accounts import Role
 from server.db import make_engine, migrate
@@ -37,6 +38,8 @@ device_app = typer.Typer(help="Enrolled devices.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
 user_app = typer.Typer(help="People who log in to the hub.", no_args_is_help=True)
 app.add_typer(user_app, name="user")
+dedup_app = typer.Typer(help="The duplicate queue.", no_args_is_help=True)
+app.add_typer(dedup_app, name="dedup")
 out = Console()
 err = Console(stderr=True)
 
@@ -334,6 +337,47 @@ def user_reset_password(name: Annotated[str, typer.Argument()], data_dir: DataDi
     except Problem as exc:
         fail(exc.detail)
     out.print(f"password of {name} reset; their sessions are ended")
+
+
+@dedup_app.command("scan")
+def dedup_scan(
+    data_dir: DataDir = None,
+    chunk: Annotated[int, typer.Option(min=1, max=10_000, help="Records per transaction.")] = 500,
+) -> None:
+    """Re-check every record for possible duplicates (pairs already known stay as they are)."""
+    hub = _hub(data_dir)
+    with hub.engine.connect() as conn:
+        ids = duplicates.all_record_ids(conn)
+    queued = 0
+    with Progress(
+        TextColumn("scanning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    ) as bar:
+        task = bar.add_task("scan", total=len(ids))
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            with hub.engine.begin() as conn:
+                queued += duplicates.check_records(
+                    conn,
+                    part,
+                    index=hub.block_index,
+                    master_key=hub.secrets.master_key,
+                    now=datetime.now(UTC),
+                )
+            bar.advance(task, len(part))
+    with hub.engine.begin() as conn:
+        hub.audit(
+            conn,
+            actor="cli:hub",
+            action="duplicates.scan",
+            target=f"records:{len(ids)}",
+            request_id=_cli_request_id(),
+            detail={"queued": queued},
+        )
+    out.print(f"checked {len(ids)} record(s); {queued} new possible duplicate pair(s) queued")
 
 
 @app.command()

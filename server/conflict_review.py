@@ -7,7 +7,6 @@ change log with a hub sequence, and devices receive it on their next pull.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,13 +15,12 @@ import sqlalchemy as sa
 
 from schemas.fields import field_error
 from server.db import write_lock
+from server.hub_edits import hub_edit
 from server.models import ChangeRow, ConflictRow, RecordRow
 from server.problems import Problem
 from server.records import load_records, save_records
 from server.sealing import RecordCipher
-from sync.changes import Version
-from sync.hlc import Clock, Stamp
-from sync.merge import FieldState
+from sync.hlc import Clock
 
 __all__ = [
     "ConflictDetail",
@@ -185,35 +183,15 @@ def resolve(
     if problem:
         raise Problem(422, "request.invalid", f"value: {problem}")
     rec = load_records(conn, [row.record_id], master_key)[row.record_id]
-    held = rec.state(row.field)
-    stamp = clock.now()
-    if held is not None and stamp <= held.version.stamp:
-        # A device clock ahead of the hub's may hold a later stamp: stay above it,
-        # or the decision would lose to the very write it settles.
-        stamp = clock.observe(Stamp(held.version.stamp.wall_ms, held.version.stamp.counter))
-        if stamp <= held.version.stamp:
-            stamp = Stamp(held.version.stamp.wall_ms, held.version.stamp.counter + 1)
-    version = Version(stamp, HUB_DEVICE)
-    rec.set(row.field, FieldState(value, version, held.version if held else None), actor)
-    base = {row.field: held.version.to_json()} if held else {}
-    inserted = conn.execute(
-        sa.insert(changes)
-        .returning(changes.c.hub_seq)
-        .values(
-            record_id=row.record_id,
-            site=row.site,
-            device_id=HUB_DEVICE,
-            device_seq=None,
-            stamp=stamp.encode(),
-            operator=actor,
-            batch_id=f"conflict-{conflict_id}",
-            sealed=cipher.seal({"f": [[row.field, value]], "b": base}, "change"),
-            outcomes=json.dumps({row.field: "resolution"}),
-            received_at=now,
-        )
+    hub_seq = hub_edit(
+        conn,
+        rec,
+        {row.field: value},
+        actor=actor,
+        label=f"conflict-{conflict_id}",
+        clock=clock,
+        now=now,
     )
-    hub_seq = int(inserted.scalar_one())
-    rec.last_hub_seq = hub_seq
     save_records(conn, [rec], now=now)
     conn.execute(
         sa.update(conflicts)

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from schemas.record import SCHEMA_VERSION
 from server import audit as audit_log
 from server import devices as device_store
-from server import name_index
+from server import duplicates, name_index
 from server.db import make_engine
 from server.feed import decode_cursor, encode_cursor, read_page
 from server.ingest import PushContext, apply_push
@@ -77,6 +77,7 @@ class Hub:
         )
         self.audit_enabled = True  # benchmarks turn it off to measure what auditing costs
         self.name_index = IndexKey(self.secrets.master_key)
+        self.block_index = duplicates.BlockIndex(self.secrets.master_key)
 
     def audit(
         self,
@@ -213,7 +214,7 @@ class Hub:
         with self.engine.begin() as conn:
             ack = apply_push(conn, ctx)
             if not ack["duplicate"]:
-                self._reindex_names(conn, opened.body)
+                self._after_ingest(conn, opened.body)
             self.audit(
                 conn,
                 actor=f"device:{device.id}",
@@ -229,17 +230,26 @@ class Hub:
             )
         return self._seal_to(device, "ack", header.batch_id, header.seq_first, header.seq_last, ack)
 
-    def _reindex_names(self, conn: sa.Connection, body: bytes) -> None:
-        # Records whose names an edit touched get their blind index entries anew.
-        touched = {
-            raw["r"]
-            for raw in json.loads(body)["edits"]
-            if any(str(pair[0]).startswith("names.") for pair in raw["f"])
+    def _after_ingest(self, conn: sa.Connection, body: bytes) -> None:
+        # In the push's own transaction: records whose names an edit touched get
+        # their blind name-index entries anew, and every record the batch
+        # touched is checked for possible duplicates.
+        edits = json.loads(body)["edits"]
+        touched = {raw["r"] for raw in edits}
+        renamed = {
+            raw["r"] for raw in edits if any(str(p[0]).startswith("names.") for p in raw["f"])
         }
-        if touched:
-            recs = load_records(conn, touched, self.secrets.master_key)
+        if renamed:
+            recs = load_records(conn, renamed, self.secrets.master_key)
             values = {rid: {p: f["v"] for p, f in rec.fields.items()} for rid, rec in recs.items()}
             name_index.reindex(conn, self.name_index, values)
+        duplicates.check_records(
+            conn,
+            touched,
+            index=self.block_index,
+            master_key=self.secrets.master_key,
+            now=self.now(),
+        )
 
     def _seal_to(
         self,

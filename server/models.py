@@ -17,9 +17,11 @@ __all__ = [
     "AuditCheckpoint",
     "AuditEntry",
     "Batch",
+    "BlockKey",
     "ChangeRow",
     "ConflictRow",
     "Device",
+    "DuplicatePair",
     "EnrolCode",
     "HubMeta",
     "NameKey",
@@ -155,6 +157,40 @@ class NameKey(SQLModel, table=True):
     __tablename__ = "name_keys"
     key_hash: str = Field(primary_key=True, max_length=32)
     record_id: str = Field(primary_key=True, max_length=36, index=True)
+
+
+class BlockKey(SQLModel, table=True):
+    """Blind index of duplicate-detection blocking keys (see `schemas.matching`)."""
+
+    __tablename__ = "block_keys"
+    key_hash: str = Field(primary_key=True, max_length=32)
+    record_id: str = Field(primary_key=True, max_length=36, index=True)
+
+
+class DuplicatePair(SQLModel, table=True):
+    """Two registrations that may be one person, queued for a hub operator.
+
+    No names and no explanation are stored: the explanation is recomputed from
+    both records when someone opens the pair. A rejected pair is remembered
+    and never queued again.
+    """
+
+    __tablename__ = "duplicates"
+    __table_args__ = (UniqueConstraint("record_a", "record_b"),)
+    id: int | None = Field(default=None, primary_key=True)
+    record_a: str = Field(max_length=36, index=True)
+    record_b: str = Field(max_length=36, index=True)
+    site_a: str = Field(max_length=64)
+    site_b: str = Field(max_length=64)
+    score: float
+    status: str = Field(default="open", max_length=16, index=True)
+    created_at: datetime
+    decided_at: datetime | None = None
+    decided_by: str | None = Field(default=None, max_length=128)
+    survivor: str | None = Field(default=None, max_length=36)
+    decision: bytes | None = Field(
+        default=None, sa_column=Column(LargeBinary), description="sealed under the survivor's key"
+    )
 
 
 class ChangeRow(SQLModel, table=True):

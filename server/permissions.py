@@ -20,6 +20,8 @@ class Permission(StrEnum):
     CONFLICTS_READ = "conflicts.read"
     CONFLICTS_RESOLVE = "conflicts.resolve"
     AUDIT_READ = "audit.read"
+    DUPLICATES_READ = "duplicates.read"
+    DUPLICATES_DECIDE = "duplicates.decide"
     USERS_READ = "users.read"
 
 
@@ -30,6 +32,8 @@ PERMISSIONS: dict[Permission, frozenset[Role]] = {
     Permission.CONFLICTS_READ: frozenset({Role.HUB_OPERATOR, Role.AUDITOR, Role.ADMIN}),
     Permission.CONFLICTS_RESOLVE: frozenset({Role.AUDITOR, Role.ADMIN}),
     Permission.AUDIT_READ: frozenset({Role.AUDITOR, Role.ADMIN}),
+    Permission.DUPLICATES_READ: frozenset({Role.HUB_OPERATOR, Role.AUDITOR, Role.ADMIN}),
+    Permission.DUPLICATES_DECIDE: frozenset({Role.HUB_OPERATOR, Role.ADMIN}),
     Permission.USERS_READ: frozenset({Role.ADMIN}),
 }
 

@@ -64,6 +64,27 @@ BAD_REQUESTS = {
     ("POST", "/api/v1/auth/logout"): [({"headers": {"authorization": "Bearer nonsense"}}, 401)],
     ("GET", "/api/v1/me"): [({}, 401)],
     ("GET", "/api/v1/audit"): [({"params": {"limit": "-1"}, "auth": True}, 422)],
+    ("GET", "/api/v1/duplicates"): [({"params": {"status": "maybe"}, "auth": True}, 422)],
+    ("GET", "/api/v1/duplicates/{pair_id}"): [
+        ({"path": "/api/v1/duplicates/7", "auth": True}, 404)
+    ],
+    ("POST", "/api/v1/duplicates/{pair_id}/merge"): [
+        ({"path": "/api/v1/duplicates/7/merge", "json": {"survivor": "short"}, "auth": True}, 422),
+        (
+            {
+                "path": "/api/v1/duplicates/7/merge",
+                "json": {"survivor": "00000000-0000-0000-0000-000000000000"},
+                "auth": True,
+            },
+            404,
+        ),
+    ],
+    ("POST", "/api/v1/duplicates/{pair_id}/reject"): [
+        ({"path": "/api/v1/duplicates/x/reject", "auth": True}, 422)
+    ],
+    ("POST", "/api/v1/duplicates/{pair_id}/unmerge"): [
+        ({"path": "/api/v1/duplicates/7/unmerge", "auth": True}, 404)
+    ],
     ("GET", "/api/v1/records"): [
         ({"params": {"limit": "0"}, "auth": True}, 422),
         ({"params": {"scenario": "party"}, "auth": True}, 422),

@@ -115,5 +115,7 @@ def test_user_commands(tmp_path: Path) -> None:
     )
     assert reset.returncode == 0
     assert hub(data, "user", "disable", "nobody").returncode == 2
+    scanned = hub(data, "dedup", "scan")
+    assert scanned.returncode == 0 and "checked 0 record(s)" in scanned.stdout
     verified = hub(data, "audit", "verify")
     assert verified.returncode == 0 and "intact" in verified.stdout

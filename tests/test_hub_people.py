@@ -102,6 +102,14 @@ ROUTES: dict[tuple[str, str], tuple[Permission | None, dict[str, Any]]] = {
         {"json": {"reason": "decided too fast"}},
     ),
     ("GET", "/api/v1/audit"): (Permission.AUDIT_READ, {}),
+    ("GET", "/api/v1/duplicates"): (Permission.DUPLICATES_READ, {}),
+    ("GET", "/api/v1/duplicates/{pair_id}"): (Permission.DUPLICATES_READ, {}),
+    ("POST", "/api/v1/duplicates/{pair_id}/merge"): (
+        Permission.DUPLICATES_DECIDE,
+        {"json": {"survivor": "00000000-0000-0000-0000-000000000000"}},
+    ),
+    ("POST", "/api/v1/duplicates/{pair_id}/reject"): (Permission.DUPLICATES_DECIDE, {}),
+    ("POST", "/api/v1/duplicates/{pair_id}/unmerge"): (Permission.DUPLICATES_DECIDE, {}),
 }
 DEVICE_OR_PUBLIC = {
     ("GET", "/healthz"),
@@ -121,7 +129,7 @@ def test_every_route_is_in_the_permission_walk(world: World) -> None:
 
 def test_every_route_with_every_role_and_no_token(world: World) -> None:
     for (method, template), (permission, kwargs) in ROUTES.items():
-        path = template.format(record_id=world.rec_a.record_id, conflict_id=1)
+        path = template.format(record_id=world.rec_a.record_id, conflict_id=1, pair_id=999)
         no_token = world.http.request(method, path, **kwargs)
         assert no_token.status_code == 401, (method, path)
         assert no_token.headers["content-type"] == "application/problem+json"

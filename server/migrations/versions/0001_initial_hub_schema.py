@@ -64,6 +64,15 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_batches_device_id"), ["device_id"], unique=False)
 
     op.create_table(
+        "block_keys",
+        sa.Column("key_hash", sqlmodel.sql.sqltypes.AutoString(length=32), nullable=False),
+        sa.Column("record_id", sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
+        sa.PrimaryKeyConstraint("key_hash", "record_id"),
+    )
+    with op.batch_alter_table("block_keys", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_block_keys_record_id"), ["record_id"], unique=False)
+
+    op.create_table(
         "changes",
         sa.Column(
             "hub_seq",
@@ -125,6 +134,28 @@ def upgrade() -> None:
         sa.Column("revoked_reason", sqlmodel.sql.sqltypes.AutoString(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
+    op.create_table(
+        "duplicates",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("record_a", sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
+        sa.Column("record_b", sqlmodel.sql.sqltypes.AutoString(length=36), nullable=False),
+        sa.Column("site_a", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column("site_b", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column("score", sa.Float(), nullable=False),
+        sa.Column("status", sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+        sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("decided_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+        sa.Column("decided_by", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
+        sa.Column("survivor", sqlmodel.sql.sqltypes.AutoString(length=36), nullable=True),
+        sa.Column("decision", sa.LargeBinary(), nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("record_a", "record_b"),
+    )
+    with op.batch_alter_table("duplicates", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_duplicates_record_a"), ["record_a"], unique=False)
+        batch_op.create_index(batch_op.f("ix_duplicates_record_b"), ["record_b"], unique=False)
+        batch_op.create_index(batch_op.f("ix_duplicates_status"), ["status"], unique=False)
+
     op.create_table(
         "enrol_codes",
         sa.Column("code_hash", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
@@ -242,6 +273,12 @@ def downgrade() -> None:
     op.drop_table("name_keys")
     op.drop_table("hub_meta")
     op.drop_table("enrol_codes")
+    with op.batch_alter_table("duplicates", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_duplicates_status"))
+        batch_op.drop_index(batch_op.f("ix_duplicates_record_b"))
+        batch_op.drop_index(batch_op.f("ix_duplicates_record_a"))
+
+    op.drop_table("duplicates")
     op.drop_table("devices")
     with op.batch_alter_table("conflicts", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_conflicts_status"))
@@ -254,6 +291,10 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_changes_record_id"))
 
     op.drop_table("changes")
+    with op.batch_alter_table("block_keys", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_block_keys_record_id"))
+
+    op.drop_table("block_keys")
     with op.batch_alter_table("batches", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_batches_device_id"))
 

@@ -1,0 +1,167 @@
+"""The hub's duplicate queue on a real hub: every pushed record is checked, a
+person decides, and merges travel to devices and can be undone."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from field_client.enrolment import enrol
+from field_client.store import Store
+from field_client.sync_runner import run_sync
+from schemas.record import SCHEMA_VERSION
+from server import accounts
+from server.accounts import Role
+from server.hub import Hub
+from sync.protocol import Edit
+from sync.transport import HubClient
+from tests.conftest import PASSPHRASE
+from tests.hubkit import HandDevice, database_backends, fresh_database, init_hub, live_hub
+
+PASSWORD = "operator password long"
+
+
+def registration(dev: HandDevice, names: dict[str, str], dob: str, document: str | None) -> Edit:
+    fields: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "registration": {
+            "site": dev.site,
+            "device_id": dev.id,
+            "operator": "tester",
+            "registered_at": "2026-11-29T10:00:00+00:00",
+        },
+        **{f"names.{k}": v for k, v in names.items()},
+        "sex": "male",
+        "date_of_birth": {"value": dob, "precision": "exact" if len(dob) > 4 else "year"},
+        "nationalities": ["EGY"],
+        "situation.scenario": "crossed_border",
+        "consent": {"given": True, "legal_basis": "consent", "scope": [], "recorded_by": "t"},
+    }
+    if len(dob) == 4:
+        fields["date_of_birth"] = {"value": f"{dob}-01-01", "precision": "year"}
+    if document:
+        fields["documents"] = [{"type": "passport", "status": "held", "number": document}]
+    return dev.edit(str(uuid.uuid4()), fields)
+
+
+@pytest.fixture(params=database_backends())
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[httpx.Client, Hub, str]]:
+    with (
+        fresh_database(request.param) as url,
+        live_hub(init_hub(tmp_path / "hub", url)) as (base, hub),
+        httpx.Client(base_url=base, timeout=30) as http,
+    ):
+        with hub.engine.begin() as conn:
+            accounts.add_user(
+                conn,
+                name="op",
+                role=Role.HUB_OPERATOR,
+                sites=["border", "camp"],
+                password=PASSWORD,
+                now=datetime.now(UTC),
+            )
+            accounts.add_user(
+                conn,
+                name="op-camp",
+                role=Role.HUB_OPERATOR,
+                sites=["camp"],
+                password=PASSWORD,
+                now=datetime.now(UTC),
+            )
+        yield http, hub, base
+
+
+def login(http: httpx.Client, name: str = "op") -> dict[str, str]:
+    token = http.post("/api/v1/auth/token", data={"username": name, "password": PASSWORD}).json()
+    return {"Authorization": f"Bearer {token['access_token']}"}
+
+
+def test_the_same_person_at_two_sites_is_queued_explained_and_decided(
+    env: tuple[httpx.Client, Hub, str], tmp_path: Path
+) -> None:
+    http, hub, base = env
+    border = HandDevice.enrol(http, hub, "border")
+    camp = HandDevice.enrol(http, hub, "camp")
+    first = registration(
+        border, {"given": "Mohamed", "family": "Abdel Rahman"}, "1988-03-14", "A1234567"
+    )
+    other = registration(border, {"given": "Grace", "family": "Okafor"}, "1990-05-01", None)
+    border.open_answer(border.push(border.envelope([first, other])))
+    again = registration(
+        camp,
+        {"given_original": "محمد", "given": "Muhammad", "family": "Abdelrahman"},
+        "1988",
+        "a 1234567",
+    )
+    camp.open_answer(camp.push(camp.envelope([again])))
+    auth = login(http)
+    [pair] = http.get("/api/v1/duplicates", headers=auth).json()
+    assert {pair["record_a"], pair["record_b"]} == {first.record_id, again.record_id}
+    assert (
+        http.get("/api/v1/duplicates", headers=login(http, "op-camp")).json() == []
+    )  # both sites needed
+    detail = http.get(f"/api/v1/duplicates/{pair['id']}", headers=auth).json()
+    assert {e["field"] for e in detail["explanation"]} >= {"names", "date_of_birth", "documents"}
+    assert any(e["outcome"] == "agree" for e in detail["explanation"])
+
+    merged = http.post(
+        f"/api/v1/duplicates/{pair['id']}/merge",
+        headers=auth,
+        json={"survivor": first.record_id, "take_from_other": ["names.given_original"]},
+    )
+    assert merged.status_code == 200, merged.text
+    assert merged.json()["status"] == "merged"
+    view = http.get(f"/api/v1/records/{again.record_id}", headers=login(http, "op")).json()
+    assert view["fields"]["merged_into"] == first.record_id
+    survivor = http.get(f"/api/v1/records/{first.record_id}", headers=auth).json()
+    assert survivor["fields"]["names.given_original"] == "محمد"
+
+    # A device at the border site receives the merge on its next pull.
+    store = Store.init(
+        tmp_path / "dev", PASSPHRASE, site="border", operator="x", kdf_memory_kib=1024
+    )
+    with store, httpx.Client(base_url=base) as dev_http:
+        enrol(
+            store,
+            HubClient(dev_http),
+            code=hub.create_enrol_code(["border", "camp"], timedelta(hours=1)),
+        )
+        run_sync(store, HubClient(dev_http))
+        assert str(store.get(again.record_id).merged_into) == first.record_id
+
+        undone = http.post(f"/api/v1/duplicates/{pair['id']}/unmerge", headers=auth)
+        assert undone.status_code == 200 and undone.json()["status"] == "unmerged"
+        run_sync(store, HubClient(dev_http))
+        assert store.get(again.record_id).merged_into is None
+        assert store.get(first.record_id).names.given_original is None
+    assert http.post(f"/api/v1/duplicates/{pair['id']}/unmerge", headers=auth).status_code == 409
+
+
+def test_rejected_pairs_are_not_queued_again_and_households_are_not_pairs(
+    env: tuple[httpx.Client, Hub, str],
+) -> None:
+    http, hub, _ = env
+    border = HandDevice.enrol(http, hub, "border")
+    a = registration(border, {"given": "Ahmed", "family": "Mansour"}, "1975-02-02", "P7654321")
+    b = registration(border, {"given": "Ahmad", "family": "Mansur"}, "1975-02-02", None)
+    border.open_answer(border.push(border.envelope([a, b])))
+    auth = login(http)
+    [pair] = http.get("/api/v1/duplicates", headers=auth).json()
+    rejected = http.post(f"/api/v1/duplicates/{pair['id']}/reject", headers=auth)
+    assert rejected.json()["status"] == "rejected"
+    edit = border.edit(a.record_id, {"phone": "+218 91 555 0000"})
+    border.open_answer(border.push(border.envelope([edit])))  # checked again on every push
+    assert http.get("/api/v1/duplicates", headers=auth).json() == []
+    assert (
+        len(http.get("/api/v1/duplicates", headers=auth, params={"status": "rejected"}).json()) == 1
+    )
+    bad = http.post(
+        f"/api/v1/duplicates/{pair['id']}/merge", headers=auth, json={"survivor": a.record_id}
+    )
+    assert bad.status_code == 409 and bad.json()["code"] == "duplicate.not_open"
