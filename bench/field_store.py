@@ -103,6 +103,27 @@ def bench_search(tmp: Path, n: int = 100_000, queries: int = 300) -> dict[str, f
     }
 
 
+def bench_device_duplicate_check(tmp: Path, n: int = 50_000, probes: int = 200) -> dict[str, float]:
+    """The offline check of a new registration against the device's records."""
+    items = [RegistrationCreate.model_validate(r) for r in _records(n, seed=5)]
+    news = [RegistrationCreate.model_validate(r) for r in _records(probes, seed=6)]
+    with Store.init(tmp / "dupcheck", PASSPHRASE, site="bench", operator="b") as store:
+        _fill(store, items)
+        latencies = []
+        flagged = 0
+        for item in news:
+            start = time.perf_counter()
+            flagged += bool(store.possible_duplicates(item))
+            latencies.append((time.perf_counter() - start) * 1000)
+    latencies.sort()
+    return {
+        "records": n,
+        "median_ms": statistics.median(latencies),
+        "p95_ms": latencies[int(len(latencies) * 0.95) - 1],
+        "probes_flagged": flagged,
+    }
+
+
 def run() -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory(prefix="fieldreg-bench-") as tmp:
         root = Path(tmp)
@@ -110,4 +131,7 @@ def run() -> dict[str, dict[str, float]]:
             "register via `fieldreg register --json` (target >= 1000/s)": bench_cli_register(root),
             "SQLCipher cost, 10k records through the store": bench_encryption_cost(root),
             "search over 100k local records (target p95 <= 50 ms)": bench_search(root),
+            "duplicate check against 50k local records (target p95 <= 100 ms)": (
+                bench_device_duplicate_check(root)
+            ),
         }

@@ -156,6 +156,13 @@ def register(
     operator: Annotated[
         str | None, typer.Option(help="Who registers (default: the store's operator).")
     ] = None,
+    check_duplicates: Annotated[
+        bool,
+        typer.Option(
+            "--check-duplicates/--no-check-duplicates",
+            help="Look for earlier registrations of each person (always on in the form).",
+        ),
+    ] = False,
     data_dir: DataDir = DEFAULT_DIR,
 ) -> None:
     """Register people: interactively, or from JSON."""
@@ -184,7 +191,14 @@ def register(
                 lambda q, d: Prompt.ask(q, default=d, console=out),
                 operator=operator or store.operator,
             )
-            items = [validate(RegistrationCreate, raw)]
+            items = [_review_duplicates(store, validate(RegistrationCreate, raw), ask=True)]
+        elif check_duplicates:
+            items = [_review_duplicates(store, item, ask=False) for item in items]
+            flagged = sum(1 for item in items if item.duplicate_review is not None)
+            if flagged:
+                out.print(
+                    f"{flagged} possibly already registered: registered anyway, decision recorded"
+                )
         with _progress(len(items)) as bar:
             task = bar.add_task("registering", total=len(items))
             saved = store.register(
@@ -196,6 +210,42 @@ def register(
             )
         else:
             out.print(f"registered {len(saved)} people")
+
+
+def _review_duplicates(store: Store, item: RegistrationCreate, *, ask: bool) -> RegistrationCreate:
+    """Show possible earlier registrations and record the field worker's decision."""
+    found = store.possible_duplicates(item)
+    if not found:
+        return item
+    candidates = [d.id for d in found]
+    review: dict[str, Any] = {"candidates": candidates, "best_score": found[0].score}
+    if not ask:
+        return item.model_copy(
+            update={"duplicate_review": {**review, "decision": "registered_anyway"}}
+        )
+    table = Table("#", "id", "name", "site", "registered", "score", "why")
+    for number, dup in enumerate(found, start=1):
+        table.add_row(
+            str(number), dup.id, dup.name, dup.site, dup.registered_at, f"{dup.score:.2f}", dup.why
+        )
+    out.print("[bold]Possibly already registered:[/bold]")
+    out.print(table)
+    choices = ["r", "c", *[str(n) for n in range(1, len(found) + 1)]]
+    answer = Prompt.ask(
+        "Register anyway (r), link to one of them (its #), or cancel (c)",
+        choices=choices,
+        default="r",
+        console=out,
+    )
+    if answer == "c":
+        fail("cancelled: nothing was registered", code=2)
+    if answer == "r":
+        decision = {**review, "decision": "registered_anyway"}
+    else:
+        decision = {**review, "decision": "linked", "linked_to": found[int(answer) - 1].id}
+    return RegistrationCreate.model_validate(
+        {**item.model_dump(mode="json", exclude_none=True), "duplicate_review": decision}
+    )
 
 
 @app.command("list")

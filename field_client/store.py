@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -26,6 +27,7 @@ from field_client.sync_store import SyncStatus, SyncStore
 from field_client.unlock import KeyFile, check_passphrase_strength, new_key_file
 from schemas.fields import flatten, unflatten
 from schemas.ids import uuid7
+from schemas.matching import REVIEW_THRESHOLD, profile, score
 from schemas.names import match_keys, name_similarity, query_keys
 from schemas.record import Registration, RegistrationContext, RegistrationCreate
 from schemas.validation import FieldError, InvalidRecord, validate
@@ -35,6 +37,7 @@ from sync.hlc import Clock, Stamp, system_ms
 __all__ = [
     "HistoryEntry",
     "NotFound",
+    "PossibleDuplicate",
     "RecordSummary",
     "SearchHit",
     "Store",
@@ -79,6 +82,18 @@ class SearchHit:
     name: str
     site: str
     score: float
+
+
+@dataclass(frozen=True)
+class PossibleDuplicate:
+    """A local record that may be the same person as a new registration."""
+
+    id: str
+    name: str
+    site: str
+    registered_at: str
+    score: float
+    why: str
 
 
 @dataclass(frozen=True)
@@ -584,6 +599,52 @@ class Store:
             scored.append(SearchHit(row.id, display_name(doc), row.site, round(score, 1)))
         scored.sort(key=lambda h: (-h.score, h.id))
         return scored[:limit]
+
+    def possible_duplicates(
+        self, item: RegistrationCreate, *, limit: int = 5
+    ) -> list[PossibleDuplicate]:
+        """Local records (own and pulled) that may be this person, best first.
+
+        Offline: candidates come from the name-key index like `search`, then
+        each is scored field by field with `schemas.matching`, with key
+        frequencies counted among the candidates; those at or above the review
+        threshold are returned with the fields that agreed.
+        """
+        names = " ".join(item.names.all_names())
+        new = profile(item.model_dump(mode="json"))
+        found: list[PossibleDuplicate] = []
+        candidates = self.search(names, limit=_SEARCH_CANDIDATES) if names.strip() else []
+        with self._conn.begin():
+            rows = self._conn.execute(
+                sa.select(
+                    db.records.c.id, db.records.c.doc, db.records.c.site, db.records.c.registered_at
+                ).where(db.records.c.id.in_([c.id for c in candidates]))
+            ).all()
+        # How many records carry each of the new record's keys: the candidates
+        # share its names, so counting among them (plus the new record) stands
+        # in for the hub's index, which the scores' thresholds assume.
+        docs = {row.id: json.loads(row.doc) for row in rows}
+        profiles = {rid: profile(doc) for rid, doc in docs.items()}
+        counts = Counter(k for p in profiles.values() for k in p.keys if k in new.keys)
+        key_counts = {k: counts[k] + 1 for k in new.keys}
+        for row in rows:
+            doc = docs[row.id]
+            match = score(new, profiles[row.id], key_counts=key_counts)
+            if match.score < REVIEW_THRESHOLD or doc.get("merged_into"):
+                continue
+            agreed = [f"{f.field}: {f.detail}" for f in match.explanation if f.outcome == "agree"]
+            found.append(
+                PossibleDuplicate(
+                    row.id,
+                    display_name(doc),
+                    row.site,
+                    row.registered_at[:10],
+                    round(match.score, 2),
+                    "; ".join(agreed) or "names are close",
+                )
+            )
+        found.sort(key=lambda d: (-d.score, d.id))
+        return found[:limit]
 
     def status(self) -> StoreStatus:
         """Counts and the outbox backlog."""

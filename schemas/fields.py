@@ -54,6 +54,7 @@ FIELD_PATHS: tuple[str, ...] = (
     "referrals",
     "consent",
     "notes",
+    "duplicate_review",
     "merged_into",
 )
 

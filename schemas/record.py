@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, date, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -44,6 +44,7 @@ __all__ = [
     "Consent",
     "CountryCode",
     "DateOfBirth",
+    "DuplicateReview",
     "Document",
     "Household",
     "Location",
@@ -208,6 +209,22 @@ class Location(_Model):
     description: Text | None = None
 
 
+class DuplicateReview(_Model):
+    """What the field worker decided when the device found possible earlier
+    registrations of the same person (offline, against its local records)."""
+
+    decision: Literal["registered_anyway", "linked"]
+    candidates: Annotated[list[uuid.UUID], Field(max_length=20)] = Field(default_factory=list)
+    linked_to: uuid.UUID | None = None
+    best_score: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _link_named(self) -> DuplicateReview:
+        if (self.decision == "linked") != (self.linked_to is not None):
+            raise PydanticCustomError("link", "linked_to is set exactly when the decision is 'linked'")
+        return self
+
+
 class RegistrationContent(_Model):
     """Everything about the person and their situation; what edits change."""
 
@@ -228,6 +245,7 @@ class RegistrationContent(_Model):
     referrals: list[Referral] = Field(default_factory=list)
     consent: Consent
     notes: LongText | None = None
+    duplicate_review: DuplicateReview | None = None
 
 
 class RegistrationCreate(RegistrationContent):

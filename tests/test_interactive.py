@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import pty
 import select
 import subprocess
@@ -26,6 +28,7 @@ ANSWERS = {
     "Needs": "evacuation, food",
     "Date of birth": "~1990",
     "Consent given?": "yes",
+    "Register anyway (r), link to one of them": "1",
 }
 
 
@@ -42,9 +45,7 @@ def test_the_form_builds_a_valid_registration() -> None:
     assert record.consent.recorded_by == "Yusuf"
 
 
-def test_register_in_a_real_terminal(tmp_path: Path) -> None:
-    home = tmp_path / "device"
-    assert run_cli(home, "init", "--site", "camp-1", "--operator", "Yusuf").returncode == 0
+def _register_in_terminal(home: Path) -> tuple[int, str, int]:
     env = {
         **os.environ,
         "FIELDREG_HOME": str(home),
@@ -83,8 +84,22 @@ def test_register_in_a_real_terminal(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         os.close(leader)
-    text = screen.decode(errors="replace")
-    assert proc.returncode == 0, text
+    return proc.returncode, screen.decode(errors="replace"), answered
+
+
+def test_register_in_a_real_terminal(tmp_path: Path) -> None:
+    home = tmp_path / "device"
+    assert run_cli(home, "init", "--site", "camp-1", "--operator", "Yusuf").returncode == 0
+    code, text, answered = _register_in_terminal(home)
+    assert code == 0, text
     assert "registered" in text and answered >= 10
     listed = run_cli(home, "search", "Amina")
     assert "Amina Haroun" in listed.stdout
+    # The same person again: the form shows the earlier registration; linking is recorded.
+    code, text, _ = _register_in_terminal(home)
+    assert code == 0, text
+    assert "Possibly already registered" in text
+    new_id = re.findall(r"registered\W+([0-9a-f-]{36})", re.sub(r"\x1b\[[0-9;]*m", "", text))[-1]
+    shown = json.loads(run_cli(home, "show", new_id, "--json").stdout)
+    assert shown["duplicate_review"]["decision"] == "linked"
+    assert shown["duplicate_review"]["linked_to"] == shown["duplicate_review"]["candidates"][0]
