@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck bench clean
+.PHONY: demo test check lint typecheck bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ typecheck: $(STAMP)
 ## test: lint, types, then the whole pytest suite (what CI runs)
 test: check
 	$(BIN)/pytest -q
+
+## soak: the crash-safety tests with many more kill -9s (FIELDREG_SOAK_KILLS, default 200)
+SOAK_KILLS ?= 200
+soak: $(STAMP)
+	FIELDREG_SOAK_KILLS=$(SOAK_KILLS) $(BIN)/pytest -q -s tests/test_crash.py
 
 ## bench: print the benchmark figures and ratios (not part of test)
 bench: $(STAMP)

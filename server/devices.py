@@ -6,20 +6,23 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
-from server.models import Device, EnrolCode, HubMeta, QuarantineRow
+from server.models import ChangeRow, Device, EnrolCode, HubMeta, QuarantineRow
 from server.problems import Problem
-from sync.keys import PublicKeys
+from sync.keys import KeyFormatError, PublicKeys
 
 __all__ = [
     "DeviceInfo",
     "create_enrol_code",
     "get_device",
     "get_meta",
+    "last_hub_seq",
     "list_devices",
     "quarantine_envelope",
     "redeem_code",
@@ -32,6 +35,7 @@ devices = Device.__table__  # type: ignore[attr-defined]
 codes = EnrolCode.__table__  # type: ignore[attr-defined]
 hub_meta = HubMeta.__table__  # type: ignore[attr-defined]
 quarantine = QuarantineRow.__table__  # type: ignore[attr-defined]
+changes = ChangeRow.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -85,10 +89,15 @@ def redeem_code(
     code: str,
     device_id: str,
     site: str,
-    public_keys: PublicKeys,
+    public_keys: Mapping[str, Any],
     now: datetime,
 ) -> DeviceInfo:
-    """Use an enrolment code to register a device; refuses used, expired or unknown codes."""
+    """Use an enrolment code to register a device; refuses used, expired or unknown codes.
+
+    The code is judged first: a request with a bad code is refused for the code,
+    whatever else is wrong with it. Keys that do not parse are a 422 raised
+    inside the caller's transaction, so the code is not spent.
+    """
     row = conn.execute(sa.select(codes).where(codes.c.code_hash == _code_hash(code))).first()
     if row is None:
         raise Problem(403, "enrol.code_invalid", "this enrolment code is not known")
@@ -105,6 +114,10 @@ def redeem_code(
         )
     if conn.execute(sa.select(devices.c.id).where(devices.c.id == device_id)).first():
         raise Problem(409, "device.exists", "a device with this id is already enrolled")
+    try:
+        keys = PublicKeys.from_json(dict(public_keys))
+    except KeyFormatError as exc:
+        raise Problem(422, "request.invalid", f"public_keys: {exc}") from None
     conn.execute(
         sa.update(codes)
         .where(codes.c.code_hash == row.code_hash)
@@ -114,7 +127,7 @@ def redeem_code(
         sa.insert(devices).values(
             id=device_id,
             sites=json.dumps(code_sites),
-            public_keys=json.dumps(public_keys.to_json()),
+            public_keys=json.dumps(keys.to_json()),
             enrolled_at=now,
             high_water=0,
         )
@@ -191,6 +204,12 @@ def quarantine_envelope(
             received_at=now,
         )
     )
+
+
+def last_hub_seq(conn: sa.Connection) -> int:
+    """The highest hub sequence the change log holds (0 when empty)."""
+    stmt = sa.select(sa.func.coalesce(sa.func.max(changes.c.hub_seq), 0))
+    return int(conn.execute(stmt).scalar_one())
 
 
 def get_meta(conn: sa.Connection, key: str) -> str | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +37,7 @@ __all__ = [
     "all_record_ids",
     "check_records",
     "get_pair",
+    "index_records",
     "list_pairs",
     "merge",
     "reject",
@@ -62,6 +63,20 @@ class BlockIndex:
 
 def _doc(rec: HubRecord) -> dict[str, Any]:
     return unflatten({p: f["v"] for p, f in rec.fields.items()})
+
+
+def index_records(
+    conn: sa.Connection, recs: Mapping[str, HubRecord], *, index: BlockIndex
+) -> dict[str, dict[str, str]]:
+    """Replace the blocking-index entries of `recs`; return {record: {hash: key}}."""
+    keys_of = {
+        rid: {index.blind(k): k for k in record_keys(_doc(rec))} for rid, rec in recs.items()
+    }
+    conn.execute(sa.delete(block_keys).where(block_keys.c.record_id.in_(list(recs))))
+    rows = [(h, rid) for rid, keys in keys_of.items() for h in keys]
+    if rows:
+        conn.execute(sa.insert(block_keys), [{"key_hash": h, "record_id": rid} for h, rid in rows])
+    return keys_of
 
 
 def all_record_ids(conn: sa.Connection) -> list[str]:
@@ -99,14 +114,7 @@ def check_records(
     recs = load_records(conn, record_ids, master_key)
     if not recs:
         return 0
-    keys_of: dict[str, dict[str, str]] = {}
-    for rid, rec in recs.items():
-        keys_of[rid] = {index.blind(k): k for k in record_keys(_doc(rec))}
-    ids = list(recs)
-    conn.execute(sa.delete(block_keys).where(block_keys.c.record_id.in_(ids)))
-    rows = [{"key_hash": h, "record_id": rid} for rid, keys in keys_of.items() for h in keys]
-    if rows:
-        conn.execute(sa.insert(block_keys), rows)
+    keys_of = index_records(conn, recs, index=index)
     queued = 0
     for rid, rec in recs.items():
         if rec.value(MERGED_INTO):

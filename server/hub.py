@@ -28,7 +28,7 @@ from server.settings import HubSettings
 from sync.envelope import EnvelopeError, Header, open_sealed, read_header_unverified, seal
 from sync.hlc import Clock, Stamp, system_ms
 from sync.http_signature import SignatureError, read_key_id_unverified, verify_request
-from sync.keys import KeyFormatError, PublicKeys
+from sync.keys import PublicKeys
 from sync.protocol import dumps
 
 __all__ = ["HUB_ID", "PULL_PATH", "Hub"]
@@ -49,7 +49,7 @@ class EnrolRequest:
     code: str
     device_id: str
     site: str
-    public_keys: PublicKeys
+    public_keys: dict[str, Any]
 
 
 class Hub:
@@ -304,6 +304,14 @@ class Hub:
             raise self._revoked(device)
         after = decode_cursor(cursor, self.epoch)
         with self.engine.begin() as conn:
+            if after > device_store.last_hub_seq(conn):
+                # The device has seen changes this hub does not hold: it was
+                # restored from an older backup. Start over; merging is idempotent.
+                raise Problem(
+                    400,
+                    "cursor.invalid",
+                    "the cursor is ahead of this hub (restored from a backup?): pull again",
+                )
             edits, covered, more = read_page(
                 conn,
                 device_id=device.id,
@@ -333,11 +341,10 @@ class Hub:
 
 
 def parse_enrol(data: Mapping[str, Any]) -> EnrolRequest:
-    """Turn the enrolment JSON into a request; bad keys are a 422 naming the field."""
-    try:
-        keys = PublicKeys.from_json(data["public_keys"])
-    except KeyFormatError as exc:
-        raise Problem(422, "request.invalid", f"public_keys: {exc}") from None
+    """Turn the enrolment JSON into a request (keys are judged after the code)."""
     return EnrolRequest(
-        code=data["code"], device_id=data["device_id"], site=data["site"], public_keys=keys
+        code=data["code"],
+        device_id=data["device_id"],
+        site=data["site"],
+        public_keys=dict(data["public_keys"]),
     )

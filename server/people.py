@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -132,11 +132,10 @@ def list_people(conn: sa.Connection, flt: PersonFilter, *, master_key: bytes) ->
         if value:
             stmt = stmt.where(_contains(column, value))
     if flt.registered_from:
-        stmt = stmt.where(
-            records.c.registered_at >= datetime.combine(flt.registered_from, datetime.min.time())
-        )
+        start = datetime.combine(flt.registered_from, time.min, tzinfo=UTC)
+        stmt = stmt.where(records.c.registered_at >= start)
     if flt.registered_to:
-        end = datetime.combine(flt.registered_to + timedelta(days=1), datetime.min.time())
+        end = datetime.combine(flt.registered_to + timedelta(days=1), time.min, tzinfo=UTC)
         stmt = stmt.where(records.c.registered_at < end)
     if not flt.text:
         stmt = (

@@ -82,9 +82,15 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "route.not_found", 405: "route.method_not_allowed", 401: "auth.required"}
+        codes = {
+            400: "request.invalid",  # e.g. a JSON body that is not UTF-8
+            401: "auth.required",
+            404: "route.not_found",
+            405: "route.method_not_allowed",
+        }
         code = codes.get(exc.status_code, f"http.{exc.status_code}")
-        return problem_response(exc.status_code, code, str(exc.detail))
+        headers = getattr(exc, "headers", None)  # a 405 carries Allow
+        return problem_response(exc.status_code, code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

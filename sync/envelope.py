@@ -109,6 +109,9 @@ class Header:
                 raise ValueError(f"{f.name}: expected text of 1 to {MAX_TEXT_CHARS} characters")
             elif any("\ud800" <= char <= "\udfff" for char in value):
                 raise ValueError(f"{f.name}: text has unpaired surrogates")
+            elif any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+                # Ids and batch names are stored and logged; no database takes U+0000.
+                raise ValueError(f"{f.name}: text has control characters")
         known = sorted(k.value for k in KemAlgorithm)
         if self.kem not in known:
             raise ValueError(f"kem: expected one of {known}")

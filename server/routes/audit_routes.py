@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from server import audit
 from server.accounts import UserInfo
 from server.permissions import Permission
-from server.routes.deps import HubDep, require
+from server.routes.deps import NO_CONTROL, HubDep, Offset, require
 
 __all__ = ["router"]
 
@@ -35,10 +35,10 @@ class AuditEntryPublic(BaseModel):
 def list_audit(
     user: AuditReader,
     hub: HubDep,
-    actor: Annotated[str | None, Query(max_length=128)] = None,
-    action: Annotated[str | None, Query(max_length=64)] = None,
+    actor: Annotated[str | None, Query(max_length=128, pattern=NO_CONTROL)] = None,
+    action: Annotated[str | None, Query(max_length=64, pattern=NO_CONTROL)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> list[AuditEntryPublic]:
     """Newest entries first; `fieldreg-hub audit verify` proves the chain."""
     with hub.engine.connect() as conn:

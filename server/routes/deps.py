@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import OAuth2PasswordBearer
 
 from server import accounts
@@ -17,9 +17,29 @@ from server.hub import Hub
 from server.permissions import Permission, is_allowed
 from server.problems import Problem
 
-__all__ = ["CurrentUser", "HubDep", "RequestId", "get_hub", "require"]
+__all__ = [
+    "NO_CONTROL",
+    "CurrentUser",
+    "HubDep",
+    "ItemId",
+    "Offset",
+    "RequestId",
+    "get_hub",
+    "has_control_characters",
+    "require",
+]
 
 oauth2 = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
+
+# Text parameters never carry control characters (PostgreSQL cannot even store
+# U+0000); ids and offsets stay within what both databases hold.
+NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
+ItemId = Annotated[int, Path(ge=1, le=2**31 - 1, description="an id as listed")]  # INTEGER keys
+Offset = Annotated[int, Query(ge=0, le=1_000_000)]
+
+
+def has_control_characters(text: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
 
 
 def get_hub(request: Request) -> Hub:

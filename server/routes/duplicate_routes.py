@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from server import duplicates
 from server.accounts import UserInfo
 from server.permissions import Permission
-from server.routes.deps import HubDep, RequestId, require
+from server.routes.deps import HubDep, ItemId, Offset, RequestId, require
 
 __all__ = ["router"]
 
@@ -58,7 +58,7 @@ def list_duplicates(
     hub: HubDep,
     status: Annotated[str | None, Query(pattern=r"^(open|merged|rejected|unmerged)$")] = "open",
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> list[PairPublic]:
     """Possible duplicates within your sites, best score first (open a pair for the why)."""
     with hub.engine.connect() as conn:
@@ -69,7 +69,7 @@ def list_duplicates(
 
 
 @router.get("/duplicates/{pair_id}", response_model=PairPublic)
-def get_duplicate(pair_id: int, user: Reader, hub: HubDep, rid: RequestId) -> PairPublic:
+def get_duplicate(pair_id: ItemId, user: Reader, hub: HubDep, rid: RequestId) -> PairPublic:
     """One pair with its explanation: which fields agreed and what each weighed."""
     with hub.engine.begin() as conn:
         view = duplicates.get_pair(
@@ -87,7 +87,7 @@ def get_duplicate(pair_id: int, user: Reader, hub: HubDep, rid: RequestId) -> Pa
 
 @router.post("/duplicates/{pair_id}/merge", response_model=PairPublic)
 def merge_duplicate(
-    pair_id: int, body: MergeIn, user: Decider, hub: HubDep, rid: RequestId
+    pair_id: ItemId, body: MergeIn, user: Decider, hub: HubDep, rid: RequestId
 ) -> PairPublic:
     """One person: link both registrations under `survivor`; nothing is deleted."""
     with hub.engine.begin() as conn:
@@ -114,7 +114,7 @@ def merge_duplicate(
 
 
 @router.post("/duplicates/{pair_id}/reject", response_model=PairPublic)
-def reject_duplicate(pair_id: int, user: Decider, hub: HubDep, rid: RequestId) -> PairPublic:
+def reject_duplicate(pair_id: ItemId, user: Decider, hub: HubDep, rid: RequestId) -> PairPublic:
     """Two people: the pair is remembered and not queued again."""
     with hub.engine.begin() as conn:
         view = duplicates.reject(
@@ -131,7 +131,7 @@ def reject_duplicate(pair_id: int, user: Decider, hub: HubDep, rid: RequestId) -
 
 
 @router.post("/duplicates/{pair_id}/unmerge", response_model=PairPublic)
-def unmerge_duplicate(pair_id: int, user: Decider, hub: HubDep, rid: RequestId) -> PairPublic:
+def unmerge_duplicate(pair_id: ItemId, user: Decider, hub: HubDep, rid: RequestId) -> PairPublic:
     """Undo a merge: both registrations are as they were before it."""
     with hub.engine.begin() as conn:
         view = duplicates.unmerge(

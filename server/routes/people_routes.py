@@ -6,14 +6,15 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, Field
 
 from schemas.enums import Need, Scenario, Vulnerability
 from server import conflict_review, people
 from server.accounts import UserInfo
 from server.permissions import Permission
-from server.routes.deps import HubDep, RequestId, require
+from server.problems import Problem
+from server.routes.deps import NO_CONTROL, HubDep, ItemId, Offset, RequestId, require
 
 __all__ = ["router"]
 
@@ -21,6 +22,20 @@ router = APIRouter(prefix="/api/v1")
 Reader = Annotated[UserInfo, Depends(require(Permission.RECORDS_READ))]
 ConflictReader = Annotated[UserInfo, Depends(require(Permission.CONFLICTS_READ))]
 Resolver = Annotated[UserInfo, Depends(require(Permission.CONFLICTS_RESOLVE))]
+
+
+# A calendar day as text, parsed strictly by `_day` (pydantic's date would take
+# 0 as a timestamp); the schema says format `date`.
+DayQuery = Query(max_length=10, description="YYYY-MM-DD", json_schema_extra={"format": "date"})
+
+
+def _day(name: str, text: str | None) -> date | None:
+    if text is None:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise Problem(422, "request.invalid", f"{name}: {text!r} is not a calendar day") from None
 
 
 def _scope(user: UserInfo) -> frozenset[str] | None:
@@ -64,18 +79,19 @@ def list_records(
     user: Reader,
     hub: HubDep,
     rid: RequestId,
-    site: Annotated[str | None, Query(max_length=64)] = None,
+    site: Annotated[str | None, Query(max_length=64, pattern=NO_CONTROL)] = None,
     scenario: Scenario | None = None,
     vulnerability: Vulnerability | None = None,
     need: Need | None = None,
     nationality: Annotated[str | None, Query(pattern=r"^[A-Z]{3}$")] = None,
-    registered_from: date | None = None,
-    registered_to: date | None = None,
+    registered_from: Annotated[str | None, DayQuery] = None,
+    registered_to: Annotated[str | None, DayQuery] = None,
     q: Annotated[
-        str | None, Query(min_length=1, max_length=200, description="a name, any script")
+        str | None,
+        Query(min_length=1, max_length=200, pattern=NO_CONTROL, description="a name, any script"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    offset: Offset = 0,
 ) -> list[RecordSummaryPublic]:
     """Records within your sites matching every filter; `q` searches names across spellings."""
     flt = people.PersonFilter(
@@ -85,8 +101,8 @@ def list_records(
         vulnerability=vulnerability.value if vulnerability else None,
         need=need.value if need else None,
         nationality=nationality,
-        registered_from=registered_from,
-        registered_to=registered_to,
+        registered_from=_day("registered_from", registered_from),
+        registered_to=_day("registered_to", registered_to),
         text=q,
         limit=limit,
         offset=offset,
@@ -106,7 +122,10 @@ def list_records(
 
 @router.get("/records/{record_id}", response_model=RecordPublic)
 def get_record(
-    record_id: Annotated[str, Field(max_length=36)], user: Reader, hub: HubDep, rid: RequestId
+    record_id: Annotated[str, Path(max_length=36, pattern=NO_CONTROL)],
+    user: Reader,
+    hub: HubDep,
+    rid: RequestId,
 ) -> RecordPublic:
     """One record with every value of every field: who, from which device, when."""
     with hub.engine.begin() as conn:
@@ -170,10 +189,10 @@ def list_conflicts(
     user: ConflictReader,
     hub: HubDep,
     status: Annotated[str | None, Query(pattern=r"^(open|resolved)$")] = "open",
-    field: Annotated[str | None, Query(max_length=64)] = None,
-    site: Annotated[str | None, Query(max_length=64)] = None,
+    field: Annotated[str | None, Query(max_length=64, pattern=NO_CONTROL)] = None,
+    site: Annotated[str | None, Query(max_length=64, pattern=NO_CONTROL)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> list[ConflictSummaryPublic]:
     """Conflicts within your sites (no values: open one to see both sides)."""
     with hub.engine.connect() as conn:
@@ -191,7 +210,7 @@ def list_conflicts(
 
 @router.get("/conflicts/{conflict_id}", response_model=ConflictPublic)
 def get_conflict(
-    conflict_id: int, user: ConflictReader, hub: HubDep, rid: RequestId
+    conflict_id: ItemId, user: ConflictReader, hub: HubDep, rid: RequestId
 ) -> ConflictPublic:
     """Both competing values side by side with their authors, devices and stamps."""
     with hub.engine.begin() as conn:
@@ -218,7 +237,7 @@ def get_conflict(
 
 @router.post("/conflicts/{conflict_id}/resolve", response_model=ResolvedPublic)
 def resolve_conflict(
-    conflict_id: int, body: ResolveIn, user: Resolver, hub: HubDep, rid: RequestId
+    conflict_id: ItemId, body: ResolveIn, user: Resolver, hub: HubDep, rid: RequestId
 ) -> ResolvedPublic:
     """Decide: keep one side or enter a new value, with a reason. Devices get it on pull."""
     now = datetime.now(UTC)
@@ -248,7 +267,7 @@ def resolve_conflict(
 
 @router.post("/conflicts/{conflict_id}/reopen", response_model=ConflictSummaryPublic)
 def reopen_conflict(
-    conflict_id: int, body: ReopenIn, user: Resolver, hub: HubDep, rid: RequestId
+    conflict_id: ItemId, body: ReopenIn, user: Resolver, hub: HubDep, rid: RequestId
 ) -> ConflictSummaryPublic:
     """Open a resolved conflict again (the resolution stays in the history)."""
     with hub.engine.begin() as conn:

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.hub import parse_enrol
 from server.problems import Problem
-from server.routes.deps import HubDep, RequestId
+from server.routes.deps import NO_CONTROL, HubDep, RequestId
 
 __all__ = ["router"]
 
@@ -100,7 +100,7 @@ async def pull(
     request: Request,
     hub: HubDep,
     rid: RequestId,
-    cursor: Annotated[str, Query(max_length=256)] = "",
+    cursor: Annotated[str, Query(max_length=256, pattern=NO_CONTROL)] = "",
     limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
 ) -> Response:
     """A sealed page of edits after `cursor`; the request is signed (RFC 9421)."""
