@@ -44,8 +44,8 @@ __all__ = [
     "Consent",
     "CountryCode",
     "DateOfBirth",
-    "DuplicateReview",
     "Document",
+    "DuplicateReview",
     "Household",
     "Location",
     "Names",
@@ -221,7 +221,9 @@ class DuplicateReview(_Model):
     @model_validator(mode="after")
     def _link_named(self) -> DuplicateReview:
         if (self.decision == "linked") != (self.linked_to is not None):
-            raise PydanticCustomError("link", "linked_to is set exactly when the decision is 'linked'")
+            raise PydanticCustomError(
+                "link", "linked_to is set exactly when the decision is 'linked'"
+            )
         return self
 
 
