@@ -136,7 +136,12 @@ def test_empty_body_round_trips() -> None:
     assert open_from_a(seal_to(HUB, b"")).body == b""
 
 
-texts = st.text(min_size=1, max_size=128)
+# Header text: any character but controls (refused) and lone surrogates.
+texts = st.text(
+    st.characters(exclude_categories=["Cc", "Cs"]),
+    min_size=1,
+    max_size=128,
+)
 ints = st.integers(min_value=0, max_value=2**63 - 1)
 headers = st.builds(
     lambda seq, **kw: Header(protocol=PROTOCOL_VERSION, seq_first=seq[0], seq_last=seq[1], **kw),
@@ -430,3 +435,20 @@ def test_size(hub: KeyPairs, kem_bytes: int) -> None:
     compressed_len = len(zstandard.ZstdCompressor(level=3).compress(body))
     assert ciphertext_len - compressed_len == kem_bytes
     assert len(data) == 4 + 1 + 4 + header_len + 4 + ciphertext_len + 64
+
+
+def test_header_text_refuses_control_characters() -> None:
+    for bad in ("1-\x00", "a\nb", "\x7f"):
+        with pytest.raises(ValueError, match="control characters"):
+            Header(
+                protocol=1,
+                schema_version=1,
+                kind="push",
+                sender="d",
+                recipient="hub",
+                batch_id=bad,
+                seq_first=1,
+                seq_last=1,
+                sent_at_ms=0,
+                kem="x25519",
+            )
