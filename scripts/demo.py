@@ -77,8 +77,8 @@ DEVICE_A_PEOPLE = [
     },
 ]
 DEVICE_B_PEOPLE = [
-    # The same man as device A's Hossain Miah, spelled by another team: issue 5's
-    # duplicate detection will find him; today the hub holds both registrations.
+    # The same man as device A's Hossain Miah, spelled by another team: the hub
+    # queues the pair for an operator (`fieldreg-hub dedup list`).
     {
         "names": {"given": "Hussain", "family": "Mia"},
         "sex": "male",
@@ -210,6 +210,7 @@ def main() -> None:
         say("What the hub holds now")
         run("fieldreg-hub", "records")
         run("fieldreg-hub", "conflicts")
+        run("fieldreg-hub", "dedup", "list")
         run("fieldreg-hub", "device", "list")
         say("Both devices converged (the later edit wins until an auditor decides)")
         run("fieldreg", "show", record_id, home=device_a)

@@ -122,6 +122,20 @@ def list_records(engine: sa.Engine, master_key: bytes, *, limit: int = 100) -> l
     return out
 
 
+def names_of(conn: sa.Connection, master_key: bytes, record_ids: set[str]) -> dict[str, str]:
+    """Display names of some records, unsealed (identifying: callers audit)."""
+    if not record_ids:
+        return {}
+    stmt = sa.select(records.c.id, records.c.wrapped_key, records.c.state).where(
+        records.c.id.in_(sorted(record_ids))
+    )
+    found = {}
+    for row in conn.execute(stmt):
+        cipher = RecordCipher(master_key, row.id, row.wrapped_key)
+        found[row.id] = _name(cipher.open(row.state, "state"))
+    return found
+
+
 @dataclass(frozen=True)
 class ConflictView:
     id: int

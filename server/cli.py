@@ -339,6 +339,41 @@ def user_reset_password(name: Annotated[str, typer.Argument()], data_dir: DataDi
     out.print(f"password of {name} reset; their sessions are ended")
 
 
+@dedup_app.command("list")
+def dedup_list(
+    data_dir: DataDir = None,
+    status: Annotated[str, typer.Option(help="open, merged, rejected or unmerged")] = "open",
+) -> None:
+    """Possible duplicates with the names and why (identifying: audited)."""
+    if status not in ("open", "merged", "rejected", "unmerged"):
+        fail(f"--status {status!r}: choose open, merged, rejected or unmerged")
+    hub = _hub(data_dir)
+    with hub.engine.begin() as conn:
+        pairs = duplicates.list_pairs(conn, sites=None, status=status, limit=1000, offset=0)
+        views = [
+            duplicates.get_pair(conn, p.id, sites=None, master_key=hub.secrets.master_key)
+            for p in pairs
+        ]
+        names = admin.names_of(
+            conn, hub.secrets.master_key, {i for v in views for i in (v.record_a, v.record_b)}
+        )
+        hub.audit(
+            conn,
+            actor="cli:hub",
+            action="duplicates.list",
+            target=f"pairs:{len(views)}",
+            request_id=_cli_request_id(),
+        )
+    for v in views:
+        out.print(f"[bold]pair {v.id}[/bold] score {v.score:.2f} ({v.status})")
+        for rid, site in ((v.record_a, v.site_a), (v.record_b, v.site_b)):
+            out.print(f"  {names.get(rid, '?')}  {rid}  site {site}")
+        for e in v.explanation:
+            if e["outcome"] != "missing":
+                out.print(f"    {e['field']:14} {e['outcome']:9} {e['detail']}")
+    out.print(f"{len(views)} {status} pair(s)")
+
+
 @dedup_app.command("scan")
 def dedup_scan(
     data_dir: DataDir = None,

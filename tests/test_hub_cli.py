@@ -115,6 +115,8 @@ def test_user_commands(tmp_path: Path) -> None:
     )
     assert reset.returncode == 0
     assert hub(data, "user", "disable", "nobody").returncode == 2
+    assert "0 open pair(s)" in hub(data, "dedup", "list").stdout
+    assert hub(data, "dedup", "list", "--status", "maybe").returncode == 2
     scanned = hub(data, "dedup", "scan")
     assert scanned.returncode == 0 and "checked 0 record(s)" in scanned.stdout
     verified = hub(data, "audit", "verify")
