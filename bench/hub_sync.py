@@ -1,6 +1,11 @@
 """Sync benchmarks against a real hub process on 127.0.0.1: push of 10,000 records
 end to end (seal, HTTP, verify, open, merge, commit) beside plain sqlite3
-executemany of the same rows, bytes on the wire per record, and pull."""
+executemany of the same rows, bytes on the wire per record, and pull.
+
+Beside the wall-clock rates it reports the CPU seconds the device and the hub
+spent in each phase: the device keeps one batch in flight while it works on
+the next, so on an idle machine with two cores a phase takes about the larger
+of the two, and on a busy one the CPU figures are the steadier guide."""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +29,7 @@ import httpx
 from bench.people import person
 from field_client.enrolment import enrol
 from field_client.store import Store
-from field_client.sync_runner import run_sync
+from field_client.sync_runner import SyncSummary, run_sync
 from schemas.record import RegistrationCreate
 from server.admin import initialise
 from server.hub import Hub
@@ -72,6 +79,15 @@ class _HubProcess:
         finally:
             hub.engine.dispose()
 
+    def cpu_s(self) -> float:
+        """CPU seconds the hub process has used so far (0.0 where /proc is missing)."""
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return 0.0
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
@@ -99,6 +115,23 @@ def _raw_insert(path: Path, docs: list[str]) -> float:
     return elapsed
 
 
+@dataclass(frozen=True)
+class _Cpu:
+    device_s: float
+    hub_s: float
+    result: SyncSummary
+
+
+def _timed(hub: _HubProcess, sync: Callable[[], SyncSummary]) -> tuple[float, _Cpu]:
+    """Run `sync`; return its wall seconds and the CPU seconds of both sides."""
+    hub_before, device_before = hub.cpu_s(), time.process_time()
+    start = time.perf_counter()
+    result = sync()
+    wall_s = time.perf_counter() - start
+    cpu = _Cpu(time.process_time() - device_before, hub.cpu_s() - hub_before, result)
+    return wall_s, cpu
+
+
 def _one_run(root: Path, items: list[RegistrationCreate]) -> dict[str, float]:
     hub = _HubProcess(root / "hub")
     sent = {"bytes": 0}
@@ -115,13 +148,10 @@ def _one_run(root: Path, items: list[RegistrationCreate]) -> dict[str, float]:
             summaries = pusher.list_records()
             docs = [json.dumps(pusher.get(s.id).model_dump(mode="json")) for s in summaries]
             with httpx.Client(base_url=hub.url, event_hooks={"request": [count]}) as http:
-                start = time.perf_counter()
-                run_sync(pusher, HubClient(http))
-                push_s = time.perf_counter() - start
+                push_s, push_cpu = _timed(hub, lambda: run_sync(pusher, HubClient(http)))
             with httpx.Client(base_url=hub.url) as http:
-                start = time.perf_counter()
-                pulled = run_sync(puller, HubClient(http))
-                pull_s = time.perf_counter() - start
+                pull_s, pull_cpu = _timed(hub, lambda: run_sync(puller, HubClient(http)))
+                pulled = pull_cpu.result
             assert puller.status().records == len(items), "pull did not bring every record"
             assert pulled.received_edits == len(items)
         raw_s = _raw_insert(root / "raw.db", docs)
@@ -135,6 +165,10 @@ def _one_run(root: Path, items: list[RegistrationCreate]) -> dict[str, float]:
         "wire_bytes_per_record": sent["bytes"] / len(items),
         "plain_json_bytes_per_record": plain_json,
         "pull_records_per_s": len(items) / pull_s,
+        "push_device_cpu_s": push_cpu.device_s,
+        "push_hub_cpu_s": push_cpu.hub_s,
+        "pull_device_cpu_s": pull_cpu.device_s,
+        "pull_hub_cpu_s": pull_cpu.hub_s,
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 
 import sqlalchemy as sa
 
@@ -12,12 +13,18 @@ from server.problems import Problem
 from server.sealing import RecordCipher
 from sync.changes import Version
 from sync.hlc import Stamp
-from sync.protocol import Edit, dumps
+from sync.protocol import Edit
 
-__all__ = ["decode_cursor", "encode_cursor", "read_page"]
+__all__ = ["decode_cursor", "edit_size", "encode_cursor", "read_page"]
 
 changes = ChangeRow.__table__  # type: ignore[attr-defined]
 records = RecordRow.__table__  # type: ignore[attr-defined]
+
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# `{"f":F,"b":B}` (a sealed change) becomes `{"b":B,"d":D,"f":F,"h":H,"o":O,"r":R,"s":S}`
+# (an edit's canonical JSON): five more keys with their quotes, colons and commas.
+_ADDED_BYTES = 25
+_EMPTY_BASES_BYTES = len(',"b":{}')
 
 
 def encode_cursor(epoch: str, hub_seq: int) -> str:
@@ -42,6 +49,19 @@ def decode_cursor(cursor: str, epoch: str) -> int:
     return value
 
 
+def edit_size(sealed_json: bytes, edit: Edit) -> int:
+    """The length of `dumps(edit.to_json())` for an edit read from a sealed change
+    whose JSON text is `sealed_json`, without encoding the edit again.
+
+    The sealed text holds the fields and bases as `json.dumps` wrote them; key
+    order aside (which does not change a length) that is how the edit writes them.
+    """
+    texts = (edit.record_id, edit.version.stamp.encode(), edit.version.device_id, edit.operator)
+    added = sum(len(_JSON.encode(text).encode()) for text in texts) + len(str(edit.hub_seq))
+    size = len(sealed_json) + _ADDED_BYTES + added
+    return size - _EMPTY_BASES_BYTES if not edit.bases else size
+
+
 def read_page(
     conn: sa.Connection,
     *,
@@ -54,10 +74,15 @@ def read_page(
 ) -> tuple[list[Edit], int, bool]:
     """Edits after `after_seq` for `sites`, other than the device's own.
 
-    Returns (edits, last hub sequence covered, whether more remain). The last
-    sequence covered can be past the last edit returned: skipped own edits
-    still move the cursor.
+    Returns (edits, last hub sequence covered, whether more remain). The edits'
+    JSON stays within `max_bytes` (one edit larger than that travels alone).
+    When nothing remains, the sequence covered is the last one in the sites so
+    far, so the device's own edits after its last pulled one are not scanned
+    again by the next pull.
     """
+    # Read before the page: every change numbered up to it has committed (the
+    # write lock makes numbers follow commit order), so the page below sees it.
+    scope_end = _last_seq(conn, sites)
     stmt = (
         sa.select(
             changes.c.hub_seq,
@@ -69,35 +94,50 @@ def read_page(
             records.c.wrapped_key,
         )
         .join(records, records.c.id == changes.c.record_id)
-        .where(changes.c.hub_seq > after_seq, changes.c.site.in_(sorted(sites)))
+        .where(
+            changes.c.hub_seq > after_seq,
+            changes.c.site.in_(sorted(sites)),
+            changes.c.device_id != device_id,
+        )
         .order_by(changes.c.hub_seq)
         .limit(max_edits + 1)
     )
     rows = conn.execute(stmt).all()
     edits: list[Edit] = []
-    covered, size, more = after_seq, 0, len(rows) > max_edits
+    size, more = 0, len(rows) > max_edits
     ciphers: dict[str, RecordCipher] = {}
     for row in rows[:max_edits]:
-        if row.device_id != device_id:
-            cipher = ciphers.get(row.record_id)
-            if cipher is None:
-                cipher = ciphers[row.record_id] = RecordCipher(
-                    master_key, row.record_id, row.wrapped_key
-                )
-            body = cipher.open(row.sealed, "change")
-            edit = Edit(
-                record_id=row.record_id,
-                version=Version(Stamp.decode(row.stamp), row.device_id),
-                operator=row.operator,
-                fields=tuple((p, v) for p, v in body["f"]),
-                bases={p: Version.from_json(b) for p, b in body["b"].items()},
-                hub_seq=row.hub_seq,
+        cipher = ciphers.get(row.record_id)
+        if cipher is None:
+            cipher = ciphers[row.record_id] = RecordCipher(
+                master_key, row.record_id, row.wrapped_key
             )
-            edit_size = len(dumps(edit.to_json()))
-            if edits and size + edit_size > max_bytes:
-                more = True
-                break
-            edits.append(edit)
-            size += edit_size
-        covered = row.hub_seq
-    return edits, covered, more
+        plain = cipher.open_json(row.sealed, "change")
+        body = json.loads(plain)
+        edit = Edit(
+            record_id=row.record_id,
+            version=Version(Stamp.decode(row.stamp), row.device_id),
+            operator=row.operator,
+            fields=tuple((p, v) for p, v in body["f"]),
+            bases={p: Version.from_json(b) for p, b in body["b"].items()},
+            hub_seq=row.hub_seq,
+        )
+        edit_bytes = edit_size(plain, edit)
+        if edits and size + edit_bytes > max_bytes:
+            more = True
+            break
+        edits.append(edit)
+        size += edit_bytes
+    last_sent = (edits[-1].hub_seq if edits else None) or after_seq
+    if more:
+        return edits, last_sent, True
+    return edits, max(last_sent, scope_end), False
+
+
+def _last_seq(conn: sa.Connection, sites: frozenset[str]) -> int:
+    """The last hub sequence in `sites` (0 for none), one index lookup per site."""
+    last = 0
+    for site in sorted(sites):
+        stmt = sa.select(sa.func.max(changes.c.hub_seq)).where(changes.c.site == site)
+        last = max(last, conn.execute(stmt).scalar() or 0)
+    return last

@@ -14,15 +14,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from schemas.fields import field_error
+from server.bulk import insert_rows
 from server.db import write_lock
+from server.field_checks import edit_field_error
 from server.models import Batch, ChangeRow, ConflictRow, Device, HubMeta, QuarantineRow
 from server.problems import Problem
 from server.records import HubRecord, load_records, save_records
 from sync.envelope import Header
 from sync.hlc import Clock
 from sync.merge import Decision, FieldState, Outcome, merge_field
-from sync.protocol import Edit, ProtocolError
+from sync.protocol import Ack, Edit, ProtocolError
 
 __all__ = ["PushContext", "apply_push"]
 
@@ -32,6 +33,21 @@ conflicts = ConflictRow.__table__  # type: ignore[attr-defined]
 devices = Device.__table__  # type: ignore[attr-defined]
 quarantine = QuarantineRow.__table__  # type: ignore[attr-defined]
 hub_meta = HubMeta.__table__  # type: ignore[attr-defined]
+
+_LOG_COLUMNS = (
+    "hub_seq",
+    "record_id",
+    "site",
+    "device_id",
+    "device_seq",
+    "stamp",
+    "operator",
+    "batch_id",
+    "sealed",
+    "outcomes",
+    "received_at",
+)
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass
@@ -50,6 +66,24 @@ class PushContext:
     hub_now_ms: int
     epoch: str
     quarantined: list[list[Any]] = field(default_factory=list)
+    # Filled by `apply_push`: the records, as merged and saved, that an applied
+    # edit wrote names to; what the name index needs, so the caller does not
+    # read and unseal them again.
+    renamed: dict[str, HubRecord] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    """What merging a batch produced, before it is written."""
+
+    log_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    conflicts: list[tuple[int, HubRecord, str, Decision, tuple[str, str]]] = field(
+        default_factory=list
+    )
+    quarantine_rows: list[dict[str, Any]] = field(default_factory=list)
+    superseded: list[int] = field(default_factory=list)
+    conflict_seqs: list[int] = field(default_factory=list)
+    quarantined: list[tuple[int, str]] = field(default_factory=list)
 
 
 def _parse_edits(body: bytes) -> list[Edit]:
@@ -85,10 +119,9 @@ def _poison_reason(edit: Edit, rec: HubRecord | None, sites: frozenset[str]) -> 
     values = dict(edit.fields)
     if rec is None and "registration" not in values:
         return "record.unknown: the first edit of a record must carry its registration"
-    for path, value in edit.fields:
-        problem = field_error(path, value)
-        if problem:
-            return f"field.invalid: {path}: {problem}"
+    problem = edit_field_error(edit.fields, values)
+    if problem:
+        return f"field.invalid: {problem[0]}: {problem[1]}"
     site = (
         values["registration"].get("site")
         if "registration" in values
@@ -144,62 +177,20 @@ def apply_push(conn: sa.Connection, ctx: PushContext) -> dict[str, Any]:
     _check_sequence(edits, header, ctx.device_id)
     fresh = _drop_applied(edits, high_water)
     recs = load_records(conn, (e.record_id for e in fresh), ctx.master_key)
-    ack: dict[str, Any] = {"superseded": [], "conflicts": [], "quarantined": []}
-    log_rows: list[dict[str, Any]] = []
-    pending_conflicts: list[tuple[int, HubRecord, str, Decision, tuple[str, str]]] = []
+    pending = _Pending()
     for edit in fresh:
-        assert edit.first_seq is not None
-        rec = recs.get(edit.record_id)
-        reason = _poison_reason(edit, rec, ctx.sites)
-        if reason is not None:
-            _quarantine(conn, ctx, edit, reason)
-            ack["quarantined"].extend(
-                [seq, reason] for seq in range(edit.first_seq, edit.first_seq + len(edit.fields))
-            )
-            continue
-        if rec is None:
-            rec = recs[edit.record_id] = HubRecord.new(edit.record_id, ctx.master_key)
-        ctx.clock.observe(edit.version.stamp)
-        outcomes: dict[str, str] = {}
-        for offset, (path, value) in enumerate(edit.fields):
-            incoming = FieldState(value, edit.version, edit.bases.get(path))
-            current_operator = str((rec.fields.get(path) or {}).get("o", ""))
-            decision = merge_field(rec.state(path), incoming)
-            if decision.outcome is Outcome.APPLIED:
-                rec.set(path, incoming, edit.operator)
-            outcomes[path] = "conflict" if decision.conflict else decision.outcome.value
-            seq = edit.first_seq + offset
-            if decision.conflict:
-                ack["conflicts"].append(seq)
-                authors = (current_operator, edit.operator)
-                pending_conflicts.append((len(log_rows), rec, path, decision, authors))
-            elif decision.outcome is Outcome.SUPERSEDED:
-                ack["superseded"].append(seq)
-        rec.is_dirty = True
-        log_rows.append(
-            {
-                "record_id": rec.id,
-                "site": rec.site or "",
-                "device_id": ctx.device_id,
-                "device_seq": edit.first_seq,
-                "stamp": edit.version.stamp.encode(),
-                "operator": edit.operator,
-                "batch_id": header.batch_id,
-                "sealed": rec.cipher.seal(
-                    {
-                        "f": [[p, v] for p, v in edit.fields],
-                        "b": {p: b.to_json() for p, b in edit.bases.items()},
-                    },
-                    "change",
-                ),
-                "outcomes": json.dumps(outcomes, separators=(",", ":")),
-                "received_at": ctx.now,
-            }
-        )
-    hub_seqs = _insert_log(conn, log_rows)
-    for index, rec_seq in enumerate(hub_seqs):
-        recs[log_rows[index]["record_id"]].last_hub_seq = rec_seq
-    _insert_conflicts(conn, ctx, pending_conflicts, hub_seqs)
+        if _merge_edit(ctx, edit, recs, pending) and any(
+            path.startswith("names.") for path, _ in edit.fields
+        ):
+            ctx.renamed[edit.record_id] = recs[edit.record_id]
+    hub_seqs = _next_hub_seqs(conn, len(pending.log_rows))
+    log_rows = [(seq, *row) for seq, row in zip(hub_seqs, pending.log_rows, strict=True)]
+    for seq, record_id, *_ in log_rows:
+        recs[record_id].last_hub_seq = seq
+    insert_rows(conn, changes, _LOG_COLUMNS, log_rows)
+    _insert_conflicts(conn, ctx, pending.conflicts, hub_seqs)
+    if pending.quarantine_rows:
+        conn.execute(sa.insert(quarantine), pending.quarantine_rows)
     save_records(conn, recs.values(), now=ctx.now)
     conn.execute(
         sa.update(devices)
@@ -210,13 +201,16 @@ def apply_push(conn: sa.Connection, ctx: PushContext) -> dict[str, Any]:
             clock_offset_ms=header.sent_at_ms - ctx.hub_now_ms,
         )
     )
-    ack.update(
+    ack = Ack(
         batch_id=header.batch_id,
-        duplicate=False,
         high_water=header.seq_last,
-        hub_time_ms=ctx.hub_now_ms,
+        is_duplicate=False,
         epoch=ctx.epoch,
-    )
+        hub_time_ms=ctx.hub_now_ms,
+        superseded=tuple(pending.superseded),
+        conflicts=tuple(pending.conflict_seqs),
+        quarantined=tuple(pending.quarantined),
+    ).to_json()
     conn.execute(
         sa.insert(batches).values(
             device_id=ctx.device_id,
@@ -225,13 +219,75 @@ def apply_push(conn: sa.Connection, ctx: PushContext) -> dict[str, Any]:
             seq_first=header.seq_first,
             seq_last=header.seq_last,
             received_at=ctx.now,
-            ack=json.dumps(ack, separators=(",", ":")),
+            ack=_JSON.encode(ack),
         )
     )
     conn.execute(
         sa.update(hub_meta).where(hub_meta.c.key == "hlc").values(value=ctx.clock.last.encode())
     )
     return ack
+
+
+def _merge_edit(
+    ctx: PushContext, edit: Edit, recs: dict[str, HubRecord], pending: _Pending
+) -> bool:
+    """Merge one edit into its record and queue its log row; or quarantine it.
+
+    Returns whether it was merged (False: quarantined).
+    """
+    first_seq = edit.first_seq
+    assert first_seq is not None
+    rec = recs.get(edit.record_id)
+    reason = _poison_reason(edit, rec, ctx.sites)
+    if reason is not None:
+        pending.quarantine_rows.append(_quarantine_row(ctx, edit, reason))
+        seqs = range(first_seq, first_seq + len(edit.fields))
+        pending.quarantined.extend((seq, reason) for seq in seqs)
+        return False
+    if rec is None:
+        rec = recs[edit.record_id] = HubRecord.new(edit.record_id, ctx.master_key)
+    ctx.clock.observe(edit.version.stamp)
+    version, operator, bases = edit.version, edit.operator, edit.bases
+    stamp, device_id = version.stamp.encode(), version.device_id
+    outcomes: dict[str, str] = {}  # JSON writes an `Outcome` as its value
+    for offset, (path, value) in enumerate(edit.fields):
+        base = bases.get(path)
+        decision = merge_field(rec.state(path), FieldState(value, version, base))
+        outcome = decision.outcome
+        if decision.conflict:
+            outcomes[path] = "conflict"
+            pending.conflict_seqs.append(first_seq + offset)
+            authors = (str(rec.fields[path].get("o", "")), operator)
+            pending.conflicts.append((len(pending.log_rows), rec, path, decision, authors))
+        else:
+            outcomes[path] = outcome
+            if outcome is Outcome.SUPERSEDED:
+                pending.superseded.append(first_seq + offset)
+        if outcome is Outcome.APPLIED:
+            rec.put(path, value, stamp, device_id, base.to_json() if base else None, operator)
+    rec.is_dirty = True
+    sealed = rec.cipher.seal(
+        {
+            "f": [[p, v] for p, v in edit.fields],
+            "b": {p: b.to_json() for p, b in edit.bases.items()},
+        },
+        "change",
+    )
+    pending.log_rows.append(
+        (
+            rec.id,
+            rec.site or "",
+            ctx.device_id,
+            first_seq,
+            stamp,
+            operator,
+            ctx.header.batch_id,
+            sealed,
+            _JSON.encode(outcomes),
+            ctx.now,
+        )
+    )
+    return True
 
 
 def _drop_applied(edits: list[Edit], high_water: int) -> list[Edit]:
@@ -257,11 +313,27 @@ def _drop_applied(edits: list[Edit], high_water: int) -> list[Edit]:
     return fresh
 
 
-def _insert_log(conn: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
-    if not rows:
+def _next_hub_seqs(conn: sa.Connection, count: int) -> list[int]:
+    """`count` hub sequence numbers for new change-log rows, in increasing order.
+
+    The caller holds the write lock, so no other writer takes numbers until it
+    commits: the numbers follow commit order, which pulls rely on. PostgreSQL
+    draws them from the column's sequence (other writers that let the column
+    default still get fresh numbers); SQLite numbers after the largest, as its
+    own rowid assignment would.
+    """
+    if not count:
         return []
-    stmt = sa.insert(changes).returning(changes.c.hub_seq, sort_by_parameter_order=True)
-    return [row.hub_seq for row in conn.execute(stmt, rows)]
+    if conn.dialect.name == "postgresql":
+        drawn = conn.exec_driver_sql(
+            "SELECT nextval(pg_get_serial_sequence('changes', 'hub_seq'))"
+            " FROM generate_series(1, %s)",
+            (count,),
+        )
+        return sorted(int(seq) for seq in drawn.scalars())
+    last = conn.exec_driver_sql("SELECT max(hub_seq) FROM changes").scalar()
+    start = int(last or 0) + 1
+    return list(range(start, start + count))
 
 
 def _side(state: FieldState, operator: str) -> dict[str, Any]:
@@ -305,17 +377,15 @@ def _insert_conflicts(
         conn.execute(sa.insert(conflicts), rows)
 
 
-def _quarantine(conn: sa.Connection, ctx: PushContext, edit: Edit, reason: str) -> None:
+def _quarantine_row(ctx: PushContext, edit: Edit, reason: str) -> dict[str, Any]:
     assert edit.first_seq is not None
     last = edit.first_seq + len(edit.fields) - 1
-    conn.execute(
-        sa.insert(quarantine).values(
-            device_id=ctx.device_id,
-            batch_id=ctx.header.batch_id,
-            reason=reason.split(":", 1)[0],
-            detail=f"sequence {edit.first_seq}-{last} (record {edit.record_id}): {reason}",
-            payload=ctx.envelope,
-            is_sealed_envelope=True,
-            received_at=ctx.now,
-        )
-    )
+    return {
+        "device_id": ctx.device_id,
+        "batch_id": ctx.header.batch_id,
+        "reason": reason.split(":", 1)[0],
+        "detail": f"sequence {edit.first_seq}-{last} (record {edit.record_id}): {reason}",
+        "payload": ctx.envelope,
+        "is_sealed_envelope": True,
+        "received_at": ctx.now,
+    }

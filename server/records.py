@@ -9,7 +9,7 @@ recomputed whenever the state changes.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -17,8 +17,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from schemas.record import DateOfBirth, age_band
+from server.bulk import insert_rows, update_rows
 from server.models import RecordRow
-from server.sealing import RecordCipher, new_wrapped_key
+from server.sealing import RecordCipher, new_record_cipher
 from sync.changes import Version
 from sync.hlc import Stamp
 from sync.merge import FieldState
@@ -26,6 +27,19 @@ from sync.merge import FieldState
 __all__ = ["HubRecord", "load_records", "projection", "save_records"]
 
 records = RecordRow.__table__  # type: ignore[attr-defined]
+
+_PROJECTED = (
+    "site",
+    "scenario",
+    "sex",
+    "age_band",
+    "nationalities",
+    "vulnerabilities",
+    "needs",
+    "registered_at",
+    "schema_version",
+)
+_SAVED = ("state", "last_hub_seq", "updated_at", *_PROJECTED)
 
 
 @dataclass
@@ -42,8 +56,8 @@ class HubRecord:
 
     @classmethod
     def new(cls, record_id: str, master_key: bytes) -> HubRecord:
-        wrapped = new_wrapped_key(master_key, record_id)
-        return cls(record_id, wrapped, RecordCipher(master_key, record_id, wrapped), is_new=True)
+        wrapped, cipher = new_record_cipher(master_key, record_id)
+        return cls(record_id, wrapped, cipher, is_new=True)
 
     def state(self, path: str) -> FieldState | None:
         raw = self.fields.get(path)
@@ -53,13 +67,21 @@ class HubRecord:
         return FieldState(raw["v"], Version(Stamp.decode(raw["s"]), raw["d"]), base)
 
     def set(self, path: str, state: FieldState, operator: str) -> None:
-        self.fields[path] = {
-            "v": state.value,
-            "s": state.version.stamp.encode(),
-            "d": state.version.device_id,
-            "b": state.base.to_json() if state.base else None,
-            "o": operator,
-        }
+        base = state.base.to_json() if state.base else None
+        version = state.version
+        self.put(path, state.value, version.stamp.encode(), version.device_id, base, operator)
+
+    def put(
+        self,
+        path: str,
+        value: Any,
+        stamp: str,
+        device_id: str,
+        base: list[str] | None,
+        operator: str,
+    ) -> None:
+        """`set` with the version already encoded (the fields of one edit share it)."""
+        self.fields[path] = {"v": value, "s": stamp, "d": device_id, "b": base, "o": operator}
         self.is_dirty = True
 
     def value(self, path: str) -> Any:
@@ -86,8 +108,9 @@ def projection(rec: HubRecord, today: date) -> dict[str, Any]:
         registered_at = datetime.fromisoformat(str(registration.get("registered_at")))
     except ValueError:
         registered_at = None
+    born = rec.value("date_of_birth")
     try:
-        band = age_band(DateOfBirth.model_validate(rec.value("date_of_birth")), today)
+        band = age_band(DateOfBirth.model_validate(born), today) if born else "unknown"
     except ValueError:
         band = "unknown"
     scenario, sex = rec.value("situation.scenario"), rec.value("sex")
@@ -131,23 +154,21 @@ def load_records(
 def save_records(conn: sa.Connection, recs: Iterable[HubRecord], *, now: datetime) -> None:
     """Insert new and update changed records: sealed state and projection."""
     today = now.astimezone(UTC).date()
-    inserts: list[Mapping[str, Any]] = []
-    updates: list[Mapping[str, Any]] = []
+    inserts: list[tuple[Any, ...]] = []
+    updates: list[tuple[Any, ...]] = []
     for rec in recs:
         if not rec.is_dirty:
             continue
-        row = {
-            "state": rec.cipher.seal(rec.fields, "state"),
-            "last_hub_seq": rec.last_hub_seq,
-            "updated_at": now,
-            **projection(rec, today),
-        }
+        clear = projection(rec, today)
+        row = (
+            rec.cipher.seal(rec.fields, "state"),
+            rec.last_hub_seq,
+            now,
+            *(clear[name] for name in _PROJECTED),
+        )
         if rec.is_new:
-            inserts.append({"id": rec.id, "wrapped_key": rec.wrapped_key, **row})
+            inserts.append((rec.id, rec.wrapped_key, *row))
         else:
-            updates.append({"rid": rec.id, **row})
-    if inserts:
-        conn.execute(sa.insert(records), inserts)
-    if updates:
-        stmt = sa.update(records).where(records.c.id == sa.bindparam("rid"))
-        conn.execute(stmt, updates)
+            updates.append((*row, rec.id))
+    insert_rows(conn, records, ("id", "wrapped_key", *_SAVED), inserts)
+    update_rows(conn, records, "id", _SAVED, updates)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["RecordCipher", "SealError", "new_wrapped_key"]
+__all__ = ["RecordCipher", "SealError", "new_record_cipher", "new_wrapped_key"]
 
 _NONCE = 12
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 class SealError(Exception):
@@ -27,10 +29,28 @@ def _wrap_aad(record_id: str) -> bytes:
     return b"fieldreg/record-key/v1\x00" + record_id.encode()
 
 
+@lru_cache(maxsize=4)
+def _master(master_key: bytes) -> AESGCM:
+    # A hub has one master key; building its AES context once per process
+    # instead of once per record is a measurable share of a 10,000-record push.
+    return AESGCM(master_key)
+
+
+def _wrap(master_key: bytes, record_id: str, data_key: bytes) -> bytes:
+    nonce = os.urandom(_NONCE)
+    return nonce + _master(master_key).encrypt(nonce, data_key, _wrap_aad(record_id))
+
+
 def new_wrapped_key(master_key: bytes, record_id: str) -> bytes:
     """A fresh data key for `record_id`, wrapped under the master key."""
-    nonce = os.urandom(_NONCE)
-    return nonce + AESGCM(master_key).encrypt(nonce, os.urandom(32), _wrap_aad(record_id))
+    return _wrap(master_key, record_id, os.urandom(32))
+
+
+def new_record_cipher(master_key: bytes, record_id: str) -> tuple[bytes, RecordCipher]:
+    """A fresh data key for a new record: (the key wrapped under the master key,
+    a cipher with it), without unwrapping what was just wrapped."""
+    data_key = os.urandom(32)
+    return _wrap(master_key, record_id, data_key), RecordCipher.from_data_key(data_key, record_id)
 
 
 class RecordCipher:
@@ -38,7 +58,7 @@ class RecordCipher:
 
     def __init__(self, master_key: bytes, record_id: str, wrapped_key: bytes) -> None:
         try:
-            key = AESGCM(master_key).decrypt(
+            key = _master(master_key).decrypt(
                 wrapped_key[:_NONCE], wrapped_key[_NONCE:], _wrap_aad(record_id)
             )
         except (InvalidTag, ValueError):
@@ -46,20 +66,34 @@ class RecordCipher:
         self._aead = AESGCM(key)
         self._record_id = record_id.encode()
 
+    @classmethod
+    def from_data_key(cls, data_key: bytes, record_id: str) -> RecordCipher:
+        """A cipher over an unwrapped data key (for a record whose key was just made)."""
+        cipher = cls.__new__(cls)
+        cipher._aead = AESGCM(data_key)
+        cipher._record_id = record_id.encode()
+        return cipher
+
     def seal(self, value: Any, purpose: str) -> bytes:
         """Encrypt `value` (JSON) for this record and `purpose` (e.g. 'state', 'change')."""
+        return self.seal_json(_JSON.encode(value).encode(), purpose)
+
+    def seal_json(self, plain: bytes, purpose: str) -> bytes:
+        """Encrypt JSON text already encoded (what `open_json` gives back)."""
         nonce = os.urandom(_NONCE)
-        plain = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
         return nonce + self._aead.encrypt(
             nonce, plain, self._record_id + b"\x00" + purpose.encode()
         )
 
     def open(self, sealed: bytes, purpose: str) -> Any:
         """Decrypt a value sealed by `seal` with the same purpose."""
+        return json.loads(self.open_json(sealed, purpose))
+
+    def open_json(self, sealed: bytes, purpose: str) -> bytes:
+        """Decrypt a value sealed by `seal` to its JSON text, without parsing it."""
         try:
-            plain = self._aead.decrypt(
+            return self._aead.decrypt(
                 sealed[:_NONCE], sealed[_NONCE:], self._record_id + b"\x00" + purpose.encode()
             )
         except (InvalidTag, ValueError):
             raise SealError("a sealed value does not open") from None
-        return json.loads(plain)

@@ -1,10 +1,15 @@
-"""The bodies that travel inside envelopes: edits, push acknowledgements, pull pages.
+"""The bodies that travel inside envelopes: edits, push batches, acknowledgements
+and pull pages.
 
 An *edit* is what one author changed in one record at one stamp: a list of
 `[field, value]` pairs numbered by consecutive device sequence numbers from
 `q`, with the base version of each field the author saw. Grouping field
 changes this way keeps batches small on bad links (the record id, stamp and
 author are written once, not once per field).
+
+Every type here parses strictly (`from_json` raises `ProtocolError` naming
+what is wrong) and writes plain JSON values (`to_json`); `dumps` gives the
+canonical bytes, so equal content has an equal digest.
 """
 
 from __future__ import annotations
@@ -18,11 +23,24 @@ from typing import Any
 from sync.changes import FieldChange, Version
 from sync.hlc import Stamp
 
-__all__ = ["Edit", "ProtocolError", "batch_edits", "dumps", "group_changes"]
+__all__ = [
+    "Ack",
+    "Edit",
+    "ProtocolError",
+    "PullPage",
+    "PushBatch",
+    "batch_edits",
+    "cut_batch",
+    "dumps",
+    "group_changes",
+]
 
 MAX_FIELD_PATH = 64
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_TEXT = 200
+_EDIT_KEYS = frozenset({"r", "s", "d", "o", "f", "b", "q", "h"})
+# One encoder for every call: `json.dumps` with options builds a new one each time.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 class ProtocolError(ValueError):
@@ -36,7 +54,7 @@ class ProtocolError(ValueError):
 
 def dumps(value: Any) -> bytes:
     """Canonical JSON bytes (sorted keys, no spaces): equal content, equal digest."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _CANONICAL.encode(value).encode()
 
 
 def _text(data: dict[str, Any], key: str, limit: int = MAX_TEXT) -> str:
@@ -46,6 +64,41 @@ def _text(data: dict[str, Any], key: str, limit: int = MAX_TEXT) -> str:
             "edit.malformed", f"{key}: expected a non-empty string of at most {limit}"
         )
     return value
+
+
+def _seq(data: dict[str, Any], key: str) -> int | None:
+    seq = data.get(key)
+    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
+        raise ProtocolError("edit.malformed", f"{key}: expected a positive integer")
+    return seq
+
+
+def _fields(pairs: Any) -> tuple[tuple[str, Any], ...]:
+    if not isinstance(pairs, list) or not pairs:
+        raise ProtocolError("edit.malformed", "f: expected a non-empty list of [field, value]")
+    fields: dict[str, Any] = {}
+    for pair in pairs:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise ProtocolError("edit.malformed", "f: each entry must be [field, value]")
+        path = pair[0]
+        if not path or len(path) > MAX_FIELD_PATH:
+            raise ProtocolError("edit.malformed", "f: bad field path")
+        if path in fields:
+            raise ProtocolError("edit.malformed", "f: a field appears twice")
+        fields[path] = pair[1]
+    return tuple(fields.items())
+
+
+def _bases(raw: Any) -> dict[str, Version]:
+    if not isinstance(raw, dict):
+        raise ProtocolError("edit.malformed", "b: expected an object")
+    bases: dict[str, Version] = {}
+    for path, base in raw.items():
+        try:
+            bases[path] = Version.from_json(base)
+        except ValueError as exc:
+            raise ProtocolError("edit.malformed", f"b.{path}: {exc}") from None
+    return bases
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +153,9 @@ class Edit:
         """Parse one edit strictly; raise ProtocolError naming what is wrong."""
         if not isinstance(data, dict):
             raise ProtocolError("edit.malformed", "an edit must be an object")
-        unknown = set(data) - {"r", "s", "d", "o", "f", "b", "q", "h"}
-        if unknown:
-            raise ProtocolError("edit.malformed", f"unknown keys {sorted(unknown)}")
+        if not _EDIT_KEYS.issuperset(data):
+            unknown = sorted(set(data) - _EDIT_KEYS)
+            raise ProtocolError("edit.malformed", f"unknown keys {unknown}")
         record_id = _text(data, "r", 36)
         if not _UUID.fullmatch(record_id):
             raise ProtocolError("edit.malformed", "r: not a canonical UUID")
@@ -110,32 +163,10 @@ class Edit:
             version = Version(Stamp.decode(_text(data, "s", 32)), _text(data, "d", 64))
         except ValueError as exc:
             raise ProtocolError("edit.malformed", f"s: {exc}") from None
-        pairs = data.get("f")
-        if not isinstance(pairs, list) or not pairs:
-            raise ProtocolError("edit.malformed", "f: expected a non-empty list of [field, value]")
-        fields: list[tuple[str, Any]] = []
-        for pair in pairs:
-            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
-                raise ProtocolError("edit.malformed", "f: each entry must be [field, value]")
-            if not pair[0] or len(pair[0]) > MAX_FIELD_PATH:
-                raise ProtocolError("edit.malformed", "f: bad field path")
-            fields.append((pair[0], pair[1]))
-        if len({p for p, _ in fields}) != len(fields):
-            raise ProtocolError("edit.malformed", "f: a field appears twice")
-        bases: dict[str, Version] = {}
-        raw_bases = data.get("b", {})
-        if not isinstance(raw_bases, dict):
-            raise ProtocolError("edit.malformed", "b: expected an object")
-        for path, raw in raw_bases.items():
-            try:
-                bases[path] = Version.from_json(raw)
-            except ValueError as exc:
-                raise ProtocolError("edit.malformed", f"b.{path}: {exc}") from None
-        seqs = [data.get(k) for k in ("q", "h")]
-        for key, seq in zip(("q", "h"), seqs, strict=True):
-            if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
-                raise ProtocolError("edit.malformed", f"{key}: expected a positive integer")
-        return cls(record_id, version, _text(data, "o"), tuple(fields), bases, seqs[0], seqs[1])
+        fields = _fields(data.get("f"))
+        bases = _bases(data["b"]) if "b" in data else {}
+        first_seq, hub_seq = _seq(data, "q"), _seq(data, "h")
+        return cls(record_id, version, _text(data, "o"), fields, bases, first_seq, hub_seq)
 
 
 def group_changes(changes: Iterable[FieldChange]) -> Iterator[Edit]:
@@ -170,17 +201,186 @@ def group_changes(changes: Iterable[FieldChange]) -> Iterator[Edit]:
     yield from flush()
 
 
+# -- push batches ---------------------------------------------------------------------------
+
+_BODY_OVERHEAD = 16  # what `{"edits":[...]}` adds around the edits, rounded up
+
+
+@dataclass(frozen=True)
+class PushBatch:
+    """Edits cut for one push with their canonical body, encoded once.
+
+    `body` is exactly `dumps({"edits": [edit.to_json() for edit in edits]})`.
+    """
+
+    edits: list[Edit]
+    body: bytes
+
+    @property
+    def first_seq(self) -> int:
+        seq = self.edits[0].first_seq
+        assert seq is not None, "a push batch holds numbered edits"
+        return seq
+
+    @property
+    def last_seq(self) -> int:
+        seq = self.edits[-1].last_seq
+        assert seq is not None, "a push batch holds numbered edits"
+        return seq
+
+
+def _encoded_batches(
+    edits: Iterable[Edit], max_bytes: int
+) -> Iterator[tuple[list[Edit], list[bytes]]]:
+    batch: list[Edit] = []
+    parts: list[bytes] = []
+    size = _BODY_OVERHEAD
+    for edit in edits:
+        part = dumps(edit.to_json())
+        if batch and size + len(part) + 1 > max_bytes:
+            yield batch, parts
+            batch, parts, size = [], [], _BODY_OVERHEAD
+        batch.append(edit)
+        parts.append(part)
+        size += len(part) + 1
+    if batch:
+        yield batch, parts
+
+
 def batch_edits(edits: Iterable[Edit], max_bytes: int) -> Iterator[list[Edit]]:
     """Cut edits into batches whose JSON body stays under `max_bytes` (before
     compression). An edit larger than the limit travels alone."""
-    batch: list[Edit] = []
-    size = 16
-    for edit in edits:
-        edit_size = len(dumps(edit.to_json())) + 1
-        if batch and size + edit_size > max_bytes:
-            yield batch
-            batch, size = [], 16
-        batch.append(edit)
-        size += edit_size
-    if batch:
+    for batch, _ in _encoded_batches(edits, max_bytes):
         yield batch
+
+
+def cut_batch(edits: Iterable[Edit], max_bytes: int) -> PushBatch | None:
+    """The first batch `batch_edits` would cut, with its body; None for no edits.
+
+    Reads `edits` only one edit past the batch, so a lazy outbox is not read
+    to its end.
+    """
+    for batch, parts in _encoded_batches(edits, max_bytes):
+        return PushBatch(batch, b'{"edits":[' + b",".join(parts) + b"]}")
+    return None
+
+
+# -- answers from the hub ---------------------------------------------------------------------
+
+
+def _int(data: dict[str, Any], key: str, code: str) -> int:
+    value = data.get(key)
+    if type(value) is not int or value < 0:
+        raise ProtocolError(code, f"{key}: expected a non-negative integer")
+    return value
+
+
+def _ints(data: dict[str, Any], key: str, code: str) -> tuple[int, ...]:
+    value = data.get(key, [])
+    if not (isinstance(value, list) and all(type(s) is int for s in value)):
+        raise ProtocolError(code, f"{key}: expected a list of sequence numbers")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The hub's acknowledgement of one push batch.
+
+    `high_water` is the device's last sequence the hub holds; the device
+    sequences listed lost to a later write (`superseded`), opened a conflict
+    (`conflicts`) or were quarantined with a reason (`quarantined`). The rest
+    of the batch up to `high_water` applied.
+    """
+
+    batch_id: str
+    high_water: int
+    is_duplicate: bool
+    epoch: str
+    hub_time_ms: int = 0
+    superseded: tuple[int, ...] = ()
+    conflicts: tuple[int, ...] = ()
+    quarantined: tuple[tuple[int, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_id": self.batch_id,
+            "duplicate": self.is_duplicate,
+            "high_water": self.high_water,
+            "hub_time_ms": self.hub_time_ms,
+            "epoch": self.epoch,
+            "superseded": list(self.superseded),
+            "conflicts": list(self.conflicts),
+            "quarantined": [[seq, reason] for seq, reason in self.quarantined],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Ack:
+        """Parse an acknowledgement; raise ProtocolError ('ack.malformed') naming the key.
+
+        Keys this version does not know are ignored: a newer hub may say more.
+        """
+        code = "ack.malformed"
+        if not isinstance(data, dict):
+            raise ProtocolError(code, "an acknowledgement must be an object")
+        batch_id, epoch = data.get("batch_id"), data.get("epoch")
+        is_duplicate = data.get("duplicate")
+        if not isinstance(batch_id, str) or not batch_id:
+            raise ProtocolError(code, "batch_id: expected a non-empty string")
+        if not isinstance(epoch, str) or not epoch or not isinstance(is_duplicate, bool):
+            raise ProtocolError(code, "epoch or duplicate missing")
+        raw_quarantined = data.get("quarantined", [])
+        if not isinstance(raw_quarantined, list) or not all(
+            isinstance(item, list)
+            and len(item) == 2
+            and type(item[0]) is int
+            and isinstance(item[1], str)
+            for item in raw_quarantined
+        ):
+            raise ProtocolError(code, "quarantined: expected a list of [seq, reason]")
+        return cls(
+            batch_id=batch_id,
+            high_water=_int(data, "high_water", code),
+            is_duplicate=is_duplicate,
+            epoch=epoch,
+            hub_time_ms=_int(data, "hub_time_ms", code) if "hub_time_ms" in data else 0,
+            superseded=_ints(data, "superseded", code),
+            conflicts=_ints(data, "conflicts", code),
+            quarantined=tuple((seq, reason) for seq, reason in raw_quarantined),
+        )
+
+
+@dataclass(frozen=True)
+class PullPage:
+    """One page of a pull: edits (each with its hub sequence) after the cursor
+    the device sent, the cursor to send next, whether more remain, and the
+    hub's epoch."""
+
+    edits: list[Edit]
+    cursor: str
+    more: bool
+    epoch: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "edits": [edit.to_json() for edit in self.edits],
+            "cursor": self.cursor,
+            "more": self.more,
+            "epoch": self.epoch,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> PullPage:
+        """Parse a page; raise ProtocolError ('page.malformed', or the edit's code)."""
+        code = "page.malformed"
+        if not isinstance(data, dict):
+            raise ProtocolError(code, "a pull page must be an object")
+        raw_edits, cursor = data.get("edits"), data.get("cursor")
+        more, epoch = data.get("more"), data.get("epoch")
+        if not isinstance(raw_edits, list) or not isinstance(cursor, str):
+            raise ProtocolError(code, "edits or cursor missing")
+        if not isinstance(more, bool) or not isinstance(epoch, str) or not epoch:
+            raise ProtocolError(code, "more or epoch missing")
+        edits = [Edit.from_json(item) for item in raw_edits]
+        if any(edit.hub_seq is None for edit in edits):
+            raise ProtocolError(code, "an edit without its hub sequence")
+        return cls(edits, cursor, more, epoch)

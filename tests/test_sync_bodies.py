@@ -1,0 +1,133 @@
+"""The bodies inside envelopes (`sync.protocol`): push batches encode their body
+once and exactly as the canonical form; acknowledgements and pull pages parse
+strictly and round-trip; the hub sizes a pulled edit without encoding it."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.feed import edit_size
+from server.sealing import RecordCipher, new_record_cipher
+from sync.changes import Version
+from sync.hlc import Stamp
+from sync.protocol import Ack, Edit, ProtocolError, PullPage, batch_edits, cut_batch, dumps
+
+PROPERTY = settings(database=None, deadline=None, max_examples=150)
+RID = "0190a5a0-1111-7000-8000-000000000001"
+
+texts = st.text(min_size=1, max_size=12)
+values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=6,
+)
+versions = st.builds(Version, st.builds(Stamp, st.integers(0, 2**40), st.integers(0, 99)), texts)
+
+
+@st.composite
+def edits(draw: st.DrawFn, *, numbered: bool = True) -> Edit:
+    paths = draw(st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=5, unique=True))
+    based = draw(st.lists(st.sampled_from(paths), unique=True))
+    return Edit(
+        record_id=RID,
+        version=draw(versions),
+        operator=draw(texts),
+        fields=tuple((p, draw(values)) for p in paths),
+        bases={p: draw(versions) for p in based},
+        first_seq=draw(st.integers(1, 10**6)) if numbered else None,
+        hub_seq=None if numbered else draw(st.integers(1, 10**9)),
+    )
+
+
+@PROPERTY
+@given(st.lists(edits(), min_size=1, max_size=8), st.integers(1, 3000))
+def test_a_cut_batch_is_the_first_batch_with_its_canonical_body(
+    items: list[Edit], max_bytes: int
+) -> None:
+    batch = cut_batch(iter(items), max_bytes)
+    assert batch is not None
+    assert batch.edits == next(batch_edits(items, max_bytes))
+    assert batch.body == dumps({"edits": [e.to_json() for e in batch.edits]})
+    assert len(batch.edits) == 1 or len(batch.body) <= max_bytes
+    assert [Edit.from_json(e) for e in json.loads(batch.body)["edits"]] == (batch.edits)
+    assert cut_batch(iter([]), max_bytes) is None
+
+
+@PROPERTY
+@given(edits(numbered=False))
+def test_the_hub_sizes_a_pulled_edit_exactly(edit: Edit) -> None:
+    wrapped, cipher = new_record_cipher(os.urandom(32), RID)
+    assert isinstance(cipher, RecordCipher) and wrapped
+    sealed = cipher.seal(
+        {
+            "f": [[p, v] for p, v in edit.fields],
+            "b": {p: b.to_json() for p, b in edit.bases.items()},
+        },
+        "change",
+    )
+    assert edit_size(cipher.open_json(sealed, "change"), edit) == len(dumps(edit.to_json()))
+
+
+ACK = Ack(
+    batch_id="1-30",
+    high_water=30,
+    is_duplicate=False,
+    epoch="e1",
+    hub_time_ms=1_700_000_000_000,
+    superseded=(3,),
+    conflicts=(3, 4),
+    quarantined=((9, "field.invalid: sex: bad"),),
+)
+
+
+def test_ack_round_trips_and_ignores_what_a_newer_hub_adds() -> None:
+    assert Ack.from_json(ACK.to_json()) == ACK
+    assert Ack.from_json({**ACK.to_json(), "something_new": [1]}) == ACK
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"high_water": -1}, "high_water"),
+        ({"high_water": "30"}, "high_water"),
+        ({"duplicate": "no"}, "duplicate"),
+        ({"epoch": ""}, "epoch"),
+        ({"batch_id": 7}, "batch_id"),
+        ({"superseded": [1, "2"]}, "superseded"),
+        ({"conflicts": "3"}, "conflicts"),
+        ({"quarantined": [[9]]}, "quarantined"),
+        ({"quarantined": [["9", "x"]]}, "quarantined"),
+    ],
+)
+def test_a_malformed_ack_is_refused_naming_what(change: dict[str, Any], named: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        Ack.from_json({**ACK.to_json(), **change})
+    assert caught.value.code == "ack.malformed"
+    assert named in caught.value.detail
+
+
+@PROPERTY
+@given(st.lists(edits(numbered=False), max_size=4), st.text(max_size=20), st.booleans())
+def test_pull_page_round_trips(items: list[Edit], cursor: str, more: bool) -> None:
+    page = PullPage(items, cursor, more, "epoch-1")
+    assert PullPage.from_json(json.loads(dumps(page.to_json()))) == page
+
+
+def test_a_malformed_pull_page_is_refused() -> None:
+    good = PullPage([], "c", False, "e").to_json()
+    for change in ({"edits": {}}, {"cursor": 3}, {"more": "yes"}, {"epoch": ""}):
+        with pytest.raises(ProtocolError) as caught:
+            PullPage.from_json({**good, **change})
+        assert caught.value.code == "page.malformed"
+    no_hub_seq = Edit(RID, Version(Stamp(1), "d"), "o", (("sex", "male"),)).to_json()
+    with pytest.raises(ProtocolError, match="hub sequence"):
+        PullPage.from_json({**good, "edits": [no_hub_seq]})
+    with pytest.raises(ProtocolError) as caught:
+        PullPage.from_json({**good, "edits": [{"r": "not-a-uuid"}]})
+    assert caught.value.code == "edit.malformed"
