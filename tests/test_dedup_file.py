@@ -240,13 +240,6 @@ def test_a_large_file_is_matched_well(tmp_path: Path) -> None:
     assert len(found) > 500 and right / len(found) >= 0.95
 
 
-def _wired() -> bool:
-    from server.cli import app as hub_app
-
-    return "dedup-file" in typer.main.get_command(hub_app).commands  # type: ignore[attr-defined]
-
-
-@pytest.mark.skipif(not _wired(), reason="server.cli does not register dedup-file yet")
 def test_real_command_in_a_subprocess(tmp_path: Path) -> None:
     source = tmp_path / "people.jsonl"
     source.write_text(
