@@ -17,7 +17,7 @@ from rich.table import Table
 
 from schemas.record import RegistrationContext
 from schemas.validation import InvalidRecord, validate
-from server import accounts, admin, audit_commands, dedup_commands, duplicates
+from server import accounts, admin, audit_commands, dedup_check, dedup_commands, duplicates
 from server import devices as device_store
 from server.accounts import Role
 from server.db import make_engine, migrate
@@ -382,7 +382,7 @@ def dedup_scan(
     """Re-check every record for possible duplicates (pairs already known stay as they are)."""
     hub = _hub(data_dir)
     with hub.engine.connect() as conn:
-        ids = duplicates.all_record_ids(conn)
+        ids = dedup_check.all_record_ids(conn)
     queued = 0
     with Progress(
         TextColumn("scanning"),
@@ -395,12 +395,13 @@ def dedup_scan(
         for start in range(0, len(ids), chunk):
             part = ids[start : start + chunk]
             with hub.engine.begin() as conn:
-                queued += duplicates.check_records(
+                queued += dedup_check.check_records(
                     conn,
                     part,
                     index=hub.block_index,
                     master_key=hub.secrets.master_key,
                     now=datetime.now(UTC),
+                    cache=hub.profiles,
                 )
             bar.advance(task, len(part))
     with hub.engine.begin() as conn:

@@ -1,9 +1,7 @@
-"""The hub's duplicate queue: blind blocking index, candidate checks, and the
-decisions people take on a pair (merge, reject, unmerge). The SQL.
+"""The hub's duplicate queue: the decisions people take on a pair (merge,
+reject, unmerge) and the pairs as they read them. The SQL.
 
-Scoring is `schemas.matching` (pure). Blocking keys are stored as HMACs under
-a key derived from the master key, like the name index: equal keys meet, the
-table alone says nothing about anyone. A merge links the two registrations
+Pairs are found by `server.dedup_check`. A merge links the two registrations
 under one person (the other gets `merged_into`), copies the values chosen per
 field onto the survivor, deletes nothing, and is undone by unmerge; all of it
 travels to devices as hub-authored edits.
@@ -11,156 +9,36 @@ travels to devices as hub-authored edits.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from schemas.fields import unflatten
-from schemas.matching import MAX_BLOCK, REVIEW_THRESHOLD, Match, profile, record_keys, score
+from schemas.matching import Match, score
 from server.db import write_lock
+from server.dedup_check import MERGED_INTO
 from server.hub_edits import hub_edit
-from server.models import BlockKey, DuplicatePair, RecordRow
+from server.models import DuplicatePair
 from server.problems import Problem
 from server.records import HubRecord, load_records, save_records
 from sync.hlc import Clock
 
 __all__ = [
-    "BlockIndex",
     "PairView",
-    "all_record_ids",
-    "check_records",
     "get_pair",
-    "index_records",
     "list_pairs",
     "merge",
     "reject",
     "unmerge",
 ]
 
-block_keys = BlockKey.__table__  # type: ignore[attr-defined]
-records = RecordRow.__table__  # type: ignore[attr-defined]
 pairs = DuplicatePair.__table__  # type: ignore[attr-defined]
-MERGED_INTO = "merged_into"
-
-
-class BlockIndex:
-    def __init__(self, master_key: bytes) -> None:
-        hkdf = HKDF(
-            algorithm=hashes.SHA256(), length=32, salt=None, info=b"fieldreg/block-index/v1"
-        )
-        self._key = hkdf.derive(master_key)
-
-    def blind(self, key: str) -> str:
-        return hmac.new(self._key, key.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def _doc(rec: HubRecord) -> dict[str, Any]:
     return unflatten({p: f["v"] for p, f in rec.fields.items()})
-
-
-def index_records(
-    conn: sa.Connection, recs: Mapping[str, HubRecord], *, index: BlockIndex
-) -> dict[str, dict[str, str]]:
-    """Replace the blocking-index entries of `recs`; return {record: {hash: key}}."""
-    keys_of = {
-        rid: {index.blind(k): k for k in record_keys(_doc(rec))} for rid, rec in recs.items()
-    }
-    conn.execute(sa.delete(block_keys).where(block_keys.c.record_id.in_(list(recs))))
-    rows = [(h, rid) for rid, keys in keys_of.items() for h in keys]
-    if rows:
-        conn.execute(sa.insert(block_keys), [{"key_hash": h, "record_id": rid} for h, rid in rows])
-    return keys_of
-
-
-def all_record_ids(conn: sa.Connection) -> list[str]:
-    """Every record id, for a full scan."""
-    return list(conn.execute(sa.select(records.c.id).order_by(records.c.id)).scalars())
-
-
-def _key_counts(conn: sa.Connection, hashes: Iterable[str]) -> dict[str, int]:
-    wanted = sorted(set(hashes))
-    if not wanted:
-        return {}
-    stmt = (
-        sa.select(block_keys.c.key_hash, sa.func.count())
-        .where(block_keys.c.key_hash.in_(wanted))
-        .group_by(block_keys.c.key_hash)
-    )
-    return {h: int(n) for h, n in conn.execute(stmt)}
-
-
-def check_records(
-    conn: sa.Connection,
-    record_ids: Iterable[str],
-    *,
-    index: BlockIndex,
-    master_key: bytes,
-    now: datetime,
-) -> int:
-    """(Re)index `record_ids` and queue every new pair scoring >= the review threshold.
-
-    Returns how many pairs were queued. Cost grows with each record's
-    candidates (keys shared by more than `MAX_BLOCK` records are skipped), not
-    with the database. Pairs already known (open, merged, rejected) are not
-    queued again; registrations merged into another are not candidates.
-    """
-    recs = load_records(conn, record_ids, master_key)
-    if not recs:
-        return 0
-    keys_of = index_records(conn, recs, index=index)
-    queued = 0
-    for rid, rec in recs.items():
-        if rec.value(MERGED_INTO):
-            continue
-        counts = _key_counts(conn, keys_of[rid])
-        usable = [h for h, n in counts.items() if n <= MAX_BLOCK]
-        if not usable:
-            continue
-        found = conn.execute(
-            sa.select(block_keys.c.record_id)
-            .where(block_keys.c.key_hash.in_(usable), block_keys.c.record_id != rid)
-            .distinct()
-        ).scalars()
-        known = {
-            a if b == rid else b
-            for a, b in conn.execute(
-                sa.select(pairs.c.record_a, pairs.c.record_b).where(
-                    sa.or_(pairs.c.record_a == rid, pairs.c.record_b == rid)
-                )
-            )
-        }
-        others = load_records(conn, [c for c in found if c not in known], master_key)
-        mine = profile(_doc(rec))
-        key_counts = {keys_of[rid][h]: n for h, n in counts.items()}
-        for other_id, other in others.items():
-            if other.value(MERGED_INTO):
-                continue
-            match = score(mine, profile(_doc(other)), key_counts=key_counts)
-            if match.score < REVIEW_THRESHOLD:
-                continue
-            a, b = sorted((rid, other_id))
-            site = {rid: rec.site or "", other_id: other.site or ""}
-            conn.execute(
-                sa.insert(pairs).values(
-                    record_a=a,
-                    record_b=b,
-                    site_a=site[a],
-                    site_b=site[b],
-                    score=round(match.score, 4),
-                    status="open",
-                    created_at=now,
-                )
-            )
-            known.add(other_id)
-            queued += 1
-    return queued
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ Routes call one method each; every method opens its own short transaction.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,15 +14,14 @@ import sqlalchemy as sa
 
 from schemas.record import SCHEMA_VERSION
 from server import audit as audit_log
+from server import dedup_check, name_index
 from server import devices as device_store
-from server import duplicates, name_index
 from server.db import make_engine
 from server.feed import decode_cursor, encode_cursor, read_page
 from server.ingest import PushContext, apply_push
 from server.keystore import HubSecrets
 from server.name_index import IndexKey
 from server.problems import Problem
-from server.records import load_records
 from server.settings import HubSettings
 from sync.envelope import EnvelopeError, Header, open_sealed, read_header_unverified, seal
 from sync.hlc import Clock, Stamp, system_ms
@@ -77,7 +75,8 @@ class Hub:
         )
         self.audit_enabled = True  # benchmarks turn it off to measure what auditing costs
         self.name_index = IndexKey(self.secrets.master_key)
-        self.block_index = duplicates.BlockIndex(self.secrets.master_key)
+        self.block_index = dedup_check.BlockIndex(self.secrets.master_key)
+        self.profiles = dedup_check.ProfileCache(settings.profile_cache)
 
     def audit(
         self,
@@ -214,7 +213,7 @@ class Hub:
         with self.engine.begin() as conn:
             ack = apply_push(conn, ctx)
             if not ack["duplicate"]:
-                self._after_ingest(conn, opened.body)
+                self._after_ingest(conn, ctx)
             self.audit(
                 conn,
                 actor=f"device:{device.id}",
@@ -230,25 +229,23 @@ class Hub:
             )
         return self._seal_to(device, "ack", header.batch_id, header.seq_first, header.seq_last, ack)
 
-    def _after_ingest(self, conn: sa.Connection, body: bytes) -> None:
+    def _after_ingest(self, conn: sa.Connection, ctx: PushContext) -> None:
         # In the push's own transaction: records whose names an edit touched get
         # their blind name-index entries anew, and every record the batch
         # touched is checked for possible duplicates.
-        edits = json.loads(body)["edits"]
-        touched = {raw["r"] for raw in edits}
-        renamed = {
-            raw["r"] for raw in edits if any(str(p[0]).startswith("names.") for p in raw["f"])
-        }
-        if renamed:
-            recs = load_records(conn, renamed, self.secrets.master_key)
-            values = {rid: {p: f["v"] for p, f in rec.fields.items()} for rid, rec in recs.items()}
+        if ctx.renamed:
+            values = {
+                rid: {p: f["v"] for p, f in rec.fields.items()} for rid, rec in ctx.renamed.items()
+            }
             name_index.reindex(conn, self.name_index, values)
-        duplicates.check_records(
+        dedup_check.check_records(
             conn,
-            touched,
+            ctx.touched,
             index=self.block_index,
             master_key=self.secrets.master_key,
             now=self.now(),
+            cache=self.profiles,
+            loaded=ctx.touched,
         )
 
     def _seal_to(

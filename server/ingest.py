@@ -70,6 +70,8 @@ class PushContext:
     # edit wrote names to; what the name index needs, so the caller does not
     # read and unseal them again.
     renamed: dict[str, HubRecord] = field(default_factory=dict)
+    # Filled by `apply_push`: every record an applied edit changed, as saved.
+    touched: dict[str, HubRecord] = field(default_factory=dict)
 
 
 @dataclass
@@ -191,6 +193,7 @@ def apply_push(conn: sa.Connection, ctx: PushContext) -> dict[str, Any]:
     _insert_conflicts(conn, ctx, pending.conflicts, hub_seqs)
     if pending.quarantine_rows:
         conn.execute(sa.insert(quarantine), pending.quarantine_rows)
+    ctx.touched = {rid: rec for rid, rec in recs.items() if rec.is_dirty}
     save_records(conn, recs.values(), now=ctx.now)
     conn.execute(
         sa.update(devices)

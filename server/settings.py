@@ -29,6 +29,11 @@ class HubSettings(BaseSettings):
     pull_page_bytes: int = Field(default=512 * 1024, ge=1024)
     clock_max_ahead_ms: int = Field(default=60_000, ge=0)
     clock_flag_ms: int = Field(default=300_000, ge=0)
+    profile_cache: int = Field(
+        default=50_000,
+        ge=0,
+        description="Match profiles kept in memory for duplicate checks (0: none).",
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -165,3 +165,43 @@ def test_rejected_pairs_are_not_queued_again_and_households_are_not_pairs(
         f"/api/v1/duplicates/{pair['id']}/merge", headers=auth, json={"survivor": a.record_id}
     )
     assert bad.status_code == 409 and bad.json()["code"] == "duplicate.not_open"
+
+
+def test_one_push_holding_the_same_person_three_times_queues_each_pair_once(
+    env: tuple[httpx.Client, Hub, str],
+) -> None:
+    http, hub, _ = env
+    border = HandDevice.enrol(http, hub, "border")
+    names = {"given": "Mohamed", "family": "Abdel Rahman"}
+    same = [registration(border, names, "1988-03-14", "A1234567") for _ in range(3)]
+    border.open_answer(border.push(border.envelope(same)))
+    queued = http.get("/api/v1/duplicates", headers=login(http)).json()
+    ids = sorted(e.record_id for e in same)
+    assert sorted((p["record_a"], p["record_b"]) for p in queued) == [
+        (ids[0], ids[1]),
+        (ids[0], ids[2]),
+        (ids[1], ids[2]),
+    ]
+
+
+def test_a_cached_match_profile_is_not_used_after_its_record_changed(
+    env: tuple[httpx.Client, Hub, str],
+) -> None:
+    http, hub, _ = env
+    border = HandDevice.enrol(http, hub, "border")
+    camp = HandDevice.enrol(http, hub, "camp")
+    first = registration(border, {"given": "Grace", "family": "Okafor"}, "1990-05-01", None)
+    border.open_answer(border.push(border.envelope([first])))
+    assert first.record_id in hub.profiles
+    # Another hub process renames the record: this process's cached profile
+    # (Grace Okafor) is stale and must not be used.
+    renamed = border.edit(first.record_id, {"names.given": "Tesfaye", "names.family": "Bekele"})
+    other_process = Hub(hub.settings)
+    try:
+        other_process.push(border.envelope([renamed]))
+    finally:
+        other_process.engine.dispose()
+    again = registration(camp, {"given": "Tesfaye", "family": "Bekele"}, "1990-05-01", "EP9988776")
+    camp.open_answer(camp.push(camp.envelope([again])))
+    [pair] = http.get("/api/v1/duplicates", headers=login(http)).json()
+    assert {pair["record_a"], pair["record_b"]} == {first.record_id, again.record_id}

@@ -1,0 +1,257 @@
+"""Finding possible duplicates at the hub: the blind blocking index and the
+check that queues candidate pairs. The SQL.
+
+Blocking keys are stored as HMACs under a key derived from the master key,
+like the name index: equal keys meet, the table alone says nothing about
+anyone. A check works on a whole set of records at once (a push batch, a scan
+chunk): one query for the block sizes, one for the candidates, one for the
+pairs already known, one unsealing of the candidates not in the profile cache.
+Scoring is `schemas.matching` (pure).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from schemas.fields import unflatten
+from schemas.matching import MAX_BLOCK, REVIEW_THRESHOLD, Profile, profile, score
+from server.models import BlockKey, DuplicatePair, RecordRow
+from server.records import HubRecord, load_records
+
+__all__ = [
+    "MERGED_INTO",
+    "BlockIndex",
+    "ProfileCache",
+    "all_record_ids",
+    "check_records",
+    "index_records",
+]
+
+block_keys = BlockKey.__table__  # type: ignore[attr-defined]
+records = RecordRow.__table__  # type: ignore[attr-defined]
+pairs = DuplicatePair.__table__  # type: ignore[attr-defined]
+MERGED_INTO = "merged_into"
+_CHUNK = 500  # ids per IN (...) list: well inside SQLite's and PostgreSQL's limits
+
+
+class BlockIndex:
+    def __init__(self, master_key: bytes) -> None:
+        hkdf = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=b"fieldreg/block-index/v1"
+        )
+        self._key = hkdf.derive(master_key)
+
+    def blind(self, key: str) -> str:
+        return hmac.new(self._key, key.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+class _Entry:
+    __slots__ = ("merged", "profile", "seq", "site")
+
+    def __init__(self, seq: int, site: str, merged: bool, profile: Profile) -> None:
+        self.seq, self.site, self.merged, self.profile = seq, site, merged, profile
+
+
+class ProfileCache:
+    """Match profiles of recently checked records, in this process's memory only.
+
+    An entry is valid for the record's `last_hub_seq`: every change to a record
+    gives it a new one, so a stale profile is never used. Bounded (least
+    recently used out); `size=0` turns it off. Profiles hold normalised names,
+    like any record the hub unseals to work on; they never leave the process.
+    """
+
+    def __init__(self, size: int = 50_000) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+
+    def get(self, record_id: str, seq: int) -> _Entry | None:
+        entry = self._entries.get(record_id)
+        if entry is None or entry.seq != seq:
+            return None
+        self._entries.move_to_end(record_id)
+        return entry
+
+    def put(self, record_id: str, entry: _Entry) -> None:
+        if self.size <= 0:
+            return
+        self._entries[record_id] = entry
+        self._entries.move_to_end(record_id)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, record_id: object) -> bool:
+        return record_id in self._entries
+
+
+def _entry(rec: HubRecord) -> _Entry:
+    doc = unflatten({p: f["v"] for p, f in rec.fields.items()})
+    return _Entry(rec.last_hub_seq, rec.site or "", bool(rec.value(MERGED_INTO)), profile(doc))
+
+
+def _chunks(items: Iterable[str]) -> Iterable[list[str]]:
+    wanted = sorted(set(items))
+    for start in range(0, len(wanted), _CHUNK):
+        yield wanted[start : start + _CHUNK]
+
+
+def index_records(
+    conn: sa.Connection,
+    recs: Mapping[str, HubRecord],
+    *,
+    index: BlockIndex,
+    profiles: Mapping[str, Profile] | None = None,
+) -> dict[str, dict[str, str]]:
+    """Replace the blocking-index entries of `recs`; return {record: {hash: key}}."""
+    keys_of = {}
+    for rid, rec in recs.items():
+        prof = profiles[rid] if profiles is not None else _entry(rec).profile
+        keys_of[rid] = {index.blind(k): k for k in prof.keys}
+    for chunk in _chunks(recs):
+        conn.execute(sa.delete(block_keys).where(block_keys.c.record_id.in_(chunk)))
+    rows = [{"key_hash": h, "record_id": rid} for rid, keys in keys_of.items() for h in keys]
+    if rows:
+        conn.execute(sa.insert(block_keys), rows)
+    return keys_of
+
+
+def all_record_ids(conn: sa.Connection) -> list[str]:
+    """Every record id, for a full scan."""
+    return list(conn.execute(sa.select(records.c.id).order_by(records.c.id)).scalars())
+
+
+def _blocks(conn: sa.Connection, hashes: Iterable[str]) -> dict[str, list[str]]:
+    """Record ids filed under each of `hashes`; blocks over `MAX_BLOCK` come back
+    empty-handed as a list of that many '' (their size is what matters)."""
+    sizes: dict[str, int] = {}
+    for chunk in _chunks(hashes):
+        stmt = (
+            sa.select(block_keys.c.key_hash, sa.func.count())
+            .where(block_keys.c.key_hash.in_(chunk))
+            .group_by(block_keys.c.key_hash)
+        )
+        sizes.update((h, int(n)) for h, n in conn.execute(stmt))
+    out: dict[str, list[str]] = {h: [""] * n for h, n in sizes.items() if n > MAX_BLOCK}
+    for chunk in _chunks(h for h, n in sizes.items() if n <= MAX_BLOCK):
+        stmt = sa.select(block_keys.c.key_hash, block_keys.c.record_id).where(
+            block_keys.c.key_hash.in_(chunk)
+        )
+        for h, rid in conn.execute(stmt):
+            out.setdefault(h, []).append(rid)
+    return out
+
+
+def _known_pairs(conn: sa.Connection, ids: Iterable[str]) -> set[tuple[str, str]]:
+    known: set[tuple[str, str]] = set()
+    for chunk in _chunks(ids):
+        stmt = sa.select(pairs.c.record_a, pairs.c.record_b).where(
+            sa.or_(pairs.c.record_a.in_(chunk), pairs.c.record_b.in_(chunk))
+        )
+        known.update((a, b) for a, b in conn.execute(stmt))
+    return known
+
+
+def _candidate_entries(
+    conn: sa.Connection, ids: Iterable[str], master_key: bytes, cache: ProfileCache
+) -> dict[str, _Entry]:
+    """Profiles of `ids`: from the cache where the record has not changed since,
+    else unsealed and profiled (and cached)."""
+    out: dict[str, _Entry] = {}
+    stale: list[str] = []
+    for chunk in _chunks(ids):
+        stmt = sa.select(records.c.id, records.c.last_hub_seq).where(records.c.id.in_(chunk))
+        for rid, seq in conn.execute(stmt):
+            entry = cache.get(rid, seq)
+            if entry is None:
+                stale.append(rid)
+            else:
+                out[rid] = entry
+    for rid, rec in load_records(conn, stale, master_key).items():
+        out[rid] = _entry(rec)
+        cache.put(rid, out[rid])
+    return out
+
+
+def check_records(
+    conn: sa.Connection,
+    record_ids: Iterable[str],
+    *,
+    index: BlockIndex,
+    master_key: bytes,
+    now: datetime,
+    cache: ProfileCache | None = None,
+    loaded: Mapping[str, HubRecord] | None = None,
+) -> int:
+    """(Re)index `record_ids` and queue every new pair scoring >= the review threshold.
+
+    Returns how many pairs were queued. Cost grows with the records' candidates
+    (keys shared by more than `MAX_BLOCK` records are skipped), not with the
+    database. Pairs already known (open, merged, rejected) are not queued again;
+    registrations merged into another are not candidates. `loaded` may hold
+    some of the records already unsealed (a push has them in hand).
+    """
+    cache = cache if cache is not None else ProfileCache(0)
+    wanted = set(record_ids)
+    recs = {rid: rec for rid, rec in (loaded or {}).items() if rid in wanted}
+    recs.update(load_records(conn, wanted - set(recs), master_key))
+    if not recs:
+        return 0
+    mine = {rid: _entry(rec) for rid, rec in recs.items()}
+    for rid, entry in mine.items():
+        cache.put(rid, entry)
+    keys_of = index_records(
+        conn, recs, index=index, profiles={rid: e.profile for rid, e in mine.items()}
+    )
+    blocks = _blocks(conn, (h for keys in keys_of.values() for h in keys))
+    found: dict[str, set[str]] = {}
+    for rid, keys in keys_of.items():
+        if mine[rid].merged:
+            continue
+        found[rid] = {
+            other for h in keys if len(blocks.get(h, ())) <= MAX_BLOCK for other in blocks[h]
+        } - {rid}
+    known = _known_pairs(conn, found)
+    others = _candidate_entries(
+        conn, {o for cands in found.values() for o in cands} - set(mine), master_key, cache
+    )
+    others.update(mine)
+    new_pairs: list[dict[str, Any]] = []
+    for rid, cands in found.items():
+        entry = mine[rid]
+        key_counts = {keys_of[rid][h]: len(blocks[h]) for h in keys_of[rid] if h in blocks}
+        for other_id in sorted(cands):
+            pair = (rid, other_id) if rid < other_id else (other_id, rid)
+            other = others.get(other_id)
+            if pair in known or other is None or other.merged:
+                continue
+            known.add(pair)
+            match = score(entry.profile, other.profile, key_counts=key_counts)
+            if match.score < REVIEW_THRESHOLD:
+                continue
+            site = {rid: entry.site, other_id: other.site}
+            new_pairs.append(
+                {
+                    "record_a": pair[0],
+                    "record_b": pair[1],
+                    "site_a": site[pair[0]],
+                    "site_b": site[pair[1]],
+                    "score": round(match.score, 4),
+                    "status": "open",
+                    "created_at": now,
+                }
+            )
+    if new_pairs:
+        conn.execute(sa.insert(pairs), new_pairs)
+    return len(new_pairs)
