@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from schemas.fields import unflatten
-from schemas.matching import Match, score
+from schemas.matching import REVIEW_THRESHOLD, Match, profile, score
 from server.db import write_lock
 from server.dedup_check import MERGED_INTO
 from server.hub_edits import hub_edit
@@ -120,6 +120,41 @@ def get_pair(
     return _view(row, match)
 
 
+def _group(conn: sa.Connection, record_id: str) -> set[str]:
+    """A record and the registrations merged into it."""
+    rows = conn.execute(
+        sa.select(pairs.c.record_a, pairs.c.record_b).where(
+            pairs.c.status == "merged", pairs.c.survivor == record_id
+        )
+    )
+    return {record_id} | {a if b == record_id else b for a, b in rows}
+
+
+def _check_groups(conn: sa.Connection, survivor: str, other: str, master_key: bytes) -> None:
+    """Refuse a merge that would chain strangers together (`schemas.clustering`):
+    every registration already merged into either side must not look like a
+    different person from every one on the other side. The pair being decided
+    is the operator's call and is not second-guessed."""
+    mine, theirs = _group(conn, survivor), _group(conn, other)
+    if len(mine) == len(theirs) == 1:
+        return
+    recs = load_records(conn, mine | theirs, master_key)
+    profiles = {rid: profile(_doc(rec)) for rid, rec in recs.items()}
+    for x in sorted(mine):
+        for y in sorted(theirs):
+            if {x, y} == {survivor, other} or x not in profiles or y not in profiles:
+                continue
+            value = score(profiles[x], profiles[y]).score
+            if value < REVIEW_THRESHOLD:
+                raise Problem(
+                    409,
+                    "duplicate.strangers",
+                    f"{x} and {y} would end up as one person but score {value:.2f}: "
+                    "they look like different people; unmerge or reject first",
+                    records=[x, y],
+                )
+
+
 def reject(
     conn: sa.Connection, pair_id: int, *, sites: frozenset[str] | None, actor: str, now: datetime
 ) -> PairView:
@@ -158,6 +193,19 @@ def merge(
     other_id = row.record_b if survivor == row.record_a else row.record_a
     recs = load_records(conn, [survivor, other_id], master_key)
     keep, other = recs[survivor], recs[other_id]
+    if keep.value(MERGED_INTO):
+        raise Problem(
+            409,
+            "duplicate.survivor_merged",
+            f"{survivor} is merged into {keep.value(MERGED_INTO)}: merge into that record instead",
+        )
+    if other.value(MERGED_INTO):
+        raise Problem(
+            409,
+            "duplicate.already_merged",
+            f"{other_id} is merged into {other.value(MERGED_INTO)} already",
+        )
+    _check_groups(conn, survivor, other_id, master_key)
     bad = [f for f in take_from_other if f in ("registration", "schema_version", MERGED_INTO)]
     if bad:
         raise Problem(422, "request.invalid", f"take_from_other: {bad[0]!r} cannot be taken")

@@ -27,7 +27,9 @@ from tests.hubkit import HandDevice, database_backends, fresh_database, init_hub
 PASSWORD = "operator password long"
 
 
-def registration(dev: HandDevice, names: dict[str, str], dob: str, document: str | None) -> Edit:
+def registration(
+    dev: HandDevice, names: dict[str, str], dob: str | None, document: str | None
+) -> Edit:
     fields: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "registration": {
@@ -38,12 +40,14 @@ def registration(dev: HandDevice, names: dict[str, str], dob: str, document: str
         },
         **{f"names.{k}": v for k, v in names.items()},
         "sex": "male",
-        "date_of_birth": {"value": dob, "precision": "exact" if len(dob) > 4 else "year"},
+        "date_of_birth": {"value": dob, "precision": "exact"},
         "nationalities": ["EGY"],
         "situation.scenario": "crossed_border",
         "consent": {"given": True, "legal_basis": "consent", "scope": [], "recorded_by": "t"},
     }
-    if len(dob) == 4:
+    if dob is None:
+        del fields["date_of_birth"]
+    elif len(dob) == 4:
         fields["date_of_birth"] = {"value": f"{dob}-01-01", "precision": "year"}
     if document:
         fields["documents"] = [{"type": "passport", "status": "held", "number": document}]
@@ -205,3 +209,48 @@ def test_a_cached_match_profile_is_not_used_after_its_record_changed(
     camp.open_answer(camp.push(camp.envelope([again])))
     [pair] = http.get("/api/v1/duplicates", headers=login(http)).json()
     assert {pair["record_a"], pair["record_b"]} == {first.record_id, again.record_id}
+
+
+def test_a_merge_that_would_make_strangers_one_person_is_refused(
+    env: tuple[httpx.Client, Hub, str],
+) -> None:
+    http, hub, _ = env
+    border = HandDevice.enrol(http, hub, "border")
+    names = {"given": "Tesfaye", "family": "Gebremedhin"}
+    vague = registration(border, names, None, None)  # matches both below
+    older = registration(border, names, "1961-07-02", "Z7654321")
+    younger = registration(border, names, "1988-03-14", "A1234567")
+    border.open_answer(border.push(border.envelope([vague, older, younger])))
+    auth = login(http)
+    queued = {
+        frozenset((p["record_a"], p["record_b"])): p["id"]
+        for p in http.get("/api/v1/duplicates", headers=auth).json()
+    }
+    assert frozenset((older.record_id, younger.record_id)) not in queued  # two people
+    with_older = queued[frozenset((vague.record_id, older.record_id))]
+    with_younger = queued[frozenset((vague.record_id, younger.record_id))]
+    first = http.post(
+        f"/api/v1/duplicates/{with_older}/merge", headers=auth, json={"survivor": vague.record_id}
+    )
+    assert first.status_code == 200, first.text
+    chained = http.post(
+        f"/api/v1/duplicates/{with_younger}/merge",
+        headers=auth,
+        json={"survivor": vague.record_id},
+    )
+    assert chained.status_code == 409 and chained.json()["code"] == "duplicate.strangers"
+    assert set(chained.json()["records"]) == {older.record_id, younger.record_id}
+    assert http.get(f"/api/v1/duplicates/{with_younger}", headers=auth).json()["status"] == "open"
+    into_merged = http.post(
+        f"/api/v1/duplicates/{with_younger}/merge",
+        headers=auth,
+        json={"survivor": younger.record_id},
+    )
+    assert into_merged.status_code == 409
+    assert into_merged.json()["code"] == "duplicate.strangers"
+    # Once the first merge is undone, the second pair can be merged on its own.
+    assert http.post(f"/api/v1/duplicates/{with_older}/unmerge", headers=auth).status_code == 200
+    again = http.post(
+        f"/api/v1/duplicates/{with_younger}/merge", headers=auth, json={"survivor": vague.record_id}
+    )
+    assert again.status_code == 200, again.text

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -298,16 +296,6 @@ def test_similarity_across_scripts_and_spellings() -> None:
 def test_similarity_is_bounded() -> None:
     for names_ in (["Mohamed"], ["Mohamed", "Mohamed"], ["Ali Mohamed", "Mohamed Ali"]):
         assert 0.0 <= name_similarity("Mohamed Ali", names_) <= 100.0
-
-
-def test_fast_enough_for_bulk_registration_and_ranking() -> None:
-    records = [[f"Mohamed{i:05d}", "Abdel Rahman", f"Ali{i % 97}"] for i in range(10_000)]
-    start = time.perf_counter()
-    for record in records:
-        match_keys(record)
-    for record in records[:200]:
-        name_similarity("Muhammad Abdelrahman Ali", record)
-    assert time.perf_counter() - start < 3.0  # generous: about 0.2 s on a laptop
 
 
 @settings(database=None, max_examples=300)
