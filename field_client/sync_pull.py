@@ -53,15 +53,19 @@ def pull_pages(
     progress: Progress | None,
     wall_ms: Callable[[], int],
     on_revoked: Callable[[HubProblem], Exception],
-) -> None:
+) -> int | None:
     """Pull and merge every page after the stored cursor; count edits in `summary`.
 
-    A cursor the hub no longer knows (another epoch) restarts the pull from
-    the start once. Raises what the transport raises (what was stored stays),
-    and `on_revoked(problem)` when the hub revoked the device.
+    Returns how far the hub holds this device's own changes (`high_water` of
+    the last page; None from a hub that does not say). A cursor the hub no
+    longer knows (another epoch, or one past what a restored hub holds)
+    restarts the pull from the start once. Raises what the transport raises
+    (what was stored stays), and `on_revoked(problem)` when the hub revoked
+    the device.
     """
     position = store.sync.pull_position()
     has_restarted = False
+    high_water: int | None = None
     if progress is not None:
         progress("pull", 0, None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldreg-pull") as pool:
@@ -77,9 +81,11 @@ def pull_pages(
                 if problem.code == "device.revoked":
                     raise on_revoked(problem) from None
                 if problem.code == "cursor.invalid" and position.cursor and not has_restarted:
-                    # The hub no longer knows the cursor (a new epoch): pull from the
-                    # start; merging what is already here again changes nothing.
-                    store.sync.restart_pull(position.epoch)
+                    # The hub no longer knows the cursor (a new epoch, or a hub that lost
+                    # changes): pull from the start; merging what is here changes nothing.
+                    named = problem.extra.get("epoch")
+                    epoch = named if isinstance(named, str) and named else position.epoch
+                    store.sync.restart_pull(epoch)
                     position, has_restarted = store.sync.pull_position(), True
                     next_page = fetch(position.cursor)
                     continue
@@ -95,8 +101,9 @@ def pull_pages(
                 next_page = fetch(page.cursor)  # fetched while this page is merged
             store.sync.apply_pull(page.edits, cursor=page.cursor, epoch=page.epoch)
             summary.received_edits += len(page.edits)
+            high_water = page.high_water if page.high_water is not None else high_water
             if progress is not None:
                 progress("pull", summary.received_edits, None)
             if not page.more:
-                return
+                return high_water
             position = PullPosition(page.cursor, page.epoch)

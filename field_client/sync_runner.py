@@ -66,6 +66,12 @@ def run_sync(
 ) -> SyncSummary:
     """Push every pending change, then pull every page; return what happened.
 
+    Each pull page says how far the hub holds this device's changes. When that
+    is below the pushed mark, the hub has lost changes it acknowledged (it was
+    restored from an older backup): the mark is lowered to the hub's, and the
+    run pushes again from there and pulls once more. Changes the hub still
+    holds are not sent again.
+
     Each acknowledged batch and each pulled page is stored as it arrives, so
     when this raises (`HubUnreachable`, `HubProblem`, `SyncError`) everything
     confirmed so far is kept and the next run resumes, re-sending at most the
@@ -85,26 +91,37 @@ def run_sync(
         store.sync.mark_revoked()
         return DeviceRevoked(problem.detail)
 
-    push_outbox(
-        store,
-        client,
-        link,
-        summary,
-        max_batch_bytes=max_batch_bytes,
-        progress=progress,
-        wall_ms=wall_ms,
-        on_revoked=revoked,
-    )
-    pull_pages(
-        store,
-        client,
-        link,
-        summary,
-        limit=pull_limit,
-        progress=progress,
-        wall_ms=wall_ms,
-        on_revoked=revoked,
-    )
+    def push() -> None:
+        push_outbox(
+            store,
+            client,
+            link,
+            summary,
+            max_batch_bytes=max_batch_bytes,
+            progress=progress,
+            wall_ms=wall_ms,
+            on_revoked=revoked,
+        )
+
+    def pull() -> int | None:
+        return pull_pages(
+            store,
+            client,
+            link,
+            summary,
+            limit=pull_limit,
+            progress=progress,
+            wall_ms=wall_ms,
+            on_revoked=revoked,
+        )
+
+    push()
+    hub_mark = pull()
+    if hub_mark is not None and store.sync.lower_pushed(hub_mark):
+        # The hub holds fewer of our changes than it acknowledged (restored from an
+        # older backup): send again what it lost, then take what came in meanwhile.
+        push()
+        pull()
     return summary
 
 

@@ -10,7 +10,8 @@ pulling must bound the next local edit). Every method is one transaction.
 
 The pushed mark (`pushed_seq`) advances only on the hub's answer: `mark_pushed`
 after an acknowledgement (never lowering it), `reset_pushed` when the hub says
-where it stands (`batch.gap`, `envelope.replayed`).
+where it stands (`batch.gap`, `envelope.replayed`), `lower_pushed` when a pull
+page says the hub holds less than the mark (a hub restored from a backup).
 """
 
 from __future__ import annotations
@@ -252,6 +253,25 @@ class SyncStore:
                 sa.update(db.changes).where(db.changes.c.device_seq > seq).values(outcome=None)
             )
             self._put_meta({"pushed_seq": str(max(seq, 0))})
+
+    def lower_pushed(self, high_water: int) -> int:
+        """Lower the pushed mark to `high_water`, where the hub says it holds this
+        device's changes, when that is below the mark (the hub was restored from
+        an older backup); never raise it. Returns how many own changes wait to
+        be sent again (0 when the mark stays).
+
+        Their verdicts are cleared: the hub answers them anew.
+        """
+        with self._conn.begin():
+            pushed = int(self._meta()["pushed_seq"])
+            seq = max(high_water, 0)
+            if seq >= pushed:
+                return 0
+            self._conn.execute(
+                sa.update(db.changes).where(db.changes.c.device_seq > seq).values(outcome=None)
+            )
+            self._put_meta({"pushed_seq": str(seq)})
+        return pushed - seq
 
     def pushed_seq(self) -> int:
         """The pushed mark: every own change up to it is confirmed by the hub."""

@@ -17,7 +17,15 @@ from rich.table import Table
 
 from schemas.record import RegistrationContext
 from schemas.validation import InvalidRecord, validate
-from server import accounts, admin, audit_commands, dedup_check, dedup_commands, duplicates
+from server import (
+    accounts,
+    admin,
+    audit_commands,
+    dedup_check,
+    dedup_commands,
+    duplicates,
+    restore_commands,
+)
 from server import devices as device_store
 from server.accounts import Role
 from server.db import make_engine, migrate
@@ -477,6 +485,7 @@ def quarantine_cmd(data_dir: DataDir = None) -> None:
 
 audit_commands.register(app)
 dedup_commands.register(app)
+restore_commands.register(app)
 
 
 def main() -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 
@@ -15,7 +17,15 @@ from sync.changes import Version
 from sync.hlc import Stamp
 from sync.protocol import Edit
 
-__all__ = ["decode_cursor", "edit_size", "encode_cursor", "read_page"]
+__all__ = [
+    "Cursor",
+    "change_mark",
+    "cursor_is_held",
+    "decode_cursor",
+    "edit_size",
+    "encode_cursor",
+    "read_page",
+]
 
 changes = ChangeRow.__table__  # type: ignore[attr-defined]
 records = RecordRow.__table__  # type: ignore[attr-defined]
@@ -27,26 +37,79 @@ _ADDED_BYTES = 25
 _EMPTY_BASES_BYTES = len(',"b":{}')
 
 
-def encode_cursor(epoch: str, hub_seq: int) -> str:
-    """An opaque cursor: the hub epoch and the last hub sequence delivered."""
-    return base64.urlsafe_b64encode(f"{epoch}:{hub_seq}".encode()).decode().rstrip("=")
+@dataclass(frozen=True)
+class Cursor:
+    """Where a pull resumes: the last hub sequence delivered and the mark of the
+    change that sequence numbered when the cursor was given out ('' for none)."""
+
+    seq: int
+    mark: str = ""
 
 
-def decode_cursor(cursor: str, epoch: str) -> int:
-    """The hub sequence in `cursor` ('' is the start); `cursor.invalid` otherwise."""
+def encode_cursor(epoch: str, hub_seq: int, mark: str = "") -> str:
+    """An opaque cursor: the hub epoch, the last hub sequence delivered, and the
+    mark (`change_mark`) of the change at that sequence."""
+    text = f"{epoch}:{hub_seq}:{mark}" if mark else f"{epoch}:{hub_seq}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, epoch: str) -> Cursor:
+    """The position in `cursor` ('' is the start); `cursor.invalid` otherwise.
+
+    The problem names the hub's `epoch`, so a device learns it from the refusal.
+    A cursor without a mark (given out before marks existed) is still read.
+    """
     if cursor == "":
-        return 0
+        return Cursor(0)
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        cursor_epoch, _, seq = text.rpartition(":")
+        cursor_epoch, seq, *rest = text.split(":")
         value = int(seq)
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise Problem(400, "cursor.invalid", "the cursor is not one this hub gave out") from None
-    if cursor_epoch != epoch or value < 0:
         raise Problem(
-            400, "cursor.invalid", "the cursor belongs to another hub epoch; pull from the start"
+            400, "cursor.invalid", "the cursor is not one this hub gave out", epoch=epoch
+        ) from None
+    if len(rest) > 1 or value < 0:
+        raise Problem(400, "cursor.invalid", "the cursor is not one this hub gave out", epoch=epoch)
+    if cursor_epoch != epoch:
+        raise Problem(
+            400,
+            "cursor.invalid",
+            "the cursor belongs to another hub epoch; pull from the start",
+            epoch=epoch,
         )
-    return value
+    return Cursor(value, rest[0] if rest else "")
+
+
+def change_mark(conn: sa.Connection, hub_seq: int) -> str:
+    """A short fingerprint of the change numbered `hub_seq` ('' when there is none).
+
+    A hub restored from an older backup numbers new changes with sequences it
+    had given out before; the mark tells the change a cursor was made after
+    from the one that now has its number.
+    """
+    if hub_seq <= 0:
+        return ""
+    stmt = sa.select(changes.c.record_id, changes.c.device_id, changes.c.stamp).where(
+        changes.c.hub_seq == hub_seq
+    )
+    row = conn.execute(stmt).first()
+    if row is None:
+        return ""
+    text = f"{row.record_id}|{row.device_id}|{row.stamp}"
+    return base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()[:9]).decode()
+
+
+def cursor_is_held(conn: sa.Connection, cursor: Cursor) -> bool:
+    """Whether this hub holds the change log up to `cursor` as it was when the
+    cursor was given out: the change at its sequence is the one it was made
+    after (same mark), or, for a cursor without a mark, its sequence is not
+    past the last one. False means the hub lost changes the device has seen
+    (a restore from an older backup, a failover to a replica that lagged)."""
+    if cursor.mark:
+        return change_mark(conn, cursor.seq) == cursor.mark
+    last = conn.execute(sa.select(sa.func.coalesce(sa.func.max(changes.c.hub_seq), 0))).scalar()
+    return cursor.seq <= int(last or 0)
 
 
 def edit_size(sealed_json: bytes, edit: Edit) -> int:

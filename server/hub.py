@@ -5,6 +5,7 @@ Routes call one method each; every method opens its own short transaction.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ from server import audit as audit_log
 from server import dedup_check, name_index
 from server import devices as device_store
 from server.db import make_engine
-from server.feed import decode_cursor, encode_cursor, read_page
+from server.feed import change_mark, cursor_is_held, decode_cursor, encode_cursor, read_page
 from server.ingest import PushContext, apply_push
 from server.keystore import HubSecrets
 from server.name_index import IndexKey
@@ -33,6 +34,7 @@ __all__ = ["HUB_ID", "PULL_PATH", "Hub"]
 
 HUB_ID = "hub"
 PULL_PATH = "/api/v1/sync/pull"
+log = logging.getLogger("fieldreg.hub")
 
 _ENVELOPE_STATUS = {
     "envelope.malformed": 400,
@@ -299,15 +301,22 @@ class Hub:
             raise Problem(401, exc.code, exc.detail) from None
         if device.is_revoked:
             raise self._revoked(device)
-        after = decode_cursor(cursor, self.epoch)
+        position = decode_cursor(cursor, self.epoch)
+        after = position.seq
         with self.engine.begin() as conn:
-            if after > device_store.last_hub_seq(conn):
+            if not cursor_is_held(conn, position):
                 # The device has seen changes this hub does not hold: it was
                 # restored from an older backup. Start over; merging is idempotent.
+                log.warning(
+                    "device %s pulled with a cursor past what this hub holds: was the"
+                    " database restored from an older backup? run `fieldreg-hub restored`",
+                    device.id,
+                )
                 raise Problem(
                     400,
                     "cursor.invalid",
                     "the cursor is ahead of this hub (restored from a backup?): pull again",
+                    epoch=self.epoch,
                 )
             edits, covered, more = read_page(
                 conn,
@@ -328,11 +337,15 @@ class Hub:
                     request_id=request_id,
                     detail={"edits": len(edits)},
                 )
+            next_cursor = encode_cursor(self.epoch, covered, change_mark(conn, covered))
         body = {
             "edits": [e.to_json() for e in edits],
-            "cursor": encode_cursor(self.epoch, covered),
+            "cursor": next_cursor,
             "more": more,
             "epoch": self.epoch,
+            # How far this hub holds the device's own changes: after a restore
+            # from an older backup the device sends again what is above it.
+            "high_water": device.high_water,
         }
         return self._seal_to(device, "pull", f"pull-{after}", after, covered, body)
 

@@ -353,20 +353,30 @@ class Ack:
 class PullPage:
     """One page of a pull: edits (each with its hub sequence) after the cursor
     the device sent, the cursor to send next, whether more remain, and the
-    hub's epoch."""
+    hub's epoch.
+
+    `high_water` is the pulling device's last sequence the hub holds (as in an
+    acknowledgement); a device whose pushed mark is above it learns that the
+    hub lost its changes (restored from an older backup) and sends them again.
+    None from a hub that does not say.
+    """
 
     edits: list[Edit]
     cursor: str
     more: bool
     epoch: str
+    high_water: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "edits": [edit.to_json() for edit in self.edits],
             "cursor": self.cursor,
             "more": self.more,
             "epoch": self.epoch,
         }
+        if self.high_water is not None:
+            out["high_water"] = self.high_water
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> PullPage:
@@ -380,7 +390,8 @@ class PullPage:
             raise ProtocolError(code, "edits or cursor missing")
         if not isinstance(more, bool) or not isinstance(epoch, str) or not epoch:
             raise ProtocolError(code, "more or epoch missing")
+        high_water = _int(data, "high_water", code) if "high_water" in data else None
         edits = [Edit.from_json(item) for item in raw_edits]
         if any(edit.hub_seq is None for edit in edits):
             raise ProtocolError(code, "an edit without its hub sequence")
-        return cls(edits, cursor, more, epoch)
+        return cls(edits, cursor, more, epoch, high_water)

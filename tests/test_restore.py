@@ -1,0 +1,287 @@
+"""A hub restored from an older backup: devices find out and send again what it
+lost; nothing is lost or applied twice.
+
+Real parts throughout: a uvicorn hub on 127.0.0.1 over SQLite (and PostgreSQL
+when FIELDREG_TEST_POSTGRES_URL is set), backed up and restored with the
+commands docs/deployment.md gives (`sqlite3 .backup`, `pg_dump`/`pg_restore`),
+`fieldreg-hub restored` as a subprocess, and real encrypted device stores
+syncing with `run_sync`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from field_client.store import Store
+from schemas.record import RegistrationCreate
+from server.feed import Cursor, decode_cursor, encode_cursor
+from server.hub import Hub
+from server.problems import Problem
+from server.restore_commands import renew_epoch
+from server.settings import HubSettings
+from sync.protocol import ProtocolError, PullPage
+from tests.conftest import sample_record
+from tests.hubkit import POSTGRES_ENV, database_backends, fresh_database, init_hub, live_hub
+from tests.test_sync_e2e import count, device_state, hub_state, new_device, sync
+
+SITE = "s1"
+
+
+@dataclass(frozen=True)
+class HubPlace:
+    """Where a test hub lives: its data directory and database (None: SQLite there)."""
+
+    settings: HubSettings
+    backend: str
+
+    @property
+    def sqlite_file(self) -> Path:
+        return self.settings.data_dir / "hub.db"
+
+    def backup(self, dest: Path) -> None:
+        """Back up the live hub's database the way docs/deployment.md says."""
+        if self.backend == "sqlite":
+            run(["sqlite3", str(self.sqlite_file), f".backup '{dest}'"])
+        else:
+            assert self.settings.database_url
+            run(["pg_dump", "--format=custom", f"--file={dest}", self.settings.database_url])
+
+    def restore(self, src: Path) -> None:
+        """Put the backup in place of the database (the hub is stopped)."""
+        if self.backend == "sqlite":
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.sqlite_file}{suffix}").unlink(missing_ok=True)
+            shutil.copyfile(src, self.sqlite_file)
+            return
+        url = self.settings.database_url
+        assert url
+        name = url.rpartition("/")[2]
+        import psycopg  # only with PostgreSQL (an optional extra)
+
+        with psycopg.connect(os.environ[POSTGRES_ENV], autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        run(["pg_restore", "--no-owner", f"--dbname={url}", str(src)])
+
+    def hub_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "FIELDREG_HUB_DATA_DIR": str(self.settings.data_dir)}
+        env.pop("FIELDREG_HUB_DATABASE_URL", None)
+        if self.settings.database_url:
+            env["FIELDREG_HUB_DATABASE_URL"] = self.settings.database_url
+        return subprocess.run(
+            [sys.executable, "-m", "server", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+
+
+def run(argv: list[str]) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(params=database_backends())
+def place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HubPlace]:
+    with fresh_database(request.param) as url:
+        yield HubPlace(init_hub(tmp_path / "hub", url), request.param)
+
+
+def register(store: Store, *names: str) -> list[str]:
+    saved = store.register(
+        [RegistrationCreate.model_validate(sample_record(names={"given": n})) for n in names]
+    )
+    return [str(r.id) for r in saved]
+
+
+def own_changes(store: Store) -> int:
+    return store.status().sync.last_seq
+
+
+def log_duplicates(hub: Hub) -> int:
+    """Device changes the hub's change log holds more than once."""
+    stmt = sa.text(
+        "SELECT count(*) FROM (SELECT device_id, device_seq FROM changes"
+        " WHERE device_seq IS NOT NULL GROUP BY device_id, device_seq HAVING count(*) > 1) d"
+    )
+    with hub.engine.connect() as conn:
+        return int(conn.execute(stmt).scalar_one())
+
+
+def audited(hub: Hub, action: str) -> int:
+    with hub.engine.connect() as conn:
+        stmt = sa.text("SELECT count(*) FROM audit_log WHERE action = :a")
+        return int(conn.execute(stmt, {"a": action}).scalar_one())
+
+
+@dataclass
+class Before:
+    """What the hub held just before the restore: everything (it never lost anything)."""
+
+    state: dict[str, dict[str, Any]]
+    changes: int
+    epoch: str
+    a_after_backup: int  # own changes each device made after the backup
+    b_after_backup: int
+
+
+def _two_devices_then_backup(
+    place: HubPlace, stack: ExitStack, tmp_path: Path, backup: Path
+) -> tuple[Store, Store, Before]:
+    """Devices a and b sync, the hub is backed up, both do more and sync again."""
+    with live_hub(place.settings) as (url, live):
+        a = stack.enter_context(new_device(tmp_path, "a", url, live, sites=[SITE]))
+        b = stack.enter_context(new_device(tmp_path, "b", url, live, sites=[SITE]))
+        a_first = register(a, "Amal", "Bashir")
+        b_first = register(b, "Chiara")
+        for store in (a, b, a):
+            sync(store, url)
+        place.backup(backup)  # the hub is live: the backup must be consistent anyway
+        a_seq, b_seq = own_changes(a), own_changes(b)
+        register(a, "Dawit", "Efua")
+        a.edit(b_first[0], {"occupation": "driver"})  # on b's record the backup holds
+        b.edit(a_first[0], {"phone": "+218 91 222 3333"})  # on a's record the backup holds
+        register(b, "Fatou")
+        for store in (a, b, a, b):
+            sync(store, url)
+        state = hub_state(live)
+        assert device_state(a) == device_state(b) == state and len(state) == 6
+        before = Before(
+            state,
+            count(live, "changes"),
+            live.epoch,
+            own_changes(a) - a_seq,
+            own_changes(b) - b_seq,
+        )
+    return a, b, before
+
+
+@pytest.mark.parametrize("renew", [True, False], ids=["restored-command", "no-command"])
+def test_restore_from_an_older_backup_loses_nothing(
+    place: HubPlace, tmp_path: Path, renew: bool
+) -> None:
+    backup = tmp_path / "hub-backup"
+    with ExitStack() as stack:
+        a, b, before = _two_devices_then_backup(place, stack, tmp_path, backup)
+        place.restore(backup)
+        if renew:
+            done = place.hub_cli("restored")
+            assert done.returncode == 0, done.stderr
+            assert "new hub epoch" in done.stdout and "audit" in done.stdout
+        # Without the command (a failover to a replica that lagged, an operator who
+        # forgot) the epoch stays, and the hub hands out sequence numbers again.
+        with live_hub(place.settings) as (url, live):
+            assert (live.epoch != before.epoch) is renew
+            assert count(live, "changes") < before.changes  # the backup is older
+            # a made more since; its push meets a gap and it sends again from the
+            # hub's mark. Three new registrations take the restored hub's sequence
+            # past b's old cursor, so the numbers b has seen now mean other changes.
+            made = own_changes(a)
+            a_new = register(a, "Gaspard", "Hawa", "Ivan")
+            a_run = sync(a, url)
+            assert a_run.acknowledged == before.a_after_backup + own_changes(a) - made
+            assert count(live, "changes") >= before.changes
+            # b made nothing new: only a pull page can tell it the hub lost its changes.
+            assert b.sync.pending_count() == 0
+            b_run = sync(b, url)
+            assert b_run.acknowledged == before.b_after_backup  # exactly what was lost
+            assert b_run.received_edits > 0
+            a_again = sync(a, url)
+            assert a_again.acknowledged == 0 and a_again.received_edits > 0
+            assert sync(b, url).acknowledged == 0
+
+            state = hub_state(live)
+            assert {rid: state[rid] for rid in before.state} == before.state
+            assert set(state) - set(before.state) == set(a_new)
+            assert device_state(a) == device_state(b) == state
+            assert log_duplicates(live) == 0
+            assert count(live, "changes") == before.changes + len(a_new)
+            assert count(live, "quarantine") == 0 and count(live, "conflicts") == 0
+            assert a.sync.pending_count() == b.sync.pending_count() == 0
+            assert audited(live, "hub.restored") == int(renew)
+        verified = place.hub_cli("audit", "verify")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_new_epoch_alone_sends_nothing_again(place: HubPlace, tmp_path: Path) -> None:
+    """`restored` on a hub that lost nothing (the newest backup): devices pull
+    from the start, and send again nothing the hub still holds."""
+    with ExitStack() as stack, live_hub(place.settings) as (url, live):
+        a = stack.enter_context(new_device(tmp_path, "a", url, live, sites=[SITE]))
+        b = stack.enter_context(new_device(tmp_path, "b", url, live, sites=[SITE]))
+        register(a, "Jamal", "Kofi")
+        register(b, "Lina")
+        for store in (a, b, a):
+            sync(store, url)
+        old = live.epoch
+        renewal = renew_epoch(live, request_id="test")
+        assert (renewal.old_epoch, renewal.epoch) == (old, live.epoch) and live.epoch != old
+        assert renewal.devices == 2 and renewal.last_hub_seq == count(live, "changes")
+        register(a, "Musa")
+        a_run, b_run = sync(a, url), sync(b, url)
+        assert a_run.acknowledged == a_run.sent_changes > 0  # only the new registration
+        assert b_run.acknowledged == b_run.sent_changes == 0
+        assert b_run.received_edits == 3  # all of a's edits: the pull started over
+        assert a.sync.pull_position().epoch == b.sync.pull_position().epoch == live.epoch
+        assert device_state(a) == device_state(b) == hub_state(live)
+        assert log_duplicates(live) == 0 and audited(live, "hub.restored") == 1
+
+
+def test_cursors_carry_a_mark_and_refusals_name_the_epoch() -> None:
+    epoch = uuid.uuid4().hex
+    assert decode_cursor("", epoch) == Cursor(0)
+    assert decode_cursor(encode_cursor(epoch, 42, "AbC-_9xyz012"), epoch) == Cursor(
+        42, "AbC-_9xyz012"
+    )
+    assert decode_cursor(encode_cursor(epoch, 7), epoch) == Cursor(7)  # made before marks
+    for bad in (
+        encode_cursor("another-epoch", 7),
+        "%%%",
+        encode_cursor(epoch, 7, "m") + "Om9v",  # a fourth part
+        encode_cursor(epoch, -1),
+    ):
+        with pytest.raises(Problem) as info:
+            decode_cursor(bad, epoch)
+        assert (info.value.status, info.value.code) == (400, "cursor.invalid")
+        assert info.value.extra == {"epoch": epoch}
+
+
+def test_pull_pages_may_say_how_far_the_hub_holds_the_device() -> None:
+    page = {"edits": [], "cursor": "c", "more": False, "epoch": "e"}
+    assert PullPage.from_json(page).high_water is None  # a hub that does not say
+    said = PullPage.from_json({**page, "high_water": 12})
+    assert said.high_water == 12 and PullPage.from_json(said.to_json()) == said
+    assert "high_water" not in PullPage([], "c", False, "e").to_json()
+    for bad in (-1, "12", True, None, 1.5):
+        with pytest.raises(ProtocolError) as info:
+            PullPage.from_json({**page, "high_water": bad})
+        assert info.value.code == "page.malformed"
+
+
+def test_restored_refuses_a_directory_without_a_hub(tmp_path: Path) -> None:
+    env = {**os.environ}
+    env.pop("FIELDREG_HUB_DATABASE_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "restored", "--data-dir", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: ")
+    assert "Traceback" not in done.stderr and not (tmp_path / "none").exists()
