@@ -146,7 +146,8 @@ def _stored_ack(conn: sa.Connection, ctx: PushContext) -> dict[str, Any] | None:
     if row.digest != ctx.digest:
         raise Problem(409, "batch.id_reused", "this batch id was already used for other content")
     ack: dict[str, Any] = json.loads(row.ack)
-    return {**ack, "duplicate": True}
+    # The stored ack may come from before a restore: the epoch is the hub's now.
+    return {**ack, "duplicate": True, "epoch": ctx.epoch}
 
 
 def apply_push(conn: sa.Connection, ctx: PushContext) -> dict[str, Any]:
