@@ -479,7 +479,12 @@ class _SyncBar:
 @app.command()
 def sync(
     hub_timeout: Annotated[
-        float, typer.Option(min=1, help="Seconds to wait for each answer of the hub.")
+        float,
+        typer.Option(
+            min=1,
+            help="Seconds to wait for each answer of the hub, plus the time a big push"
+            " takes to upload at 64 kbit/s.",
+        ),
     ] = READ_TIMEOUT_S,
     max_batch_bytes: Annotated[
         int, typer.Option(min=1024, max=MAX_BODY_BYTES, help="Size of a batch before compression.")

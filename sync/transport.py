@@ -23,12 +23,14 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "ENROL_PATH",
     "HUB_PATH",
+    "MIN_UPLINK_BYTES_PER_S",
     "PULL_PATH",
     "PUSH_PATH",
     "READ_TIMEOUT_S",
     "HubClient",
     "HubProblem",
     "HubUnreachable",
+    "request_timeout",
 ]
 
 HUB_PATH = "/api/v1/hub"
@@ -37,6 +39,11 @@ PUSH_PATH = "/api/v1/sync/push"
 PULL_PATH = "/api/v1/sync/pull"
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0
+# The slowest uplink a request's size is allowed for: 64 kbit/s. The device's
+# kernel takes a whole batch into its buffers at once, so the wait for the answer
+# starts while the batch is still on its way; it is lengthened by the time the
+# request takes at this rate, so a slow link's upload does not count as a silent hub.
+MIN_UPLINK_BYTES_PER_S = 8_000
 
 _JSON = "application/json"
 _PROBLEM_JSON = "application/problem+json"
@@ -101,11 +108,19 @@ def _problem(status: int, content: bytes) -> HubProblem:
     return HubProblem(status, code, detail, extra)
 
 
+def request_timeout(connect_s: float, read_s: float, request_bytes: int) -> httpx.Timeout:
+    """Timeouts for a request of `request_bytes`: connect `connect_s`; read, write and
+    pool `read_s` plus the time the request takes at `MIN_UPLINK_BYTES_PER_S`."""
+    return httpx.Timeout(read_s + request_bytes / MIN_UPLINK_BYTES_PER_S, connect=connect_s)
+
+
 class HubClient:
     """The device's side of the hub API over one `httpx.Client` (base URL included).
 
-    Each call sets its own timeouts (connect `connect_timeout_s`, read
-    `read_timeout_s`), whatever the client's defaults are.
+    Each call sets its own timeouts, whatever the client's defaults are:
+    connect `connect_timeout_s`; read (the longest silence of the hub) and
+    write `read_timeout_s`, plus, for a request with a body, the time the body
+    takes to upload at `MIN_UPLINK_BYTES_PER_S` (a 256 KiB envelope: 33 s more).
     """
 
     def __init__(
@@ -116,7 +131,12 @@ class HubClient:
         read_timeout_s: float = READ_TIMEOUT_S,
     ) -> None:
         self._http = http
-        self._timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
+        self._connect_s = connect_timeout_s
+        self._read_s = read_timeout_s
+        self._timeout = request_timeout(connect_timeout_s, read_timeout_s, 0)
+
+    def _timeout_for(self, content: bytes) -> httpx.Timeout:
+        return request_timeout(self._connect_s, self._read_s, len(content))
 
     @property
     def base_url(self) -> str:
@@ -129,9 +149,8 @@ class HubClient:
 
     def enrol(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """`POST /api/v1/enrol` with `payload`; return the hub's JSON answer as it came."""
-        request = self._http.build_request(
-            "POST", ENROL_PATH, json=dict(payload), timeout=self._timeout
-        )
+        request = self._http.build_request("POST", ENROL_PATH, json=dict(payload))
+        request.extensions["timeout"] = self._timeout_for(request.content).as_dict()
         return self._json(request)
 
     def push(self, envelope: bytes) -> bytes:
@@ -141,7 +160,7 @@ class HubClient:
             PUSH_PATH,
             content=envelope,
             headers={"content-type": _OCTETS},
-            timeout=self._timeout,
+            timeout=self._timeout_for(envelope),
         )
         return self._octets(request)
 

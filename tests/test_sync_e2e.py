@@ -28,7 +28,7 @@ from server.records import load_records
 from sync.hlc import system_ms
 from sync.transport import HubClient, HubUnreachable
 from tests.conftest import PASSPHRASE, sample_record
-from tests.faults import CuttingProxy
+from tests.faults import Cut, FaultProxy, Request
 from tests.hubkit import database_backends, fresh_database, init_hub, live_hub
 
 DAY_MS = 86_400_000
@@ -156,17 +156,17 @@ def test_connection_cut_at_random_offsets_loses_and_duplicates_nothing(
     people = [RegistrationCreate.model_validate(person(rng)) for _ in range(2000)]
     cuts_left = [8]
 
-    def plan(index: int) -> tuple[str, int] | None:
+    def plan(request: Request) -> Cut | None:
         if cuts_left[0] == 0 or rng.random() > 0.35:
             return None
         cuts_left[0] -= 1
         return (
-            ("up", rng.randint(0, 20_000))
+            Cut("up", rng.randint(0, 20_000))
             if rng.random() < 0.6
-            else ("down", rng.randint(0, 1_500))
+            else Cut("down", rng.randint(0, 1_500))
         )
 
-    with device, CuttingProxy(int(url.rsplit(":", 1)[1]), plan) as proxy:
+    with device, FaultProxy(int(url.rsplit(":", 1)[1]), plan) as proxy:
         device.register(people)
         attempts = 0
         limits = httpx.Limits(max_keepalive_connections=0)
@@ -179,7 +179,7 @@ def test_connection_cut_at_random_offsets_loses_and_duplicates_nothing(
                 break
             except HubUnreachable:
                 continue
-        cuts = sum(1 for c in proxy.connections if c.cut is not None)
+        cuts = len(proxy.fired())
         pushes = proxy.requests_to("/api/v1/sync/push")
     assert cuts >= 3
     assert count(live, "records") == 2000

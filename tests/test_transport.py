@@ -14,7 +14,13 @@ import pytest
 
 from sync.http_signature import sign_request, verify_request
 from sync.keys import KemAlgorithm, KeyPairs
-from sync.transport import PULL_PATH, HubClient, HubProblem, HubUnreachable
+from sync.transport import (
+    MIN_UPLINK_BYTES_PER_S,
+    PULL_PATH,
+    HubClient,
+    HubProblem,
+    HubUnreachable,
+)
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -74,6 +80,28 @@ def test_push_posts_octets_and_returns_the_answer_bytes() -> None:
     assert seen[0].url.path == "/api/v1/sync/push"
     assert seen[0].headers["content-type"] == "application/octet-stream"
     assert seen[0].content == b"sealed batch"
+
+
+def test_a_request_body_lengthens_the_wait_by_its_upload_time_on_a_slow_link() -> None:
+    # The kernel takes the whole body at once: the wait for the answer starts while
+    # it is still on its way, so the timeout allows for it at 64 kbit/s.
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path == "/api/v1/enrol":
+            return httpx.Response(200, json={})
+        return octets(b"answer")
+
+    with hub_client(handler, read_timeout_s=5.0, connect_timeout_s=3.0) as client:
+        client.push(b"x" * 80_000)
+        client.enrol({"code": "C" * 800})
+        client.pull("limit=1", {})
+    push, enrol, pull = (r.extensions["timeout"] for r in seen)
+    assert push["connect"] == 3.0
+    assert push["read"] == push["write"] == 5.0 + 80_000 / MIN_UPLINK_BYTES_PER_S == 15.0
+    assert enrol["read"] == 5.0 + len(seen[1].content) / MIN_UPLINK_BYTES_PER_S
+    assert (pull["connect"], pull["read"]) == (3.0, 5.0)
 
 
 def test_pull_query_travels_exactly_as_signed() -> None:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from server.hub import parse_enrol
 from server.problems import Problem
@@ -75,10 +76,13 @@ async def _body(request: Request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise Problem(413, "request.too_large", f"an envelope may be at most {limit} bytes")
     data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise Problem(413, "request.too_large", f"an envelope may be at most {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise Problem(413, "request.too_large", f"an envelope may be at most {limit} bytes")
+    except ClientDisconnect:  # the link dropped mid-upload: nobody hears this, nothing logged
+        raise Problem(400, "request.incomplete", "the connection closed mid-envelope") from None
     return bytes(data)
 
 
