@@ -100,6 +100,21 @@ def _device(path: Path, hub: _HubProcess) -> Store:
     return store
 
 
+def _checks_caught_up(hub: _HubProcess, limit_s: float = 600) -> float:
+    """Seconds until the hub's duplicate checker has seen every pushed record
+    (it works after each push has answered)."""
+    start = time.perf_counter()
+    db = sqlite3.connect(f"file:{hub.settings.data_dir / 'hub.db'}?mode=ro", uri=True)
+    try:
+        while db.execute("SELECT count(*) FROM dedup_pending").fetchone()[0]:
+            if time.perf_counter() - start > limit_s:
+                raise RuntimeError("the duplicate checker did not catch up")
+            time.sleep(0.05)
+    finally:
+        db.close()
+    return time.perf_counter() - start
+
+
 def _raw_insert(path: Path, docs: list[str]) -> float:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -149,6 +164,7 @@ def _one_run(root: Path, items: list[RegistrationCreate]) -> dict[str, float]:
             docs = [json.dumps(pusher.get(s.id).model_dump(mode="json")) for s in summaries]
             with httpx.Client(base_url=hub.url, event_hooks={"request": [count]}) as http:
                 push_s, push_cpu = _timed(hub, lambda: run_sync(pusher, HubClient(http)))
+            checked_s = push_s + _checks_caught_up(hub)
             with httpx.Client(base_url=hub.url) as http:
                 pull_s, pull_cpu = _timed(hub, lambda: run_sync(puller, HubClient(http)))
                 pulled = pull_cpu.result
@@ -160,6 +176,7 @@ def _one_run(root: Path, items: list[RegistrationCreate]) -> dict[str, float]:
         hub.stop()
     return {
         "push_records_per_s": len(items) / push_s,
+        "push_and_duplicate_check_records_per_s": len(items) / checked_s,
         "raw_insert_records_per_s": len(items) / raw_s,
         "push_vs_raw_slowdown": push_s / raw_s,
         "wire_bytes_per_record": sent["bytes"] / len(items),
@@ -184,4 +201,6 @@ def run(runs: int = 3) -> dict[str, dict[str, Any]]:
     median["wire_vs_json_ratio"] = wire / plain
     title = f"push/pull of {N:,} records via a hub on SQLite (median of {runs})"
     targets = "targets: push >= 5000/s and <= 4x raw, <= 250 B/record, pull >= 5000/s"
+    # push_and_duplicate_check: until the checker, working after each push
+    # answered, has checked every record too (issue 5's work, not in the target)
     return {f"{title}; {targets}": median}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -25,12 +26,23 @@ __all__ = ["create_app"]
 def create_app(settings: HubSettings | None = None, *, hub: Hub | None = None) -> FastAPI:
     """Build the app for `settings` (from the environment when omitted)."""
     settings = settings or HubSettings()
+    the_hub = hub or Hub(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        the_hub.start_checker()  # duplicate checks of pushed records, after each push
+        try:
+            yield
+        finally:
+            the_hub.stop_checker()
+
     app = FastAPI(
         title="fieldreg hub",
         version="0.1.0",
         description="Encrypted sync of offline registrations. Errors are application/problem+json.",
+        lifespan=lifespan,
     )
-    app.state.hub = hub or Hub(settings)
+    app.state.hub = the_hub
     install_handlers(app)
     app.include_router(health.router)
     app.include_router(sync_routes.router)

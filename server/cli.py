@@ -29,7 +29,7 @@ from server import (
 )
 from server import devices as device_store
 from server.accounts import Role
-from server.db import make_engine, migrate
+from server.db import make_engine, migrate, write_lock
 from server.hub import Hub
 from server.problems import Problem
 from server.settings import HubSettings
@@ -363,6 +363,7 @@ def dedup_list(
     if status not in ("open", "merged", "rejected", "unmerged"):
         fail(f"--status {status!r}: choose open, merged, rejected or unmerged")
     hub = _hub(data_dir)
+    hub.check_all_pending()  # records pushed moments ago are checked first
     with hub.engine.begin() as conn:
         pairs = duplicates.list_pairs(conn, sites=None, status=status, limit=1000, offset=0)
         views = [
@@ -410,6 +411,7 @@ def dedup_scan(
         for start in range(0, len(ids), chunk):
             part = ids[start : start + chunk]
             with hub.engine.begin() as conn:
+                write_lock(conn)  # a push's checker may be at work too
                 queued += dedup_check.check_records(
                     conn,
                     part,
@@ -418,6 +420,7 @@ def dedup_scan(
                     now=datetime.now(UTC),
                     cache=hub.profiles,
                 )
+                dedup_check.clear_pending(conn, part)
             bar.advance(task, len(part))
     with hub.engine.begin() as conn:
         hub.audit(

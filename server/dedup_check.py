@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from schemas.fields import unflatten
 from schemas.matching import MAX_BLOCK, REVIEW_THRESHOLD, Profile, profile, score
-from server.models import BlockKey, DuplicatePair, RecordRow
+from server.models import BlockKey, DedupPending, DuplicatePair, RecordRow
 from server.records import HubRecord, load_records
 
 __all__ = [
@@ -33,12 +33,17 @@ __all__ = [
     "ProfileCache",
     "all_record_ids",
     "check_records",
+    "clear_pending",
+    "count_pending",
     "index_records",
+    "queue_records",
+    "take_pending",
 ]
 
 block_keys = BlockKey.__table__  # type: ignore[attr-defined]
 records = RecordRow.__table__  # type: ignore[attr-defined]
 pairs = DuplicatePair.__table__  # type: ignore[attr-defined]
+pending = DedupPending.__table__  # type: ignore[attr-defined]
 MERGED_INTO = "merged_into"
 _CHUNK = 500  # ids per IN (...) list: well inside SQLite's and PostgreSQL's limits
 
@@ -125,6 +130,38 @@ def index_records(
     if rows:
         conn.execute(sa.insert(block_keys), rows)
     return keys_of
+
+
+def queue_records(conn: sa.Connection, record_ids: Iterable[str], *, now: datetime) -> None:
+    """File records for the duplicate check (once each, however often queued)."""
+    ids = sorted(set(record_ids))
+    for chunk in _chunks(ids):
+        conn.execute(sa.delete(pending).where(pending.c.record_id.in_(chunk)))
+    if ids:
+        conn.execute(sa.insert(pending), [{"record_id": r, "queued_at": now} for r in ids])
+
+
+def take_pending(conn: sa.Connection, limit: int) -> list[str]:
+    """The longest-waiting records queued for the check (they stay queued)."""
+    stmt = (
+        sa.select(pending.c.record_id)
+        .order_by(pending.c.queued_at, pending.c.record_id)
+        .limit(limit)
+    )
+    return list(conn.execute(stmt).scalars())
+
+
+def clear_pending(conn: sa.Connection, record_ids: Iterable[str] | None = None) -> None:
+    """Records checked: off the queue (all of them when `record_ids` is None)."""
+    if record_ids is None:
+        conn.execute(sa.delete(pending))
+        return
+    for chunk in _chunks(record_ids):
+        conn.execute(sa.delete(pending).where(pending.c.record_id.in_(chunk)))
+
+
+def count_pending(conn: sa.Connection) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(pending)).scalar_one())
 
 
 def all_record_ids(conn: sa.Connection) -> list[str]:

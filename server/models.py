@@ -167,6 +167,17 @@ class BlockKey(SQLModel, table=True):
     record_id: str = Field(primary_key=True, max_length=36, index=True)
 
 
+class DedupPending(SQLModel, table=True):
+    """Records a push changed that the duplicate check has not seen yet.
+
+    Written in the push's transaction, so a crash between the push and the
+    check loses nothing; emptied by `Hub.check_pending`."""
+
+    __tablename__ = "dedup_pending"
+    record_id: str = Field(primary_key=True, max_length=36)
+    queued_at: datetime
+
+
 class DuplicatePair(SQLModel, table=True):
     """Two registrations that may be one person, queued for a hub operator.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
 
 from server import duplicates
@@ -56,11 +56,16 @@ def _public(view: duplicates.PairView) -> PairPublic:
 def list_duplicates(
     user: Reader,
     hub: HubDep,
+    response: Response,
     status: Annotated[str | None, Query(pattern=r"^(open|merged|rejected|unmerged)$")] = "open",
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Offset = 0,
 ) -> list[PairPublic]:
-    """Possible duplicates within your sites, best score first (open a pair for the why)."""
+    """Possible duplicates within your sites, best score first (open a pair for the why).
+
+    Records pushed moments ago are checked first (for up to 5 s); the
+    `Fieldreg-Checks-Pending` header counts those still waiting for the check."""
+    response.headers["Fieldreg-Checks-Pending"] = str(hub.check_all_pending(budget_s=5.0))
     with hub.engine.connect() as conn:
         found = duplicates.list_pairs(
             conn, sites=_scope(user), status=status, limit=limit, offset=offset
