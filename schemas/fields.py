@@ -31,6 +31,7 @@ __all__ = [
     "field_error",
     "flatten",
     "flatten_doc",
+    "is_path_shaped",
     "other_path_error",
     "parse_date_of_birth",
     "parse_field_value",
@@ -129,6 +130,12 @@ def split_fields(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return known, {p: v for p, v in fields.items() if p not in KNOWN_PATHS}
 
 
+def is_path_shaped(path: str) -> bool:
+    """Whether `path` has the shape of a field path of some schema version: one
+    lower-case name, or an object's name and one of its parts (`names.given`)."""
+    return _PATH_SHAPE.fullmatch(path) is not None
+
+
 def other_path_error(path: str) -> str | None:
     """Why a path this schema does not know cannot be kept as an older version's
     field, or None if it can.
@@ -139,7 +146,7 @@ def other_path_error(path: str) -> str | None:
     """
     if path in KNOWN_PATHS:
         return None
-    if not _PATH_SHAPE.fullmatch(path):
+    if not is_path_shaped(path):
         return "not a field path (lower-case names, at most one '.')"
     if path == "id" or path in SPLIT_OBJECTS:
         return "a reserved name, not a field of any schema version"
