@@ -285,7 +285,7 @@ def test_fieldreg_pulls_shows_and_edits_a_record_with_an_older_versions_field(
         enrol(store, HubClient(http), code=live.create_enrol_code([SITE], timedelta(hours=1)))
     older = HandDevice.enrol(http, live, SITE)
     marker = f"kept-{uuid.uuid4().hex[:12]}"
-    kept = {"zone": "C-14", "tag": marker}
+    kept = {"zone": "C-14 [/]", "tag": marker}  # "[/]": shown as text, not Rich markup
     create = older_record(older, "Amina", **{RETIRED: kept})
     rid = create.record_id
     older.open_answer(older.push(envelope(older, [create], schema_version=OLDER)))
