@@ -19,6 +19,7 @@ from typing import Annotated, Any, NoReturn
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -33,7 +34,14 @@ from rich.table import Table
 from field_client.enrolment import AlreadyEnrolled, EnrolmentRefused
 from field_client.enrolment import enrol as enrol_device
 from field_client.forms import parse_json_records, prompt_record, validate_all
-from field_client.store import NotFound, Store, StoreExists, UnreadableRecord, display_name
+from field_client.store import (
+    HistoryEntry,
+    NotFound,
+    Store,
+    StoreExists,
+    UnreadableRecord,
+    display_name,
+)
 from field_client.sync_runner import (
     DEFAULT_MAX_BATCH_BYTES,
     NotEnrolled,
@@ -301,23 +309,35 @@ def show(
     """Show one record with the history of every field."""
     with opened(data_dir) as store:
         record = store.get(record_id)
+        other = store.other_fields(str(record.id))
         history = store.history(str(record.id))
     if as_json:
-        out.print_json(record.model_dump_json())
+        doc = record.model_dump(mode="json")
+        out.print_json(json.dumps({**doc, "other_fields": other} if other else doc))
         return
     out.print(f"[bold]{display_name(record.model_dump(mode='json'))}[/bold]  {record.id}")
+    out.print(_history_table([e for e in history if e.field not in other]))
+    if other:
+        # Fields this version does not know (an older version's retired field,
+        # a newer one's): kept as received, synced, not editable here.
+        out.print("[bold]Other fields (another schema version, kept as received)[/bold]")
+        out.print(_history_table([e for e in history if e.field in other]))
+
+
+def _history_table(entries: list[HistoryEntry]) -> Table:
     table = Table("field", "value", "when (HLC)", "device", "operator", "")
-    for entry in history:
+    for entry in entries:
         value = json.dumps(entry.value, ensure_ascii=False)
         table.add_row(
-            entry.field,
-            value if len(value) < 60 else value[:57] + "...",
+            # Values are people's text (or kept as received): never read as markup.
+            escape(entry.field),
+            escape(value if len(value) < 60 else value[:57] + "..."),
             entry.stamp.isoformat(),
-            entry.device_id[-8:],
-            entry.operator,
+            escape(entry.device_id[-8:]),
+            escape(entry.operator),
             "current" if entry.is_current else "",
         )
-    out.print(table)
+    return table
 
 
 @app.command()

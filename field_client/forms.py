@@ -74,6 +74,14 @@ def _split(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+def _communication(ask: Ask) -> dict[str, Any] | None:
+    language = ask("Preferred language to talk with them (ISO 639 code; empty: skip)", "")
+    if not language.strip():
+        return None
+    needed = ask("Interpreter needed for it? (yes/no)", "no").strip().lower()
+    return {"language": language.strip().lower(), "interpreter_needed": needed in {"y", "yes"}}
+
+
 def prompt_record(ask: Ask, *, operator: str) -> dict[str, Any]:
     """Ask for a registration field by field; return the raw input for validation.
 
@@ -97,6 +105,7 @@ def prompt_record(ask: Ask, *, operator: str) -> dict[str, Any]:
             c.upper() for c in _split(ask("Nationalities (ISO codes, e.g. EGY,TCD)", ""))
         ],
         "languages": _split(ask("Languages (ISO 639 codes, e.g. ar,fr)", "")),
+        "communication": _communication(ask),
         "phone": opt("Phone"),
         "occupation": opt("Occupation"),
         "employer": opt("Employer"),

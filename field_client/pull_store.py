@@ -2,7 +2,8 @@
 
 Every field of every pulled edit is merged with `sync.merge.merge_field`
 against the local value and version; the records that changed are written
-back (canonical form when they validate, as received when not), their match
+back (canonical form when this version's fields validate, with any other
+field kept beside them as received; as received when not), their match
 keys follow name changes, and every pulled field change not already logged
 is appended to the change log. The caller owns the transaction and stores
 the cursor in it.
@@ -19,7 +20,7 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 
 from field_client import db
-from schemas.fields import SPLIT_OBJECTS, unflatten
+from schemas.fields import flatten, flatten_doc, split_fields, unflatten
 from schemas.names import match_keys
 from schemas.record import Registration
 from sync.changes import Version
@@ -38,19 +39,6 @@ _INSERT_CHANGE = (
     " base_device, operator, device_seq, hub_seq, recorded_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-
-
-def _flatten_doc(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """`schemas.fields.flatten` for a raw document, which may not validate."""
-    out: dict[str, Any] = {}
-    for key, value in doc.items():
-        if key == "id":
-            continue
-        if key in SPLIT_OBJECTS and isinstance(value, dict):
-            out.update({f"{key}.{sub}": sub_value for sub, sub_value in value.items()})
-        else:
-            out[key] = value
-    return out
 
 
 def _doc_names(doc: Mapping[str, Any]) -> list[str]:
@@ -90,17 +78,24 @@ class PullResult:
     new_records: int
 
 
-def _record_columns(doc: dict[str, Any], versions_json: str) -> tuple[tuple[Any, ...], list[str]]:
+def _record_columns(
+    rid: str, fields: dict[str, Any], versions_json: str
+) -> tuple[tuple[Any, ...], list[str]]:
     """The `records` columns (in `_RECORD_COLUMNS` order) and the names to index.
 
-    A document that validates is stored in its canonical form, exactly like a
-    local one. One that does not (a newer device's fields, a record whose
-    first edits have not arrived yet) is kept as it is: nothing received is
-    dropped, and reads that need a `Registration` say why they cannot.
+    A record whose fields of this schema version validate is stored in its
+    canonical form, exactly like a local one, with the fields this version
+    does not know (an older version's retired field, a newer version's field)
+    beside them as received. One that does not validate (a record whose first
+    edits have not arrived yet) is kept as it is: nothing received is dropped,
+    and reads that need a `Registration` say why they cannot.
     """
+    known, other = split_fields(fields)
+    doc = {"id": rid, **unflatten(known)}
     try:
         record = Registration.model_validate(doc)
     except ValidationError:
+        doc = {"id": rid, **unflatten(fields)}
         columns = (
             _text_at(doc, "registration", "site") or "",
             _text_at(doc, "registration", "device_id") or "",
@@ -115,7 +110,9 @@ def _record_columns(doc: dict[str, Any], versions_json: str) -> tuple[tuple[Any,
         record.registration.device_id,
         record.situation.scenario.value,
         record.registration.registered_at.isoformat(),
-        record.model_dump_json(),
+        _JSON.encode({"id": rid, **unflatten({**flatten(record), **other})})
+        if other
+        else record.model_dump_json(),
         versions_json,
     )
     return columns, record.names.all_names()
@@ -138,7 +135,7 @@ def _load(conn: sa.Connection, record_ids: set[str]) -> dict[str, _Merging]:
     )
     merging = {
         rid: _Merging(
-            fields=_flatten_doc(json.loads(doc)),
+            fields=flatten_doc(json.loads(doc)),
             versions={p: Version.from_json(v) for p, v in json.loads(versions).items()},
             is_new=False,
         )
@@ -263,8 +260,7 @@ def _write_records(conn: sa.Connection, merging: Mapping[str, _Merging]) -> None
     for rid, state in merging.items():
         if not state.is_changed:
             continue
-        doc = {"id": rid, **unflatten(state.fields)}
-        columns, names = _record_columns(doc, versions_json(state.versions))
+        columns, names = _record_columns(rid, state.fields, versions_json(state.versions))
         if state.is_new:
             inserts.append((rid, *columns))
         else:

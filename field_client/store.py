@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from field_client import db
 from field_client.sync_store import SyncStatus, SyncStore
 from field_client.unlock import KeyFile, check_passphrase_strength, new_key_file
-from schemas.fields import flatten, unflatten
+from schemas.fields import flatten, flatten_doc, split_fields, unflatten
 from schemas.ids import uuid7
 from schemas.matching import REVIEW_THRESHOLD, profile, score
 from schemas.names import match_keys, name_similarity, query_keys
@@ -62,9 +62,9 @@ class StoreExists(FileExistsError):
 
 
 class UnreadableRecord(ValueError):
-    """A stored record (received from the hub) that is not a valid `Registration`
-    for this schema version: a newer device's fields, or a record whose first
-    edits have not been pulled yet. Its document and history are kept."""
+    """A stored record (received from the hub) whose fields of this schema version
+    are not a valid `Registration`: typically a record whose first edits have not
+    been pulled yet. Its document and history are kept."""
 
 
 @dataclass(frozen=True)
@@ -145,17 +145,37 @@ def _all_names(doc: Mapping[str, Any]) -> list[str]:
     return _names(doc, "given", "family", "given_original", "family_original") + extra
 
 
-def _parse_doc(row: Any) -> Registration:
+def _read_doc(row: Any) -> tuple[Registration, dict[str, Any]]:
+    """The record in a `records` row and its other fields: `{path: value}` of the
+    paths this schema version does not know, kept as received (an older
+    version's retired field, a newer version's field).
+
+    Raises `UnreadableRecord` when this version's fields do not validate.
+    """
     try:
-        return Registration.model_validate_json(row.doc)
+        return Registration.model_validate_json(row.doc), {}
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "record"
-        raise UnreadableRecord(
-            f"record {row.id} does not fit this version of fieldreg"
-            f" ({exc.error_count()} problem(s), first: {where}: {first['msg']});"
-            " it is kept as received: update fieldreg or sync again"
-        ) from None
+        error = exc
+    known, other = split_fields(flatten_doc(json.loads(row.doc)))
+    if other:
+        try:
+            return Registration.model_validate({"id": row.id, **unflatten(known)}), other
+        except ValidationError as exc:
+            error = exc
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "record"
+    raise UnreadableRecord(
+        f"record {row.id} does not fit this version of fieldreg"
+        f" ({error.error_count()} problem(s), first: {where}: {first['msg']});"
+        " it is kept as received: update fieldreg or sync again"
+    )
+
+
+def _doc_json(record: Registration, other: Mapping[str, Any]) -> str:
+    """The `doc` column: the canonical record, with its other fields beside it."""
+    if not other:
+        return record.model_dump_json()
+    return _dumps({"id": str(record.id), **unflatten({**flatten(record), **other})})
 
 
 def _bootstrap(engine: sa.Engine, *, site: str, operator: str) -> None:
@@ -377,8 +397,15 @@ class Store:
             raise InvalidRecord(bad)
         with self._conn.begin():
             row = self._load_row(record_id)
-            current = flatten(_parse_doc(row))
-            unknown = [FieldError(p, "unknown field") for p in values if p not in current]
+            stored, other = _read_doc(row)
+            current = flatten(stored)
+            unknown = [
+                FieldError(p, "a field of another schema version: kept, not editable here")
+                if p in other
+                else FieldError(p, "unknown field")
+                for p in values
+                if p not in current
+            ]
             if unknown:
                 raise InvalidRecord(unknown)
             merged = {**current, **values}
@@ -400,7 +427,7 @@ class Store:
                 )
                 versions[path] = version
             self._conn.execute(sa.insert(db.changes), rows)
-            new_row = self._record_row(record, versions)
+            new_row = self._record_row(record, versions, other)
             self._conn.execute(
                 sa.update(db.records).where(db.records.c.id == row.id).values(new_row)
             )
@@ -459,14 +486,18 @@ class Store:
         }
 
     @staticmethod
-    def _record_row(record: Registration, versions: Mapping[str, Version]) -> dict[str, Any]:
+    def _record_row(
+        record: Registration,
+        versions: Mapping[str, Version],
+        other: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         return {
             "id": str(record.id),
             "site": record.registration.site,
             "origin_device": record.registration.device_id,
             "scenario": record.situation.scenario.value,
             "registered_at": record.registration.registered_at.isoformat(),
-            "doc": record.model_dump_json(),
+            "doc": _doc_json(record, other or {}),
             "versions": _dumps({p: v.to_json() for p, v in versions.items()}),
         }
 
@@ -493,7 +524,15 @@ class Store:
         does not validate under this schema version.
         """
         with self._conn.begin():
-            return _parse_doc(self._load_row(record_id))
+            return _read_doc(self._load_row(record_id))[0]
+
+    def other_fields(self, record_id: str) -> dict[str, Any]:
+        """`{path: value}` of the record's fields that this schema version does not
+        know, kept as received: an older version's retired or renamed field (the
+        hub keeps those from older devices), a newer version's field. Empty for
+        most records. Raises like `get`."""
+        with self._conn.begin():
+            return _read_doc(self._load_row(record_id))[1]
 
     def history(self, record_id: str) -> list[HistoryEntry]:
         """Every recorded value of every field, oldest first, marking the current one."""

@@ -5,11 +5,18 @@ Nested objects whose parts are edited independently (names, situation) are
 split one level; lists and small objects (documents, consent) are one value,
 so two devices adding different documents is a conflict a person resolves,
 not a silent merge.
+
+A record may also hold paths this schema version does not know: a field an
+older version had and this one retired or renamed (the hub keeps such fields
+from older devices, see `other_path_error`), or a field of a newer version.
+They are kept as received, never validated nor dropped: `split_fields` sets
+them apart from the fields of this version.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,13 +24,18 @@ from schemas.record import Registration
 
 __all__ = [
     "FIELD_PATHS",
+    "KNOWN_PATHS",
     "LIST_FIELDS",
     "SPLIT_OBJECTS",
     "TEXT_FIELDS",
     "field_error",
     "flatten",
+    "flatten_doc",
+    "is_path_shaped",
+    "other_path_error",
     "parse_date_of_birth",
     "parse_field_value",
+    "split_fields",
     "unflatten",
 ]
 
@@ -42,6 +54,7 @@ FIELD_PATHS: tuple[str, ...] = (
     "nationalities",
     "place_of_birth",
     "languages",
+    "communication",
     "documents",
     "phone",
     "occupation",
@@ -57,6 +70,10 @@ FIELD_PATHS: tuple[str, ...] = (
     "duplicate_review",
     "merged_into",
 )
+KNOWN_PATHS = frozenset(FIELD_PATHS)
+# A field path of any schema version: one name, or an object's name and a part
+# of it (split objects are split one level).
+_PATH_SHAPE = re.compile(r"[a-z][a-z0-9_]{0,31}(\.[a-z][a-z0-9_]{0,31})?")
 
 
 def flatten(record: Registration) -> dict[str, Any]:
@@ -75,8 +92,8 @@ def flatten(record: Registration) -> dict[str, Any]:
 def unflatten(fields: Mapping[str, Any]) -> dict[str, Any]:
     """Rebuild the nested JSON document from `{path: value}`.
 
-    Paths not known to this schema version are kept as they are (a newer
-    device may send fields this one does not know); validation decides later.
+    Paths not known to this schema version are kept as they are (an older
+    version's retired field, a newer version's field); validation decides later.
     """
     doc: dict[str, Any] = {}
     for path, value in fields.items():
@@ -86,6 +103,54 @@ def unflatten(fields: Mapping[str, Any]) -> dict[str, Any]:
         else:
             doc[path] = value
     return doc
+
+
+def flatten_doc(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """`flatten` for a stored JSON document, which may not validate (id excluded).
+
+    The inverse of `unflatten`: a split object's parts become `object.part`
+    paths, whatever they are; every other key is a path as it is.
+    """
+    out: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key == "id":
+            continue
+        if key in SPLIT_OBJECTS and isinstance(value, dict):
+            out.update({f"{key}.{sub}": sub_value for sub, sub_value in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def split_fields(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(this version's fields, the other fields)` of a flattened record."""
+    if fields.keys() <= KNOWN_PATHS:
+        return dict(fields), {}
+    known = {p: v for p, v in fields.items() if p in KNOWN_PATHS}
+    return known, {p: v for p, v in fields.items() if p not in KNOWN_PATHS}
+
+
+def is_path_shaped(path: str) -> bool:
+    """Whether `path` has the shape of a field path of some schema version: one
+    lower-case name, or an object's name and one of its parts (`names.given`)."""
+    return _PATH_SHAPE.fullmatch(path) is not None
+
+
+def other_path_error(path: str) -> str | None:
+    """Why a path this schema does not know cannot be kept as an older version's
+    field, or None if it can.
+
+    It must have the shape of a field path, and must not be `id` nor the name of
+    a split object (`names`, `situation`): kept under that name, it would take
+    the place of the record's id or of the object its parts are rebuilt in.
+    """
+    if path in KNOWN_PATHS:
+        return None
+    if not is_path_shaped(path):
+        return "not a field path (lower-case names, at most one '.')"
+    if path == "id" or path in SPLIT_OBJECTS:
+        return "a reserved name, not a field of any schema version"
+    return None
 
 
 LIST_FIELDS = frozenset(
@@ -185,8 +250,10 @@ _ADAPTERS: dict[str, Any] = {}
 def field_error(path: str, value: Any) -> str | None:
     """Why `value` cannot be the value of field `path`, or None if it can.
 
-    Unknown paths are accepted (a newer device may know more fields). Only the
-    field itself is checked; rules across fields are checked on whole records.
+    Paths this schema does not know are not judged here (None): whether such
+    a field is kept depends on who sends it (see `other_path_error` and the
+    hub's ingest). Only the field itself is checked; rules across fields are
+    checked on whole records.
     """
     from pydantic import ValidationError
 

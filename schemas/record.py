@@ -4,6 +4,16 @@
 is the stored record: the same content plus its id, schema version and the
 registration context the device fills in. Field-level sync works on the
 flattened form (see `schemas.fields`).
+
+Schema versions (a device's envelopes carry the version it was built with):
+
+* 1: the first release.
+* 2: adds `communication`: the language to talk with the person in and whether
+  the team needs an interpreter for it.
+
+A hub accepts envelopes from `MIN_SCHEMA_VERSION` to `SCHEMA_VERSION`; what it
+does with a field an older version had and this one does not is in
+`docs/sync-protocol.md` ("Schema versions").
 """
 
 from __future__ import annotations
@@ -40,7 +50,9 @@ from schemas.enums import (
 )
 
 __all__ = [
+    "MIN_SCHEMA_VERSION",
     "SCHEMA_VERSION",
+    "Communication",
     "Consent",
     "CountryCode",
     "DateOfBirth",
@@ -58,7 +70,15 @@ __all__ = [
     "age_band",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""The version of the record schema this code writes and fully understands."""
+MIN_SCHEMA_VERSION = 1
+"""The oldest schema version a hub built from this code accepts pushes from.
+
+Every released version so far only added fields, so a record written by any of
+them is read by this code; raise it only when a version's data can no longer
+be read safely (a field whose meaning changed under the same path), and say so
+in `docs/sync-protocol.md`: devices below it are refused until updated."""
 
 _SITE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
@@ -203,6 +223,15 @@ class Consent(_Model):
         return self
 
 
+class Communication(_Model):
+    """How to talk with the person (schema version 2): the language they understand
+    best (ISO 639 code) and whether the team needs an interpreter for it, so that
+    interviews, consent and referrals (health, legal aid) are planned with one."""
+
+    language: LanguageCode
+    interpreter_needed: bool
+
+
 class Location(_Model):
     latitude: float = Field(ge=-90, le=90)
     longitude: float = Field(ge=-180, le=180)
@@ -238,6 +267,7 @@ class RegistrationContent(_Model):
     )
     place_of_birth: Text | None = None
     languages: Annotated[list[LanguageCode], AfterValidator(_unique)] = Field(default_factory=list)
+    communication: Communication | None = None
     documents: list[Document] = Field(default_factory=list)
     phone: Phone | None = None
     occupation: Text | None = None

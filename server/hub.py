@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from schemas.record import SCHEMA_VERSION
+from schemas.record import MIN_SCHEMA_VERSION, SCHEMA_VERSION
 from server import audit as audit_log
 from server import dedup_check, name_index
 from server import devices as device_store
@@ -185,11 +185,13 @@ class Hub:
             raise Problem(
                 400, "envelope.malformed", "expected a push envelope addressed to the hub"
             )
-        if header.schema_version > SCHEMA_VERSION:
+        if not MIN_SCHEMA_VERSION <= header.schema_version <= SCHEMA_VERSION:
+            update = "the hub" if header.schema_version > SCHEMA_VERSION else "fieldreg"
             raise Problem(
                 400,
                 "protocol.unsupported",
-                f"this hub knows schema versions up to {SCHEMA_VERSION}",
+                f"this hub accepts schema versions {MIN_SCHEMA_VERSION} to {SCHEMA_VERSION},"
+                f" not {header.schema_version}: update {update}",
             )
         now = self.now()
         if device.is_revoked:

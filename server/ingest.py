@@ -14,6 +14,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from schemas.fields import KNOWN_PATHS, is_path_shaped, other_path_error
+from schemas.record import SCHEMA_VERSION
 from server.bulk import insert_rows
 from server.db import write_lock
 from server.field_checks import edit_field_error
@@ -117,10 +119,36 @@ def _check_sequence(edits: list[Edit], header: Header, device_id: str) -> None:
         raise Problem(400, "batch.malformed", "the edits do not cover the header's sequence range")
 
 
-def _poison_reason(edit: Edit, rec: HubRecord | None, sites: frozenset[str]) -> str | None:
+def _unknown_path_reason(paths: list[str], schema_version: int) -> str | None:
+    """Why fields this schema does not know make an edit poison, or None to keep them.
+
+    From a device on an older schema version they are fields it had and a later
+    version retired or renamed: kept as they are (see `schemas.fields`). From a
+    device on this version they are a bug, never data to keep.
+    """
+    for path in paths:
+        problem = other_path_error(path)
+        if problem is None and schema_version >= SCHEMA_VERSION:
+            problem = f"not a field of schema version {SCHEMA_VERSION}"
+        if problem:
+            # The reason is stored in clear: a path that is not shaped like a
+            # field name may hold anything a faulty device wrote, so it is not named.
+            named = path if is_path_shaped(path) else "a path"
+            return f"field.unknown: {named}: {problem}"
+    return None
+
+
+def _poison_reason(
+    edit: Edit, rec: HubRecord | None, sites: frozenset[str], schema_version: int
+) -> str | None:
     values = dict(edit.fields)
     if rec is None and "registration" not in values:
         return "record.unknown: the first edit of a record must carry its registration"
+    if not values.keys() <= KNOWN_PATHS:
+        unknown = [path for path, _ in edit.fields if path not in KNOWN_PATHS]
+        reason = _unknown_path_reason(unknown, schema_version)
+        if reason:
+            return reason
     problem = edit_field_error(edit.fields, values)
     if problem:
         return f"field.invalid: {problem[0]}: {problem[1]}"
@@ -242,7 +270,7 @@ def _merge_edit(
     first_seq = edit.first_seq
     assert first_seq is not None
     rec = recs.get(edit.record_id)
-    reason = _poison_reason(edit, rec, ctx.sites)
+    reason = _poison_reason(edit, rec, ctx.sites, ctx.header.schema_version)
     if reason is not None:
         pending.quarantine_rows.append(_quarantine_row(ctx, edit, reason))
         seqs = range(first_seq, first_seq + len(edit.fields))

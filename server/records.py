@@ -4,6 +4,10 @@ A record's state is one sealed JSON object `{field: {"v", "s", "d", "b", "o"}}`
 (value, stamp, device, base, operator) under the record's own data key. The
 clear columns are a projection of it for statistics and scoping; they are
 recomputed whenever the state changes.
+
+The state holds every path the record's edits carried, including fields this
+schema version does not know (an older device's retired fields, which ingest
+keeps): sealed like the rest, merged per field, never projected in clear.
 """
 
 from __future__ import annotations
