@@ -300,11 +300,24 @@ def _token_weight(code: str) -> float:
     return 2.5 if len(code) <= 2 else 3.0 if len(code) == 3 else 4.0
 
 
-def _compare_forms(a: _NameForm, b: _NameForm) -> tuple[float, float, Outcome, list[str], int]:
+def _compare_forms(
+    a: _NameForm, b: _NameForm
+) -> tuple[float, float, Outcome, tuple[str, ...], int]:
     """Align the tokens of two names, most alike first, in any order; return the
     evidence for (agreeing tokens) and against (conflicting or extra tokens), the
     outcome, notes, and how many tokens agreed only closely."""
-    x, y = (b, a) if a.tokens > b.tokens else (a, b)  # one orientation: symmetric
+    if a.tokens > b.tokens:  # one orientation: symmetric
+        a, b = b, a
+    return _compare_tokens(a.tokens, a.given, b.tokens, b.given)
+
+
+@lru_cache(maxsize=1 << 16)
+def _compare_tokens(
+    x_tokens: tuple[str, ...], x_given: int, y_tokens: tuple[str, ...], y_given: int
+) -> tuple[float, float, Outcome, tuple[str, ...], int]:
+    # Names recur (households, common names, one person's variants): the same two
+    # token sequences are compared again and again, so the answer is kept.
+    x, y = _NameForm("", x_tokens, x_given), _NameForm("", y_tokens, y_given)
     pairs = sorted(
         (-_token_similarity(*sorted((s, t)))[0], i, j)
         for i, s in enumerate(x.tokens)
@@ -343,16 +356,17 @@ def _compare_forms(a: _NameForm, b: _NameForm) -> tuple[float, float, Outcome, l
         notes.append("order differs")
     outcome: Outcome = "partial" if close or conflicts or extra else "agree"
     outcome = outcome if order else "disagree"
-    return min(agreement, 10.0), max(penalty, -8.0), outcome, notes, close
+    return min(agreement, 10.0), max(penalty, -8.0), outcome, tuple(notes), close
 
 
 def _names(a: Profile, b: Profile, counts: Mapping[str, int] | None) -> _Compared:
     if not a.names or not b.names:
         return "missing", 0.0, "no name on one side"
     found = [(*_compare_forms(fa, fb), fa, fb) for fa in a.names for fb in b.names]
-    agreement, penalty, outcome, notes, close, fa, fb = max(
+    agreement, penalty, outcome, told, close, fa, fb = max(
         found, key=lambda f: (f[0] + f[1], -f[4], sorted((f[5].tokens, f[6].tokens)))
     )  # the best reading of both names; ties broken the same way whichever comes first
+    notes = list(told)
     shared = [counts.get(k, 2) for k in a.keys & b.keys if k[0] == "n"] if counts else []
     if shared and outcome != "disagree":
         # Term frequency: the other records carrying this name pair hold, on the

@@ -408,6 +408,7 @@ def dedup_scan(
         console=err,
     ) as bar:
         task = bar.add_task("scan", total=len(ids))
+        checked: set[str] = set()  # each pair is scored once, by its later record
         for start in range(0, len(ids), chunk):
             part = ids[start : start + chunk]
             with hub.engine.begin() as conn:
@@ -419,8 +420,10 @@ def dedup_scan(
                     master_key=hub.secrets.master_key,
                     now=datetime.now(UTC),
                     cache=hub.profiles,
+                    skip=checked,
                 )
                 dedup_check.clear_pending(conn, part)
+            checked.update(part)
             bar.advance(task, len(part))
     with hub.engine.begin() as conn:
         hub.audit(

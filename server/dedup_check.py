@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -113,18 +113,17 @@ def _chunks(items: Iterable[str]) -> Iterable[list[str]]:
 
 
 def index_records(
-    conn: sa.Connection,
-    recs: Mapping[str, HubRecord],
-    *,
-    index: BlockIndex,
-    profiles: Mapping[str, Profile] | None = None,
+    conn: sa.Connection, recs: Mapping[str, HubRecord], *, index: BlockIndex
 ) -> dict[str, dict[str, str]]:
     """Replace the blocking-index entries of `recs`; return {record: {hash: key}}."""
-    keys_of = {}
-    for rid, rec in recs.items():
-        prof = profiles[rid] if profiles is not None else _entry(rec).profile
-        keys_of[rid] = {index.blind(k): k for k in prof.keys}
-    for chunk in _chunks(recs):
+    return _index(conn, {rid: _entry(rec).profile for rid, rec in recs.items()}, index)
+
+
+def _index(
+    conn: sa.Connection, profiles: Mapping[str, Profile], index: BlockIndex
+) -> dict[str, dict[str, str]]:
+    keys_of = {rid: {index.blind(k): k for k in prof.keys} for rid, prof in profiles.items()}
+    for chunk in _chunks(profiles):
         conn.execute(sa.delete(block_keys).where(block_keys.c.record_id.in_(chunk)))
     rows = [{"key_hash": h, "record_id": rid} for rid, keys in keys_of.items() for h in keys]
     if rows:
@@ -230,6 +229,7 @@ def check_records(
     now: datetime,
     cache: ProfileCache | None = None,
     loaded: Mapping[str, HubRecord] | None = None,
+    skip: Container[str] = (),
 ) -> int:
     """(Re)index `record_ids` and queue every new pair scoring >= the review threshold.
 
@@ -237,27 +237,30 @@ def check_records(
     (keys shared by more than `MAX_BLOCK` records are skipped), not with the
     database. Pairs already known (open, merged, rejected) are not queued again;
     registrations merged into another are not candidates. `loaded` may hold
-    some of the records already unsealed (a push has them in hand).
+    some of the records already unsealed (a push has them in hand). Candidates
+    in `skip` are not scored (a scan skips the records it has checked already:
+    their pairs with these were scored then).
     """
     cache = cache if cache is not None else ProfileCache(0)
     wanted = set(record_ids)
-    recs = {rid: rec for rid, rec in (loaded or {}).items() if rid in wanted}
-    recs.update(load_records(conn, wanted - set(recs), master_key))
-    if not recs:
-        return 0
-    mine = {rid: _entry(rec) for rid, rec in recs.items()}
+    mine = {rid: _entry(rec) for rid, rec in (loaded or {}).items() if rid in wanted}
     for rid, entry in mine.items():
         cache.put(rid, entry)
-    keys_of = index_records(
-        conn, recs, index=index, profiles={rid: e.profile for rid, e in mine.items()}
-    )
+    mine.update(_candidate_entries(conn, wanted - set(mine), master_key, cache))
+    if not mine:
+        return 0
+    keys_of = _index(conn, {rid: e.profile for rid, e in mine.items()}, index)
     blocks = _blocks(conn, (h for keys in keys_of.values() for h in keys))
     found: dict[str, set[str]] = {}
-    for rid, keys in keys_of.items():
+    for rid, keys in sorted(keys_of.items()):
         if mine[rid].merged:
             continue
         found[rid] = {
-            other for h in keys if len(blocks.get(h, ())) <= MAX_BLOCK for other in blocks[h]
+            other
+            for h in keys
+            if len(blocks.get(h, ())) <= MAX_BLOCK
+            for other in blocks[h]
+            if other not in skip
         } - {rid}
     known = _known_pairs(conn, found)
     others = _candidate_entries(
