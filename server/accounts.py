@@ -12,7 +12,7 @@ from enum import StrEnum
 
 import sqlalchemy as sa
 
-from server.models import Session, User
+from server.models import Session, User, as_utc
 from server.passwords import hash_password, verify_password
 from server.problems import Problem
 
@@ -68,12 +68,6 @@ class UserInfo:
         return self.is_global or site in self.sites
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _info(row: sa.Row[object]) -> UserInfo:
     m = row._mapping
     return UserInfo(
@@ -82,7 +76,7 @@ def _info(row: sa.Row[object]) -> UserInfo:
         role=Role(m["role"]),
         sites=frozenset(json.loads(m["sites"])),
         is_active=m["is_active"],
-        locked_until=_utc(m["locked_until"]),
+        locked_until=as_utc(m["locked_until"]),
     )
 
 
@@ -227,7 +221,7 @@ def user_for_token(conn: sa.Connection, token: str, *, now: datetime) -> UserInf
     row = conn.execute(stmt).first()
     if row is None or row.revoked_at is not None:
         return None
-    expires = _utc(row.expires_at)
+    expires = as_utc(row.expires_at)
     if expires is None or expires <= now or not row.is_active:
         return None
     return _info(row)

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from schemas.fields import field_error
 from server.db import write_lock
 from server.hub_edits import hub_edit
-from server.models import ChangeRow, ConflictRow, RecordRow
+from server.models import ChangeRow, ConflictRow, RecordRow, as_utc
 from server.problems import Problem
 from server.records import load_records, save_records
 from server.sealing import RecordCipher
@@ -60,10 +60,6 @@ class ConflictDetail:
     resolution: dict[str, Any] | None
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    return None if value is None else value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _summary(row: Any) -> ConflictSummary:
     return ConflictSummary(
         row.id,
@@ -71,8 +67,8 @@ def _summary(row: Any) -> ConflictSummary:
         row.site,
         row.field,
         row.status,
-        _utc(row.opened_at) or datetime.now(UTC),
-        _utc(row.resolved_at),
+        as_utc(row.opened_at) or datetime.now(UTC),
+        as_utc(row.resolved_at),
         row.resolved_by,
     )
 

@@ -20,7 +20,7 @@ from schemas.matching import REVIEW_THRESHOLD, Match, profile, score
 from server.db import write_lock
 from server.dedup_check import MERGED_INTO
 from server.hub_edits import hub_edit
-from server.models import DuplicatePair
+from server.models import DuplicatePair, as_utc
 from server.problems import Problem
 from server.records import HubRecord, load_records, save_records
 from sync.hlc import Clock
@@ -57,10 +57,6 @@ class PairView:
     explanation: tuple[dict[str, Any], ...] = ()
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    return None if value is None else value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _view(row: Any, match: Match | None = None) -> PairView:
     explanation = tuple(
         {"field": f.field, "outcome": f.outcome, "weight": round(f.weight, 2), "detail": f.detail}
@@ -74,8 +70,8 @@ def _view(row: Any, match: Match | None = None) -> PairView:
         row.site_b,
         row.score,
         row.status,
-        _utc(row.created_at) or datetime.now(UTC),
-        _utc(row.decided_at),
+        as_utc(row.created_at) or datetime.now(UTC),
+        as_utc(row.decided_at),
         row.decided_by,
         row.survivor,
         explanation,

@@ -8,7 +8,7 @@ sync bookkeeping.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
@@ -20,6 +20,7 @@ __all__ = [
     "BlockKey",
     "ChangeRow",
     "ConflictRow",
+    "DedupPending",
     "Device",
     "DuplicatePair",
     "EnrolCode",
@@ -29,7 +30,13 @@ __all__ = [
     "RecordRow",
     "Session",
     "User",
+    "as_utc",
 ]
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """A stored time as an aware UTC datetime (SQLite hands them back naive)."""
+    return None if value is None else value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class HubMeta(SQLModel, table=True):

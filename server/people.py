@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from schemas.names import name_similarity
-from server.models import ChangeRow, RecordRow
+from server.models import ChangeRow, RecordRow, as_utc
 from server.name_index import IndexKey, names_of, search_ids
 from server.problems import Problem
 from server.sealing import RecordCipher
@@ -81,10 +81,6 @@ def _display(fields: dict[str, Any]) -> str:
     return f"{latin} ({script})" if latin and script else latin or script or "?"
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    return None if value is None else value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _values(master_key: bytes, row: Any) -> dict[str, Any]:
     cipher = RecordCipher(master_key, row.id, row.wrapped_key)
     return {p: f["v"] for p, f in cipher.open(row.state, "state").items()}
@@ -101,7 +97,7 @@ def _row(row: Any, fields: dict[str, Any], score: float | None = None) -> Person
         nationalities=json.loads(row.nationalities),
         vulnerabilities=json.loads(row.vulnerabilities),
         needs=json.loads(row.needs),
-        registered_at=_utc(row.registered_at),
+        registered_at=as_utc(row.registered_at),
         score=score,
     )
 
@@ -182,7 +178,7 @@ def get_person(
                     stamp=change.stamp,
                     device_id=change.device_id,
                     operator=change.operator,
-                    received_at=_utc(change.received_at) or datetime.now(UTC),
+                    received_at=as_utc(change.received_at) or datetime.now(UTC),
                     hub_seq=change.hub_seq,
                     outcome=outcomes.get(path, "applied"),
                     is_current=held.get("s") == change.stamp and held.get("d") == change.device_id,
