@@ -6,8 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import event
 
 __all__ = ["is_sqlite", "make_engine", "migrate", "write_lock"]
@@ -63,6 +61,9 @@ def write_lock(conn: sa.Connection) -> None:
 
 def migrate(engine: sa.Engine) -> None:
     """Bring the schema to the latest Alembic revision (idempotent)."""
+    from alembic import command  # only here: importing Alembic costs every process start
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
