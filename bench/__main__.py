@@ -6,7 +6,7 @@ import importlib
 import sys
 import time
 
-SUITES = ["field_store", "hub_sync", "dedup_eval", "dedup_hub", "audit_bench"]
+SUITES = ["field_store", "hub_sync", "dedup_eval", "dedup_hub", "audit_bench", "hub_pg"]
 
 
 def main(argv: list[str]) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from server.db import write_lock
 from server.models import ChangeRow, Device, EnrolCode, HubMeta, QuarantineRow
 from server.problems import Problem
 from sync.keys import KeyFormatError, PublicKeys
@@ -96,8 +97,11 @@ def redeem_code(
 
     The code is judged first: a request with a bad code is refused for the code,
     whatever else is wrong with it. Keys that do not parse are a 422 raised
-    inside the caller's transaction, so the code is not spent.
+    inside the caller's transaction, so the code is not spent. Takes the write
+    lock first: two hub processes redeeming one code at once cannot both see it
+    unused (on PostgreSQL the second would otherwise overwrite the first's use).
     """
+    write_lock(conn)
     row = conn.execute(sa.select(codes).where(codes.c.code_hash == _code_hash(code))).first()
     if row is None:
         raise Problem(403, "enrol.code_invalid", "this enrolment code is not known")

@@ -254,8 +254,13 @@ def apply_push(conn: sa.Connection, ctx: PushContext) -> dict[str, Any]:
             ack=_JSON.encode(ack),
         )
     )
+    # Several hub processes share this row: keep the latest stamp any of them saw.
+    # (Fixed-width lower-case hex: text order is stamp order.)
+    last = ctx.clock.last.encode()
     conn.execute(
-        sa.update(hub_meta).where(hub_meta.c.key == "hlc").values(value=ctx.clock.last.encode())
+        sa.update(hub_meta)
+        .where(hub_meta.c.key == "hlc", hub_meta.c.value < last)
+        .values(value=last)
     )
     return ack
 
