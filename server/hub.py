@@ -389,7 +389,6 @@ class Hub:
                 max_bytes=self.settings.pull_page_bytes,
                 master_key=self.secrets.master_key,
             )
-            device_store.touch(conn, device.id, now=self.now())
             if edits:
                 self.audit(
                     conn,
@@ -399,6 +398,9 @@ class Hub:
                     request_id=request_id,
                     detail={"edits": len(edits)},
                 )
+            # After the audit entry: it takes the write lock, and a push takes the
+            # write lock before the device row; the other order could deadlock.
+            device_store.touch(conn, device.id, now=self.now())
             next_cursor = encode_cursor(self.epoch, covered, change_mark(conn, covered))
         body = {
             "edits": [e.to_json() for e in edits],
