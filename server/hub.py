@@ -21,7 +21,7 @@ from server import dedup_check, name_index
 from server import devices as device_store
 from server.db import make_engine, write_lock
 from server.feed import change_mark, cursor_is_held, decode_cursor, encode_cursor, read_page
-from server.ingest import PushContext, apply_push
+from server.ingest import PushContext, apply_parked, apply_push, parked_edits
 from server.keystore import HubSecrets
 from server.name_index import IndexKey
 from server.problems import Problem
@@ -222,6 +222,7 @@ class Hub:
         with self.engine.begin() as conn:
             ack = apply_push(conn, ctx)
             if not ack["duplicate"]:
+                self._release_parked(conn, ctx, request_id)
                 self._after_ingest(conn, ctx)
             self.audit(
                 conn,
@@ -238,6 +239,50 @@ class Hub:
             )
         self._checker_wake.set()
         return self._seal_to(device, "ack", header.batch_id, header.seq_first, header.seq_last, ack)
+
+    def _release_parked(self, conn: sa.Connection, ctx: PushContext, request_id: str) -> None:
+        # Edits another device sent for these records before they were registered
+        # here (a restored hub hears devices in any order) were kept in
+        # quarantine as record.unknown; now that the records exist, apply them as
+        # their device sent them. A device revoked since stays quarantined.
+        seen: set[tuple[str, str | None, str]] = set()
+        for row in parked_edits(conn, ctx.created):
+            if (row.device_id, row.batch_id, row.record_id) in seen:
+                continue  # one row per edit; the first applies all of the batch's
+            seen.add((row.device_id, row.batch_id, row.record_id))
+            device = device_store.get_device(conn, row.device_id)
+            if device is None or device.is_revoked:
+                continue
+            try:
+                opened = open_sealed(
+                    row.payload, sender=device.public_keys, recipient=self.secrets.keys
+                )
+            except EnvelopeError:
+                continue  # the device's keys changed since: leave it for a person
+            parked = PushContext(
+                device_id=device.id,
+                sites=device.sites,
+                header=opened.header,
+                body=opened.body,
+                digest=opened.body_sha256,
+                envelope=row.payload,
+                master_key=self.secrets.master_key,
+                clock=self.clock,
+                now=self.now(),
+                hub_now_ms=self._wall_ms(),
+                epoch=self.epoch,
+            )
+            if apply_parked(conn, parked, row.record_id):
+                ctx.renamed.update(parked.renamed)  # the name index and duplicate
+                ctx.touched.update(parked.touched)  # check take them too
+                self.audit(
+                    conn,
+                    actor=f"device:{device.id}",
+                    action="quarantine.release",
+                    target=f"record:{row.record_id}",
+                    request_id=request_id,
+                    detail={"batch": opened.header.batch_id},
+                )
 
     def _after_ingest(self, conn: sa.Connection, ctx: PushContext) -> None:
         # In the push's own transaction: records whose names an edit touched get

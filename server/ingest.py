@@ -8,6 +8,7 @@ quarantine, the device's high-water mark and the stored acknowledgement.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,7 +28,7 @@ from sync.hlc import Clock
 from sync.merge import Decision, FieldState, Outcome, merge_field
 from sync.protocol import Ack, Edit, ProtocolError
 
-__all__ = ["PushContext", "apply_push"]
+__all__ = ["PushContext", "apply_parked", "apply_push", "parked_edits"]
 
 batches = Batch.__table__  # type: ignore[attr-defined]
 changes = ChangeRow.__table__  # type: ignore[attr-defined]
@@ -36,6 +37,7 @@ devices = Device.__table__  # type: ignore[attr-defined]
 quarantine = QuarantineRow.__table__  # type: ignore[attr-defined]
 hub_meta = HubMeta.__table__  # type: ignore[attr-defined]
 
+_UNKNOWN = "record.unknown"
 _LOG_COLUMNS = (
     "hub_seq",
     "record_id",
@@ -74,6 +76,7 @@ class PushContext:
     renamed: dict[str, HubRecord] = field(default_factory=dict)
     # Filled by `apply_push`: every record an applied edit changed, as saved.
     touched: dict[str, HubRecord] = field(default_factory=dict)
+    created: list[str] = field(default_factory=list)  # records the batch registered
 
 
 @dataclass
@@ -206,24 +209,7 @@ def apply_push(conn: sa.Connection, ctx: PushContext) -> dict[str, Any]:
         )
     edits = _parse_edits(ctx.body)
     _check_sequence(edits, header, ctx.device_id)
-    fresh = _drop_applied(edits, high_water)
-    recs = load_records(conn, (e.record_id for e in fresh), ctx.master_key)
-    pending = _Pending()
-    for edit in fresh:
-        if _merge_edit(ctx, edit, recs, pending) and any(
-            path.startswith("names.") for path, _ in edit.fields
-        ):
-            ctx.renamed[edit.record_id] = recs[edit.record_id]
-    hub_seqs = _next_hub_seqs(conn, len(pending.log_rows))
-    log_rows = [(seq, *row) for seq, row in zip(hub_seqs, pending.log_rows, strict=True)]
-    for seq, record_id, *_ in log_rows:
-        recs[record_id].last_hub_seq = seq
-    insert_rows(conn, changes, _LOG_COLUMNS, log_rows)
-    _insert_conflicts(conn, ctx, pending.conflicts, hub_seqs)
-    if pending.quarantine_rows:
-        conn.execute(sa.insert(quarantine), pending.quarantine_rows)
-    ctx.touched = {rid: rec for rid, rec in recs.items() if rec.is_dirty}
-    save_records(conn, recs.values(), now=ctx.now)
+    pending = _apply_edits(conn, ctx, _drop_applied(edits, high_water))
     conn.execute(
         sa.update(devices)
         .where(devices.c.id == ctx.device_id)
@@ -263,6 +249,62 @@ def apply_push(conn: sa.Connection, ctx: PushContext) -> dict[str, Any]:
         .values(value=last)
     )
     return ack
+
+
+def _apply_edits(conn: sa.Connection, ctx: PushContext, edits: list[Edit]) -> _Pending:
+    """Merge `edits` into their records and write the log, conflicts, quarantine
+    and records; fills `ctx.renamed`, `ctx.touched` and `ctx.created`."""
+    recs = load_records(conn, (e.record_id for e in edits), ctx.master_key)
+    pending = _Pending()
+    for edit in edits:
+        if _merge_edit(ctx, edit, recs, pending) and any(
+            path.startswith("names.") for path, _ in edit.fields
+        ):
+            ctx.renamed[edit.record_id] = recs[edit.record_id]
+    hub_seqs = _next_hub_seqs(conn, len(pending.log_rows))
+    log_rows = [(seq, *row) for seq, row in zip(hub_seqs, pending.log_rows, strict=True)]
+    for seq, record_id, *_ in log_rows:
+        recs[record_id].last_hub_seq = seq
+    insert_rows(conn, changes, _LOG_COLUMNS, log_rows)
+    _insert_conflicts(conn, ctx, pending.conflicts, hub_seqs)
+    if pending.quarantine_rows:
+        conn.execute(sa.insert(quarantine), pending.quarantine_rows)
+    ctx.touched = {rid: rec for rid, rec in recs.items() if rec.is_dirty}
+    ctx.created = [rid for rid, rec in ctx.touched.items() if rec.is_new]
+    save_records(conn, recs.values(), now=ctx.now)
+    return pending
+
+
+def parked_edits(conn: sa.Connection, record_ids: Iterable[str]) -> list[Any]:
+    """Quarantined edits that waited for these records to be registered
+    (`record.unknown`): what a device sent again after a hub restore before the
+    registration's own device did. Oldest first."""
+    ids = sorted(set(record_ids))
+    if not ids:
+        return []
+    stmt = (
+        sa.select(quarantine)
+        .where(quarantine.c.reason == _UNKNOWN, quarantine.c.record_id.in_(ids))
+        .order_by(quarantine.c.id)
+    )
+    return list(conn.execute(stmt))
+
+
+def apply_parked(conn: sa.Connection, ctx: PushContext, record_id: str) -> int:
+    """Apply the edits of `record_id` held in the parked batch `ctx` (opened and
+    verified by the caller; the device is the one that sent it), now that the
+    record exists, and release them from quarantine. Returns the edits applied."""
+    edits = [e for e in _parse_edits(ctx.body) if e.record_id == record_id]
+    _apply_edits(conn, ctx, edits)
+    conn.execute(
+        sa.delete(quarantine).where(
+            quarantine.c.reason == _UNKNOWN,
+            quarantine.c.record_id == record_id,
+            quarantine.c.device_id == ctx.device_id,
+            quarantine.c.batch_id == ctx.header.batch_id,
+        )
+    )
+    return len(edits)
 
 
 def _merge_edit(
@@ -421,6 +463,7 @@ def _quarantine_row(ctx: PushContext, edit: Edit, reason: str) -> dict[str, Any]
         "device_id": ctx.device_id,
         "batch_id": ctx.header.batch_id,
         "reason": reason.split(":", 1)[0],
+        "record_id": edit.record_id,
         "detail": f"sequence {edit.first_seq}-{last} (record {edit.record_id}): {reason}",
         "payload": ctx.envelope,
         "is_sealed_envelope": True,

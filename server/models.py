@@ -271,6 +271,9 @@ class QuarantineRow(SQLModel, table=True):
     device_id: str = Field(max_length=64, index=True)
     batch_id: str | None = Field(default=None, max_length=128)
     reason: str = Field(max_length=64)
+    # The record of a quarantined edit (None for a whole envelope): edits to a
+    # record not registered yet are applied when it is (`ingest.apply_parked`).
+    record_id: str | None = Field(default=None, max_length=36, index=True)
     detail: str
     payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     is_sealed_envelope: bool

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from server.hub import Hub
+from server.records import load_records
 from sync.changes import Version
 from sync.envelope import Header, seal
 from sync.hlc import Clock, system_ms
@@ -286,3 +287,38 @@ def test_device_a_day_ahead_cannot_drag_the_hub_clock(
             sa.text("SELECT clock_offset_ms FROM devices WHERE id = :i"), {"i": dev.id}
         ).scalar_one()
     assert offset > day_ms - 60_000
+
+
+def test_edits_sent_before_their_record_was_registered_apply_when_it_is(
+    hub_env: tuple[httpx.Client, Hub, Path],
+) -> None:
+    # After a hub restore, device B may send again its edit of a record that
+    # device A registered after the backup, before A sends the registration.
+    http, hub, _ = hub_env
+    a = HandDevice.enrol(http, hub, "ras-jedir")
+    b = HandDevice.enrol(http, hub, "ras-jedir")
+    registration = a.new_record("Amina")
+    phone = b.edit(registration.record_id, {"phone": "+218 91 000 0000", "sex": "female"})
+    parked = b.open_answer(b.push(b.envelope([phone])))
+    assert {reason.split(":")[0] for _, reason in parked["quarantined"]} == {"record.unknown"}
+    assert count(hub, "quarantine") == 1 and count(hub, "records") == 0
+
+    a.open_answer(a.push(a.envelope([registration])))
+    with hub.engine.connect() as conn:
+        state = conn.execute(
+            sa.text("SELECT device_id, device_seq FROM changes WHERE record_id = :r"),
+            {"r": registration.record_id},
+        ).all()
+    assert sorted(state) == sorted(
+        [(a.id, registration.first_seq), (b.id, phone.first_seq)]
+    )  # B's edit is logged once, as B's
+    assert count(hub, "quarantine") == 0
+    view = hub_record(hub, registration.record_id)
+    assert view["phone"] == "+218 91 000 0000" and view["sex"] == "female"
+    assert view["names.given"] == "Amina"
+
+
+def hub_record(hub: Hub, record_id: str) -> dict[str, object]:
+    with hub.engine.connect() as conn:
+        rec = load_records(conn, [record_id], hub.secrets.master_key)[record_id]
+    return {path: field["v"] for path, field in rec.fields.items()}
