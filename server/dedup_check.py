@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
 from collections import OrderedDict
 from collections.abc import Container, Iterable, Mapping
 from datetime import datetime
@@ -78,21 +79,24 @@ class ProfileCache:
     def __init__(self, size: int = 50_000) -> None:
         self.size = size
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._lock = threading.Lock()  # the checker thread and request threads share it
 
     def get(self, record_id: str, seq: int) -> _Entry | None:
-        entry = self._entries.get(record_id)
-        if entry is None or entry.seq != seq:
-            return None
-        self._entries.move_to_end(record_id)
-        return entry
+        with self._lock:
+            entry = self._entries.get(record_id)
+            if entry is None or entry.seq != seq:
+                return None
+            self._entries.move_to_end(record_id)
+            return entry
 
     def put(self, record_id: str, entry: _Entry) -> None:
         if self.size <= 0:
             return
-        self._entries[record_id] = entry
-        self._entries.move_to_end(record_id)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[record_id] = entry
+            self._entries.move_to_end(record_id)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -3,6 +3,7 @@ person decides, and merges travel to devices and can be undone."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -11,12 +12,13 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from field_client.enrolment import enrol
 from field_client.store import Store
 from field_client.sync_runner import run_sync
 from schemas.record import SCHEMA_VERSION
-from server import accounts
+from server import accounts, dedup_check
 from server.accounts import Role
 from server.hub import Hub
 from sync.protocol import Edit
@@ -257,3 +259,23 @@ def test_a_merge_that_would_make_strangers_one_person_is_refused(
         f"/api/v1/duplicates/{with_younger}/merge", headers=auth, json={"survivor": vague.record_id}
     )
     assert again.status_code == 200, again.text
+
+
+def test_the_hub_checks_pushed_records_by_itself_after_the_push_answered(
+    env: tuple[httpx.Client, Hub, str],
+) -> None:
+    http, hub, _ = env
+    border = HandDevice.enrol(http, hub, "border")
+    names = {"given": "Habtom", "family": "Asmerom"}
+    twice = [registration(border, names, "1979-11-02", "P4455667") for _ in range(2)]
+    border.open_answer(border.push(border.envelope(twice)))
+    deadline = time.monotonic() + 30
+    while True:  # nobody reads the queue: the hub's checker thread does the work
+        with hub.engine.connect() as conn:
+            waiting = dedup_check.count_pending(conn)
+            found = conn.execute(sa.text("SELECT record_a, record_b FROM duplicates")).all()
+        if not waiting and found:
+            break
+        assert time.monotonic() < deadline, f"{waiting} record(s) still wait for the check"
+        time.sleep(0.1)
+    assert sorted(found[0]) == sorted(e.record_id for e in twice)
