@@ -1,8 +1,6 @@
 """`fieldreg-hub audit verify | export`: prove the audit chain intact, archive the log.
 
-`register(app)` adds the `audit` group to the hub's CLI. The small helpers
-below mirror `server.cli`'s (importing them would be circular: `server.cli`
-imports this module to register it).
+`register(app)` adds the `audit` group to the hub's CLI.
 """
 
 from __future__ import annotations
@@ -11,24 +9,17 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, NoReturn, TextIO
+from typing import Annotated, TextIO
 
 import typer
 
 from server import audit
+from server.cli_common import DataDir, fail, open_hub
 from server.hub import Hub
-from server.settings import HubSettings
 
 __all__ = ["audit_app", "register"]
 
 audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
-
-DataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir", envvar="FIELDREG_HUB_DATA_DIR", help="Hub keys, master key, SQLite file."
-    ),
-]
 
 
 def register(app: typer.Typer) -> None:
@@ -36,26 +27,11 @@ def register(app: typer.Typer) -> None:
     app.add_typer(audit_app, name="audit")
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _hub(data_dir: Path | None) -> Hub:
-    settings = HubSettings()
-    if data_dir is not None:
-        settings = settings.model_copy(update={"data_dir": data_dir})
-    try:
-        return Hub(settings)
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:
-        _fail(str(exc))
-
-
 def _since(text: str) -> datetime:
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        _fail(f"--since {text!r}: use ISO 8601, e.g. 2026-11-29 or 2026-11-29T10:00:00Z")
+        fail(f"--since {text!r}: use ISO 8601, e.g. 2026-11-29 or 2026-11-29T10:00:00Z")
     return when if when.tzinfo else when.replace(tzinfo=UTC)  # naive means UTC
 
 
@@ -65,7 +41,7 @@ def verify_cmd(data_dir: DataDir = None) -> None:
 
     Exit 0 when intact, 1 when broken (naming the first broken entry).
     """
-    hub = _hub(data_dir)
+    hub = open_hub(data_dir)
     try:
         with hub.engine.connect() as conn:
             result = audit.verify(conn, hub.public_keys.signing_public_key())
@@ -99,7 +75,7 @@ def export_cmd(
 ) -> None:
     """Entries and signed checkpoints as JSON Lines, for an archive kept elsewhere."""
     start = _since(since) if since is not None else None
-    hub = _hub(data_dir)
+    hub = open_hub(data_dir)
     try:
         if out is None:
             _write(hub, start, sys.stdout)

@@ -1,8 +1,11 @@
-"""`fieldreg-hub dedup-file INPUT --out PAIRS.csv`: duplicate pairs in a file, no hub needed.
+"""`fieldreg-hub dedup list | scan` (the hub's duplicate queue) and
+`fieldreg-hub dedup-file INPUT --out PAIRS.csv` (duplicate pairs in a file, no
+hub needed).
 
-`register(app)` adds the command to the hub's CLI (`server.cli` calls it). The
-file logic is in `server.dedup_file`; this module parses the options, shows
-progress on stderr and turns bad input into one line and exit code 2.
+`register(app)` adds them to the hub's CLI (`server.cli` calls it). The file
+logic is in `server.dedup_file`, the queue's in `server.duplicates` and
+`server.dedup_check`; this module parses the options, shows progress on
+stderr and turns bad input into one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -10,33 +13,103 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from schemas.matching import OPERATING_THRESHOLD
+from server import admin, dedup_check, duplicates
+from server.cli_common import DataDir, audit_cli, err, fail, open_hub, out
+from server.db import write_lock
 from server.dedup_file import InputError, Pair, Parsed, find_pairs, parse, write_pairs
 
-__all__ = ["PROGRESS_FROM_RECORDS", "dedup_file", "register"]
+__all__ = ["PROGRESS_FROM_RECORDS", "dedup_app", "dedup_file", "register"]
 
 PROGRESS_FROM_RECORDS = 2_000
 """Inputs at least this long get a progress bar on stderr (when it is a terminal)."""
 _SHOWN_BAD_LINES = 20
 
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+dedup_app = typer.Typer(help="The duplicate queue.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
-    """Add the `dedup-file` command to `app`."""
+    """Add the `dedup` group (list, scan) and the `dedup-file` command to `app`."""
+    app.add_typer(dedup_app, name="dedup")
     app.command("dedup-file")(dedup_file)
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    _err.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
+@dedup_app.command("list")
+def dedup_list(
+    data_dir: DataDir = None,
+    status: Annotated[str, typer.Option(help="open, merged, rejected or unmerged")] = "open",
+) -> None:
+    """Possible duplicates with the names and why (identifying: audited)."""
+    if status not in ("open", "merged", "rejected", "unmerged"):
+        fail(f"--status {status!r}: choose open, merged, rejected or unmerged")
+    hub = open_hub(data_dir)
+    hub.check_all_pending()  # records pushed moments ago are checked first
+    with hub.engine.begin() as conn:
+        pairs = duplicates.list_pairs(conn, sites=None, status=status, limit=1000, offset=0)
+        views = [
+            duplicates.get_pair(conn, p.id, sites=None, master_key=hub.secrets.master_key)
+            for p in pairs
+        ]
+        names = admin.names_of(
+            conn, hub.secrets.master_key, {i for v in views for i in (v.record_a, v.record_b)}
+        )
+        audit_cli(hub, conn, "duplicates.list", f"pairs:{len(views)}")
+    for v in views:
+        out.print(f"[bold]pair {v.id}[/bold] score {v.score:.2f} ({v.status})")
+        for rid, site in ((v.record_a, v.site_a), (v.record_b, v.site_b)):
+            out.print(f"  {names.get(rid, '?')}  {rid}  site {site}")
+        for e in v.explanation:
+            if e["outcome"] != "missing":
+                out.print(f"    {e['field']:14} {e['outcome']:9} {e['detail']}")
+    out.print(f"{len(views)} {status} pair(s)")
+
+
+@dedup_app.command("scan")
+def dedup_scan(
+    data_dir: DataDir = None,
+    chunk: Annotated[int, typer.Option(min=1, max=10_000, help="Records per transaction.")] = 500,
+) -> None:
+    """Re-check every record for possible duplicates (pairs already known stay as they are)."""
+    hub = open_hub(data_dir)
+    with hub.engine.connect() as conn:
+        ids = dedup_check.all_record_ids(conn)
+    queued = 0
+    with Progress(
+        TextColumn("scanning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    ) as bar:
+        task = bar.add_task("scan", total=len(ids))
+        checked: set[str] = set()  # each pair is scored once, by its later record
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            with hub.engine.begin() as conn:
+                write_lock(conn)  # a push's checker may be at work too
+                queued += dedup_check.check_records(
+                    conn,
+                    part,
+                    index=hub.block_index,
+                    master_key=hub.secrets.master_key,
+                    now=datetime.now(UTC),
+                    cache=hub.profiles,
+                    skip=checked,
+                )
+                dedup_check.clear_pending(conn, part)
+            checked.update(part)
+            bar.advance(task, len(part))
+    with hub.engine.begin() as conn:
+        audit_cli(hub, conn, "duplicates.scan", f"records:{len(ids)}", detail={"queued": queued})
+    out.print(f"checked {len(ids)} record(s); {queued} new possible duplicate pair(s) queued")
 
 
 def _threshold(text: str | None) -> float:
@@ -47,7 +120,7 @@ def _threshold(text: str | None) -> float:
     except ValueError:
         value = -1.0
     if not 0.0 <= value <= 1.0:
-        _fail(f"--threshold {text!r}: use a number from 0 to 1, e.g. {OPERATING_THRESHOLD}")
+        fail(f"--threshold {text!r}: use a number from 0 to 1, e.g. {OPERATING_THRESHOLD}")
     return value
 
 
@@ -55,11 +128,11 @@ def _read(source: str) -> str:
     try:
         data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as exc:
-        _fail(f"cannot read {source}: {exc.strerror or exc}")
+        fail(f"cannot read {source}: {exc.strerror or exc}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        _fail(f"{source} is not UTF-8 text (byte {exc.start})")
+        fail(f"{source} is not UTF-8 text (byte {exc.start})")
 
 
 def _write(pairs: list[Pair], out: str) -> None:
@@ -76,15 +149,15 @@ def _write(pairs: list[Pair], out: str) -> None:
     except OSError as exc:
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)
-        _fail(f"cannot write {out}: {exc.strerror or exc}")
+        fail(f"cannot write {out}: {exc.strerror or exc}")
 
 
 def _pairs(parsed: Parsed, threshold: float) -> list[Pair]:
     total = len(parsed.records)
-    if total < PROGRESS_FROM_RECORDS or not _err.is_terminal:
+    if total < PROGRESS_FROM_RECORDS or not err.is_terminal:
         return find_pairs(parsed.records, threshold=threshold)
     columns = ("scoring", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=_err, transient=True) as progress:
+    with Progress(*columns, console=err, transient=True) as progress:
         task = progress.add_task("scoring", total=total)
         return find_pairs(
             parsed.records, threshold=threshold, progress=lambda n: progress.advance(task, n)
@@ -117,24 +190,24 @@ def dedup_file(
     """
     limit = _threshold(threshold)
     if input_format not in ("auto", "json", "csv"):
-        _fail(f"--format {input_format!r}: use auto, json or csv")
+        fail(f"--format {input_format!r}: use auto, json or csv")
     text = _read(input_file)
     try:
         parsed = parse(text, fmt=input_format, name=input_file)
     except InputError as exc:
-        _fail(f"{input_file}: {exc}")
+        fail(f"{input_file}: {exc}")
     for bad in parsed.bad[:_SHOWN_BAD_LINES]:
-        _err.print(f"[yellow]skipped[/yellow] {bad}")
+        err.print(f"[yellow]skipped[/yellow] {bad}")
     if len(parsed.bad) > _SHOWN_BAD_LINES:
-        _err.print(f"[yellow]skipped[/yellow] {len(parsed.bad) - _SHOWN_BAD_LINES} more lines")
+        err.print(f"[yellow]skipped[/yellow] {len(parsed.bad) - _SHOWN_BAD_LINES} more lines")
     if parsed.bad and strict:
-        _fail(f"{len(parsed.bad)} unreadable line(s) and --strict: nothing written")
+        fail(f"{len(parsed.bad)} unreadable line(s) and --strict: nothing written")
     if not parsed.records:
-        _fail(f"{input_file}: no readable record")
+        fail(f"{input_file}: no readable record")
     pairs = _pairs(parsed, limit)
     _write(pairs, out)
     where = "stdout" if out == "-" else out
-    _err.print(
+    err.print(
         f"{len(parsed.records):,} records, {len(parsed.bad):,} skipped; "
         f"{len(pairs):,} pairs at or above {limit} written to {where}"
     )

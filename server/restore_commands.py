@@ -11,28 +11,18 @@ what the hub lost (see docs/deployment.md, "Restoring").
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, NoReturn
 
 import typer
 
 from schemas.ids import uuid7
 from server import audit
 from server import devices as device_store
+from server.cli_common import DataDir, cli_request_id, open_hub
 from server.db import write_lock
 from server.hub import Hub
-from server.settings import HubSettings
 
 __all__ = ["Renewal", "register", "renew_epoch", "restored"]
-
-DataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir", envvar="FIELDREG_HUB_DATA_DIR", help="Hub keys, master key, SQLite file."
-    ),
-]
 
 
 @dataclass(frozen=True)
@@ -90,26 +80,15 @@ def register(app: typer.Typer) -> None:
     app.command("restored")(restored)
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 def restored(data_dir: DataDir = None) -> None:
     """After restoring the database from a backup: give the hub a new epoch.
 
     Stop every hub process first and start them after. Devices then pull from
     the start and send again their changes the backup does not hold.
     """
-    settings = HubSettings()
-    if data_dir is not None:
-        settings = settings.model_copy(update={"data_dir": data_dir})
+    hub = open_hub(data_dir)
     try:
-        hub = Hub(settings)
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:
-        _fail(str(exc))
-    try:
-        renewal = renew_epoch(hub, request_id=f"cli-{uuid.uuid4().hex[:12]}")
+        renewal = renew_epoch(hub, request_id=cli_request_id())
     finally:
         hub.engine.dispose()
     since = renewal.newest_audit_at or "the start"

@@ -1,0 +1,82 @@
+"""What every `fieldreg-hub` command module shares: the consoles, the
+`--data-dir` option, opening the hub, failing with one line, request ids.
+
+`server.cli` builds the app; command groups in their own modules
+(`audit_commands`, `dedup_commands`, `restore_commands`) register on it and
+import these instead of keeping copies.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import sqlalchemy as sa
+import typer
+from rich.console import Console
+
+from server.hub import Hub
+from server.settings import HubSettings
+
+__all__ = [
+    "DataDir",
+    "audit_cli",
+    "cli_request_id",
+    "err",
+    "fail",
+    "open_hub",
+    "out",
+    "settings_for",
+]
+
+out = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir", envvar="FIELDREG_HUB_DATA_DIR", help="Hub keys, master key, SQLite file."
+    ),
+]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr and exit `code` (2: the command cannot do it)."""
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def settings_for(data_dir: Path | None) -> HubSettings:
+    settings = HubSettings()
+    if data_dir is not None:
+        settings = settings.model_copy(update={"data_dir": data_dir})
+    return settings
+
+
+def open_hub(data_dir: Path | None) -> Hub:
+    try:
+        return Hub(settings_for(data_dir))
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        fail(str(exc))
+
+
+def cli_request_id() -> str:
+    """The request id audit entries of one CLI run carry."""
+    return f"cli-{uuid.uuid4().hex[:12]}"
+
+
+def audit_cli(
+    hub: Hub,
+    conn: sa.Connection,
+    action: str,
+    target: str,
+    *,
+    actor: str = "cli:hub",
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    """Audit what a command on the hub machine did, in the caller's transaction."""
+    hub.audit(
+        conn, actor=actor, action=action, target=target, request_id=cli_request_id(), detail=detail
+    )
