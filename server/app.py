@@ -30,11 +30,11 @@ def create_app(settings: HubSettings | None = None, *, hub: Hub | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        the_hub.start_checker()  # duplicate checks of pushed records, after each push
+        the_hub.checker.start()  # duplicate checks of pushed records, after each push
         try:
             yield
         finally:
-            the_hub.stop_checker()
+            the_hub.checker.stop()
 
     app = FastAPI(
         title="fieldreg hub",

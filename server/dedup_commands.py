@@ -51,7 +51,7 @@ def dedup_list(
     if status not in ("open", "merged", "rejected", "unmerged"):
         fail(f"--status {status!r}: choose open, merged, rejected or unmerged")
     hub = open_hub(data_dir)
-    hub.check_all_pending()  # records pushed moments ago are checked first
+    hub.checker.check_all_pending()  # records pushed moments ago are checked first
     with hub.engine.begin() as conn:
         pairs = duplicates.list_pairs(conn, sites=None, status=status, limit=1000, offset=0)
         views = [

@@ -6,8 +6,6 @@ Routes call one method each; every method opens its own short transaction.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,7 +17,8 @@ from schemas.record import MIN_SCHEMA_VERSION, SCHEMA_VERSION
 from server import audit as audit_log
 from server import dedup_check, name_index
 from server import devices as device_store
-from server.db import make_engine, write_lock
+from server.db import make_engine
+from server.dedup_worker import DuplicateChecker
 from server.feed import change_mark, cursor_is_held, decode_cursor, encode_cursor, read_page
 from server.ingest import PushContext, apply_parked, apply_push, parked_edits
 from server.keystore import HubSecrets
@@ -81,9 +80,13 @@ class Hub:
         self.name_index = IndexKey(self.secrets.master_key)
         self.block_index = dedup_check.BlockIndex(self.secrets.master_key)
         self.profiles = dedup_check.ProfileCache(settings.profile_cache)
-        self._checker: threading.Thread | None = None
-        self._checker_stop = threading.Event()
-        self._checker_wake = threading.Event()
+        self.checker = DuplicateChecker(
+            self.engine,
+            index=self.block_index,
+            master_key=self.secrets.master_key,
+            cache=self.profiles,
+            now=self.now,
+        )
 
     def audit(
         self,
@@ -237,7 +240,7 @@ class Hub:
                     "quarantined": len(ack["quarantined"]),
                 },
             )
-        self._checker_wake.set()
+        self.checker.wake()
         return self._seal_to(device, "ack", header.batch_id, header.seq_first, header.seq_last, ack)
 
     def _release_parked(self, conn: sa.Connection, ctx: PushContext, request_id: str) -> None:
@@ -288,7 +291,7 @@ class Hub:
         # In the push's own transaction: records whose names an edit touched get
         # their blind name-index entries anew, and every record the batch
         # changed is queued for the duplicate check, which runs after the push
-        # has answered (`check_pending`): a device on a poor link waits for
+        # has answered (`DuplicateChecker`): a device on a poor link waits for
         # the merge, not for the scoring.
         if ctx.renamed:
             values = {
@@ -296,66 +299,6 @@ class Hub:
             }
             name_index.reindex(conn, self.name_index, values)
         dedup_check.queue_records(conn, ctx.touched, now=self.now())
-
-    # -- duplicate checks --------------------------------------------------------------
-    def check_pending(self, limit: int = 200) -> int:
-        """Check up to `limit` queued records for possible duplicates, in one
-        transaction; return how many were checked (0: the queue is empty)."""
-        with self.engine.begin() as conn:
-            write_lock(conn)  # one checker at a time, across hub processes too
-            ids = dedup_check.take_pending(conn, limit)
-            if ids:
-                dedup_check.check_records(
-                    conn,
-                    ids,
-                    index=self.block_index,
-                    master_key=self.secrets.master_key,
-                    now=self.now(),
-                    cache=self.profiles,
-                )
-                dedup_check.clear_pending(conn, ids)
-        return len(ids)
-
-    def check_all_pending(self, budget_s: float | None = None) -> int:
-        """Check queued records until none is left or `budget_s` seconds have
-        passed; return how many are still queued. Readers of the duplicate
-        queue call it first, so they see every pushed record checked."""
-        deadline = None if budget_s is None else time.monotonic() + budget_s
-        while self.check_pending():
-            if deadline is not None and time.monotonic() > deadline:
-                with self.engine.connect() as conn:
-                    return dedup_check.count_pending(conn)
-        return 0
-
-    def start_checker(self) -> None:
-        """Run `check_pending` in a background thread until `stop_checker`."""
-        if self._checker is not None:
-            return
-        self._checker_stop.clear()
-        self._checker = threading.Thread(
-            target=self._check_forever, name="fieldreg-dedup", daemon=True
-        )
-        self._checker.start()
-
-    def stop_checker(self) -> None:
-        if self._checker is None:
-            return
-        self._checker_stop.set()
-        self._checker_wake.set()
-        self._checker.join(timeout=30)
-        self._checker = None
-
-    def _check_forever(self) -> None:
-        while not self._checker_stop.is_set():
-            try:
-                checked = self.check_pending()
-            except Exception:  # a locked or lost database: try again later
-                log.exception("duplicate check failed; retrying in 5 s")
-                self._checker_stop.wait(5)
-                continue
-            if not checked:
-                self._checker_wake.wait(2.0)
-                self._checker_wake.clear()
 
     def _seal_to(
         self,

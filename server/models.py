@@ -178,7 +178,7 @@ class DedupPending(SQLModel, table=True):
     """Records a push changed that the duplicate check has not seen yet.
 
     Written in the push's transaction, so a crash between the push and the
-    check loses nothing; emptied by `Hub.check_pending`."""
+    check loses nothing; emptied by `server.dedup_worker`."""
 
     __tablename__ = "dedup_pending"
     record_id: str = Field(primary_key=True, max_length=36)

@@ -194,12 +194,12 @@ def test_a_cached_match_profile_is_not_used_after_its_record_changed(
     env: tuple[httpx.Client, Hub, str],
 ) -> None:
     http, hub, _ = env
-    hub.stop_checker()  # checks run when this test says, in this process or the other
+    hub.checker.stop()  # checks run when this test says, in this process or the other
     border = HandDevice.enrol(http, hub, "border")
     camp = HandDevice.enrol(http, hub, "camp")
     first = registration(border, {"given": "Grace", "family": "Okafor"}, "1990-05-01", None)
     border.open_answer(border.push(border.envelope([first])))
-    assert hub.check_all_pending() == 0
+    assert hub.checker.check_all_pending() == 0
     assert first.record_id in hub.profiles
     # Another hub process renames the record and checks it: this process's
     # cached profile (Grace Okafor) is stale and must not be used.
@@ -207,7 +207,7 @@ def test_a_cached_match_profile_is_not_used_after_its_record_changed(
     other_process = Hub(hub.settings)
     try:
         other_process.push(border.envelope([renamed]))
-        assert other_process.check_all_pending() == 0
+        assert other_process.checker.check_all_pending() == 0
     finally:
         other_process.engine.dispose()
     again = registration(camp, {"given": "Tesfaye", "family": "Bekele"}, "1990-05-01", "EP9988776")

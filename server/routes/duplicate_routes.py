@@ -65,7 +65,7 @@ def list_duplicates(
 
     Records pushed moments ago are checked first (for up to 5 s); the
     `Fieldreg-Checks-Pending` header counts those still waiting for the check."""
-    response.headers["Fieldreg-Checks-Pending"] = str(hub.check_all_pending(budget_s=5.0))
+    response.headers["Fieldreg-Checks-Pending"] = str(hub.checker.check_all_pending(budget_s=5.0))
     with hub.engine.connect() as conn:
         found = duplicates.list_pairs(
             conn, sites=_scope(user), status=status, limit=limit, offset=offset
