@@ -154,11 +154,8 @@ def take_pending(conn: sa.Connection, limit: int) -> list[str]:
     return list(conn.execute(stmt).scalars())
 
 
-def clear_pending(conn: sa.Connection, record_ids: Iterable[str] | None = None) -> None:
-    """Records checked: off the queue (all of them when `record_ids` is None)."""
-    if record_ids is None:
-        conn.execute(sa.delete(pending))
-        return
+def clear_pending(conn: sa.Connection, record_ids: Iterable[str]) -> None:
+    """Records checked: off the queue."""
     for chunk in _chunks(record_ids):
         conn.execute(sa.delete(pending).where(pending.c.record_id.in_(chunk)))
 
@@ -172,9 +169,11 @@ def all_record_ids(conn: sa.Connection) -> list[str]:
     return list(conn.execute(sa.select(records.c.id).order_by(records.c.id)).scalars())
 
 
-def _blocks(conn: sa.Connection, hashes: Iterable[str]) -> dict[str, list[str]]:
-    """Record ids filed under each of `hashes`; blocks over `MAX_BLOCK` come back
-    empty-handed as a list of that many '' (their size is what matters)."""
+def _blocks(
+    conn: sa.Connection, hashes: Iterable[str]
+) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """How many records are filed under each of `hashes`, and which, for the
+    blocks no larger than `MAX_BLOCK` (a larger one is too common to use)."""
     sizes: dict[str, int] = {}
     for chunk in _chunks(hashes):
         stmt = (
@@ -183,14 +182,14 @@ def _blocks(conn: sa.Connection, hashes: Iterable[str]) -> dict[str, list[str]]:
             .group_by(block_keys.c.key_hash)
         )
         sizes.update((h, int(n)) for h, n in conn.execute(stmt))
-    out: dict[str, list[str]] = {h: [""] * n for h, n in sizes.items() if n > MAX_BLOCK}
+    members: dict[str, list[str]] = {}
     for chunk in _chunks(h for h, n in sizes.items() if n <= MAX_BLOCK):
         stmt = sa.select(block_keys.c.key_hash, block_keys.c.record_id).where(
             block_keys.c.key_hash.in_(chunk)
         )
         for h, rid in conn.execute(stmt):
-            out.setdefault(h, []).append(rid)
-    return out
+            members.setdefault(h, []).append(rid)
+    return sizes, members
 
 
 def _known_pairs(conn: sa.Connection, ids: Iterable[str]) -> set[tuple[str, str]]:
@@ -254,18 +253,14 @@ def check_records(
     if not mine:
         return 0
     keys_of = _index(conn, {rid: e.profile for rid, e in mine.items()}, index)
-    blocks = _blocks(conn, (h for keys in keys_of.values() for h in keys))
+    sizes, blocks = _blocks(conn, (h for keys in keys_of.values() for h in keys))
     found: dict[str, set[str]] = {}
     for rid, keys in sorted(keys_of.items()):
         if mine[rid].merged:
             continue
-        found[rid] = {
-            other
-            for h in keys
-            if len(blocks.get(h, ())) <= MAX_BLOCK
-            for other in blocks[h]
-            if other not in skip
-        } - {rid}
+        found[rid] = {other for h in keys for other in blocks.get(h, ()) if other not in skip} - {
+            rid
+        }
     known = _known_pairs(conn, found)
     others = _candidate_entries(
         conn, {o for cands in found.values() for o in cands} - set(mine), master_key, cache
@@ -274,7 +269,7 @@ def check_records(
     new_pairs: list[dict[str, Any]] = []
     for rid, cands in found.items():
         entry = mine[rid]
-        key_counts = {keys_of[rid][h]: len(blocks[h]) for h in keys_of[rid] if h in blocks}
+        key_counts = {keys_of[rid][h]: sizes[h] for h in keys_of[rid] if h in sizes}
         for other_id in sorted(cands):
             pair = (rid, other_id) if rid < other_id else (other_id, rid)
             other = others.get(other_id)
