@@ -58,7 +58,9 @@ def _populate(
             recs[rid] = rec
         with hub.engine.begin() as conn:
             save_records(conn, recs.values(), now=now)
-            dedup_check.index_records(conn, recs, index=hub.block_index)
+            dedup_check.index_records(
+                conn, recs, index=hub.block_index, master_key=hub.secrets.master_key
+            )
     return time.perf_counter() - start
 
 

@@ -53,6 +53,8 @@ __all__ = [
     "candidates",
     "name_code",
     "profile",
+    "profile_from_json",
+    "profile_to_json",
     "record_keys",
     "score",
 ]
@@ -251,6 +253,42 @@ def profile(doc: Mapping[str, Any]) -> Profile:
         household=(group, relation or "?") if group else None,
         keys=_keys(codes, birth, (number for number, _, _ in documents), phone),
     )  # fmt: skip
+
+
+def profile_to_json(p: Profile) -> list[Any]:
+    """A profile as compact JSON (the hub keeps it sealed beside the record, so a
+    candidate is not unsealed and read again whole); `profile_from_json` reverses it."""
+    birth = p.birth
+    return [
+        [[n.text, list(n.tokens), n.given] for n in p.names],
+        None if birth is None else [birth.year, birth.month, birth.day, birth.precision],
+        p.sex,
+        sorted(p.nationalities),
+        sorted(list(d) for d in p.documents),
+        p.phone,
+        p.place,
+        None if p.household is None else list(p.household),
+        sorted(p.keys),
+    ]
+
+
+def profile_from_json(data: Any) -> Profile:
+    """The profile `profile_to_json` wrote (raises ValueError on anything else)."""
+    try:
+        names, birth, sex, nationalities, documents, phone, place, household, keys = data
+        return Profile(
+            names=tuple(_NameForm(text, tuple(tokens), given) for text, tokens, given in names),
+            birth=None if birth is None else _Birth(*birth),
+            sex=sex,
+            nationalities=frozenset(nationalities),
+            documents=frozenset((a, b, c) for a, b, c in documents),
+            phone=phone,
+            place=place,
+            household=None if household is None else (household[0], household[1]),
+            keys=frozenset(keys),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not a stored match profile: {exc}") from None
 
 
 def _as_profile(record: Mapping[str, Any] | Profile) -> Profile:

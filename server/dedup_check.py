@@ -24,9 +24,18 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from schemas.fields import unflatten
-from schemas.matching import MAX_BLOCK, REVIEW_THRESHOLD, Profile, profile, score
+from schemas.matching import (
+    MAX_BLOCK,
+    REVIEW_THRESHOLD,
+    Profile,
+    profile,
+    profile_from_json,
+    profile_to_json,
+    score,
+)
 from server.models import BlockKey, DedupPending, DuplicatePair, RecordRow
 from server.records import HubRecord, load_records
+from server.sealing import RecordCipher, SealError
 
 __all__ = [
     "MERGED_INTO",
@@ -117,10 +126,13 @@ def _chunks(items: Iterable[str]) -> Iterable[list[str]]:
 
 
 def index_records(
-    conn: sa.Connection, recs: Mapping[str, HubRecord], *, index: BlockIndex
+    conn: sa.Connection, recs: Mapping[str, HubRecord], *, index: BlockIndex, master_key: bytes
 ) -> dict[str, dict[str, str]]:
-    """Replace the blocking-index entries of `recs`; return {record: {hash: key}}."""
-    return _index(conn, {rid: _entry(rec).profile for rid, rec in recs.items()}, index)
+    """Replace the blocking-index entries of `recs` and store their profiles;
+    return {record: {hash: key}}."""
+    entries = {rid: _entry(rec) for rid, rec in recs.items()}
+    _store_profiles(conn, entries, master_key)
+    return _index(conn, {rid: e.profile for rid, e in entries.items()}, index)
 
 
 def _index(
@@ -205,22 +217,75 @@ def _known_pairs(conn: sa.Connection, ids: Iterable[str]) -> set[tuple[str, str]
 def _candidate_entries(
     conn: sa.Connection, ids: Iterable[str], master_key: bytes, cache: ProfileCache
 ) -> dict[str, _Entry]:
-    """Profiles of `ids`: from the cache where the record has not changed since,
-    else unsealed and profiled (and cached)."""
+    """Profiles of `ids`: from the cache, else from the sealed profile stored with
+    the record, where the record has not changed since; else unsealed and
+    profiled (and stored). Each is cached."""
     out: dict[str, _Entry] = {}
     stale: list[str] = []
     for chunk in _chunks(ids):
-        stmt = sa.select(records.c.id, records.c.last_hub_seq).where(records.c.id.in_(chunk))
-        for rid, seq in conn.execute(stmt):
-            entry = cache.get(rid, seq)
+        stmt = sa.select(
+            records.c.id,
+            records.c.last_hub_seq,
+            records.c.site,
+            records.c.wrapped_key,
+            records.c.profile_seq,
+            records.c.match_profile,
+        ).where(records.c.id.in_(chunk))
+        for row in conn.execute(stmt):
+            entry = cache.get(row.id, row.last_hub_seq)
+            if entry is None and row.profile_seq == row.last_hub_seq and row.match_profile:
+                entry = _stored_entry(row, master_key)
+                if entry is not None:
+                    cache.put(row.id, entry)
             if entry is None:
-                stale.append(rid)
+                stale.append(row.id)
             else:
-                out[rid] = entry
-    for rid, rec in load_records(conn, stale, master_key).items():
-        out[rid] = _entry(rec)
-        cache.put(rid, out[rid])
-    return out
+                out[row.id] = entry
+    made = {rid: _entry(rec) for rid, rec in load_records(conn, stale, master_key).items()}
+    _store_profiles(conn, made, master_key)
+    for rid, entry in made.items():
+        cache.put(rid, entry)
+    return {**out, **made}
+
+
+def _stored_entry(row: Any, master_key: bytes) -> _Entry | None:
+    try:
+        merged, data = RecordCipher(master_key, row.id, row.wrapped_key).open(
+            row.match_profile, "profile"
+        )
+        return _Entry(row.last_hub_seq, row.site or "", bool(merged), profile_from_json(data))
+    except (SealError, ValueError, TypeError):
+        return None  # unreadable or from another version: profile it again
+
+
+def _store_profiles(conn: sa.Connection, entries: Mapping[str, _Entry], master_key: bytes) -> None:
+    """Keep each record's profile sealed beside it, for the checks to come."""
+    if not entries:
+        return
+    keys: dict[str, bytes] = {}
+    for chunk in _chunks(entries):
+        stmt = sa.select(records.c.id, records.c.wrapped_key).where(records.c.id.in_(chunk))
+        keys.update((rid, wrapped) for rid, wrapped in conn.execute(stmt))
+    rows = [
+        {
+            "rid": rid,
+            "seq": entry.seq,
+            "blob": RecordCipher(master_key, rid, keys[rid]).seal(
+                [entry.merged, profile_to_json(entry.profile)], "profile"
+            ),
+        }
+        for rid, entry in entries.items()
+        if rid in keys
+    ]
+    if rows:
+        conn.execute(
+            sa.update(records)
+            .where(
+                records.c.id == sa.bindparam("rid"), records.c.last_hub_seq == sa.bindparam("seq")
+            )
+            .values(match_profile=sa.bindparam("blob"), profile_seq=sa.bindparam("seq")),
+            rows,
+        )
 
 
 def check_records(
@@ -231,7 +296,6 @@ def check_records(
     master_key: bytes,
     now: datetime,
     cache: ProfileCache | None = None,
-    loaded: Mapping[str, HubRecord] | None = None,
     skip: Container[str] = (),
 ) -> int:
     """(Re)index `record_ids` and queue every new pair scoring >= the review threshold.
@@ -239,17 +303,13 @@ def check_records(
     Returns how many pairs were queued. Cost grows with the records' candidates
     (keys shared by more than `MAX_BLOCK` records are skipped), not with the
     database. Pairs already known (open, merged, rejected) are not queued again;
-    registrations merged into another are not candidates. `loaded` may hold
-    some of the records already unsealed (a push has them in hand). Candidates
+    registrations merged into another are not candidates. Candidates
     in `skip` are not scored (a scan skips the records it has checked already:
     their pairs with these were scored then).
     """
     cache = cache if cache is not None else ProfileCache(0)
     wanted = set(record_ids)
-    mine = {rid: _entry(rec) for rid, rec in (loaded or {}).items() if rid in wanted}
-    for rid, entry in mine.items():
-        cache.put(rid, entry)
-    mine.update(_candidate_entries(conn, wanted - set(mine), master_key, cache))
+    mine = _candidate_entries(conn, wanted, master_key, cache)
     if not mine:
         return 0
     keys_of = _index(conn, {rid: e.profile for rid, e in mine.items()}, index)

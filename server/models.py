@@ -155,6 +155,12 @@ class RecordRow(SQLModel, table=True):
     state: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     last_hub_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
     updated_at: datetime
+    # The duplicate check's profile of the record (sealed like `state`), valid
+    # while `profile_seq` equals `last_hub_seq` (server/dedup_check.py).
+    match_profile: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    profile_seq: int = Field(
+        default=-1, sa_column=Column(BigInteger, nullable=False, default=-1, server_default="-1")
+    )
 
 
 class NameKey(SQLModel, table=True):

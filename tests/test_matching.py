@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import Counter, defaultdict
 from typing import Any
@@ -20,6 +21,8 @@ from schemas.matching import (
     Match,
     candidates,
     profile,
+    profile_from_json,
+    profile_to_json,
     record_keys,
     score,
 )
@@ -367,3 +370,12 @@ def test_bench_quality_meets_the_issue_targets(bench_set: Any) -> None:
     clusters = cluster_metrics(scored, data, OPERATING_THRESHOLD)
     assert clusters["f1"] >= 0.85
     assert pair_metrics(scored, REVIEW_THRESHOLD)["recall"] >= 0.9
+
+
+def test_a_stored_profile_reads_back_equal_and_garbage_is_refused() -> None:
+    for item in generate(300, seed=7):
+        made = profile(item.doc)
+        assert profile_from_json(json.loads(json.dumps(profile_to_json(made)))) == made
+    for garbage in (None, [], [1, 2], {"names": []}, "profile"):
+        with pytest.raises(ValueError):
+            profile_from_json(garbage)
