@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from schemas.fields import unflatten
 from schemas.matching import (
     MAX_BLOCK,
+    PROFILE_VERSION,
     REVIEW_THRESHOLD,
     Profile,
     profile,
@@ -250,12 +251,14 @@ def _candidate_entries(
 
 def _stored_entry(row: Any, master_key: bytes) -> _Entry | None:
     try:
-        merged, data = RecordCipher(master_key, row.id, row.wrapped_key).open(
+        version, merged, data = RecordCipher(master_key, row.id, row.wrapped_key).open(
             row.match_profile, "profile"
         )
+        if version != PROFILE_VERSION:
+            return None  # made by another version of `profile`: make it again
         return _Entry(row.last_hub_seq, row.site or "", bool(merged), profile_from_json(data))
     except (SealError, ValueError, TypeError):
-        return None  # unreadable or from another version: profile it again
+        return None  # unreadable: profile it again
 
 
 def _store_profiles(conn: sa.Connection, entries: Mapping[str, _Entry], master_key: bytes) -> None:
@@ -271,7 +274,7 @@ def _store_profiles(conn: sa.Connection, entries: Mapping[str, _Entry], master_k
             "rid": rid,
             "seq": entry.seq,
             "blob": RecordCipher(master_key, rid, keys[rid]).seal(
-                [entry.merged, profile_to_json(entry.profile)], "profile"
+                [PROFILE_VERSION, entry.merged, profile_to_json(entry.profile)], "profile"
             ),
         }
         for rid, entry in entries.items()

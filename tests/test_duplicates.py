@@ -17,10 +17,12 @@ import sqlalchemy as sa
 from field_client.enrolment import enrol
 from field_client.store import Store
 from field_client.sync_runner import run_sync
+from schemas.matching import PROFILE_VERSION, profile, profile_to_json
 from schemas.record import SCHEMA_VERSION
 from server import accounts, dedup_check
 from server.accounts import Role
 from server.hub import Hub
+from server.sealing import RecordCipher
 from sync.protocol import Edit
 from sync.transport import HubClient
 from tests.conftest import PASSPHRASE
@@ -279,3 +281,38 @@ def test_the_hub_checks_pushed_records_by_itself_after_the_push_answered(
         assert time.monotonic() < deadline, f"{waiting} record(s) still wait for the check"
         time.sleep(0.1)
     assert sorted(found[0]) == sorted(e.record_id for e in twice)
+
+
+def test_a_profile_stored_by_another_version_of_the_matcher_is_made_again(
+    env: tuple[httpx.Client, Hub, str],
+) -> None:
+    http, hub, _ = env
+    hub.checker.stop()
+    border = HandDevice.enrol(http, hub, "border")
+    camp = HandDevice.enrol(http, hub, "camp")
+    names = {"given": "Tesfaye", "family": "Bekele"}
+    first = registration(border, names, "1990-05-01", "EP9988776")
+    border.open_answer(border.push(border.envelope([first])))
+    assert hub.checker.check_all_pending() == 0
+    # An older matcher's profile of the record (here: somebody else entirely).
+    stranger = profile({"names": {"given": "Grace", "family": "Okafor"}, "sex": "female"})
+    with hub.engine.begin() as conn:
+        wrapped = conn.execute(
+            sa.text("SELECT wrapped_key FROM records WHERE id = :r"), {"r": first.record_id}
+        ).scalar_one()
+        blob = RecordCipher(hub.secrets.master_key, first.record_id, wrapped).seal(
+            [PROFILE_VERSION - 1, False, profile_to_json(stranger)], "profile"
+        )
+        conn.execute(
+            sa.text("UPDATE records SET match_profile = :b WHERE id = :r"),
+            {"b": blob, "r": first.record_id},
+        )
+    fresh = Hub(hub.settings)  # a restarted process: nothing in its memory
+    try:
+        again = registration(camp, names, "1990-05-01", "EP9988776")
+        camp.open_answer(camp.push(camp.envelope([again])))
+        assert fresh.checker.check_all_pending() == 0
+    finally:
+        fresh.engine.dispose()
+    [pair] = http.get("/api/v1/duplicates", headers=login(http)).json()
+    assert {pair["record_a"], pair["record_b"]} == {first.record_id, again.record_id}

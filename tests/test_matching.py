@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from collections import Counter, defaultdict
@@ -16,6 +17,7 @@ from bench.dedup_eval import cluster_metrics, pair_metrics, score_all
 from schemas.matching import (
     MAX_BLOCK,
     OPERATING_THRESHOLD,
+    PROFILE_VERSION,
     REVIEW_THRESHOLD,
     FieldAgreement,
     Match,
@@ -379,3 +381,18 @@ def test_a_stored_profile_reads_back_equal_and_garbage_is_refused() -> None:
     for garbage in (None, [], [1, 2], {"names": []}, "profile"):
         with pytest.raises(ValueError):
             profile_from_json(garbage)
+
+
+# What `profile` makes of a fixed sample, for PROFILE_VERSION. Profiles the hub
+# stored are reused while their version matches: change `profile`, and this
+# fails until PROFILE_VERSION is bumped and the digest below updated with it.
+PROFILES_BY_VERSION = {1: "4b17615aaf388712b2a51c09d71ee7e500337f1547672c5de0532b6d302295c0"}
+
+
+def test_profile_version_is_bumped_when_profiles_change() -> None:
+    made = [profile_to_json(profile(item.doc)) for item in generate(200, seed=11)]
+    digest = hashlib.sha256(json.dumps(made, ensure_ascii=False).encode()).hexdigest()
+    assert PROFILES_BY_VERSION.get(PROFILE_VERSION) == digest, (
+        "profile() reads records differently now: bump schemas.matching.PROFILE_VERSION"
+        " (the hub then makes its stored profiles again) and record the new digest here"
+    )
