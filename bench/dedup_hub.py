@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.dedup_data import generate
-from schemas.fields import FIELD_PATHS
+from schemas.fields import FIELD_PATHS, flatten_doc
 from server import dedup_check
 from server.admin import initialise
 from server.hub import Hub
@@ -26,13 +26,7 @@ __all__ = ["run"]
 
 
 def _flat(doc: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in doc.items():
-        if key in ("names", "situation") and isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return {k: v for k, v in out.items() if k in FIELD_PATHS}
+    return {k: v for k, v in flatten_doc(doc).items() if k in FIELD_PATHS}
 
 
 def _populate(
@@ -58,9 +52,7 @@ def _populate(
             recs[rid] = rec
         with hub.engine.begin() as conn:
             save_records(conn, recs.values(), now=now)
-            dedup_check.index_records(
-                conn, recs, index=hub.block_index, master_key=hub.secrets.master_key
-            )
+            dedup_check.index_records(conn, recs, index=hub.block_index)
     return time.perf_counter() - start
 
 

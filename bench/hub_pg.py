@@ -43,6 +43,7 @@ from typing import Any
 import httpx
 
 from bench.people import person
+from schemas.fields import flatten_doc
 from schemas.record import SCHEMA_VERSION
 from server.admin import initialise
 from server.hub import EnrolRequest, Hub
@@ -84,11 +85,7 @@ def _record_fields(device_id: str, doc: dict[str, Any]) -> dict[str, Any]:
             "registered_at": "2026-11-29T10:00:00+00:00",
         },
     }
-    for key, value in doc.items():
-        if key in ("names", "situation"):
-            fields.update({f"{key}.{sub}": v for sub, v in value.items()})
-        else:
-            fields[key] = value
+    fields.update(flatten_doc(doc))
     return fields
 
 

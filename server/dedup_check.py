@@ -127,12 +127,11 @@ def _chunks(items: Iterable[str]) -> Iterable[list[str]]:
 
 
 def index_records(
-    conn: sa.Connection, recs: Mapping[str, HubRecord], *, index: BlockIndex, master_key: bytes
+    conn: sa.Connection, recs: Mapping[str, HubRecord], *, index: BlockIndex
 ) -> dict[str, dict[str, str]]:
     """Replace the blocking-index entries of `recs` and store their profiles;
     return {record: {hash: key}}."""
-    entries = {rid: _entry(rec) for rid, rec in recs.items()}
-    _store_profiles(conn, entries, master_key)
+    entries = _profiled(conn, recs)
     return _index(conn, {rid: e.profile for rid, e in entries.items()}, index)
 
 
@@ -242,8 +241,7 @@ def _candidate_entries(
                 stale.append(row.id)
             else:
                 out[row.id] = entry
-    made = {rid: _entry(rec) for rid, rec in load_records(conn, stale, master_key).items()}
-    _store_profiles(conn, made, master_key)
+    made = _profiled(conn, load_records(conn, stale, master_key))
     for rid, entry in made.items():
         cache.put(rid, entry)
     return {**out, **made}
@@ -261,24 +259,19 @@ def _stored_entry(row: Any, master_key: bytes) -> _Entry | None:
         return None  # unreadable: profile it again
 
 
-def _store_profiles(conn: sa.Connection, entries: Mapping[str, _Entry], master_key: bytes) -> None:
-    """Keep each record's profile sealed beside it, for the checks to come."""
-    if not entries:
-        return
-    keys: dict[str, bytes] = {}
-    for chunk in _chunks(entries):
-        stmt = sa.select(records.c.id, records.c.wrapped_key).where(records.c.id.in_(chunk))
-        keys.update((rid, wrapped) for rid, wrapped in conn.execute(stmt))
+def _profiled(conn: sa.Connection, recs: Mapping[str, HubRecord]) -> dict[str, _Entry]:
+    """Profile `recs` (unsealed already) and keep each profile sealed beside its
+    record, under the record's own cipher, for the checks to come."""
+    entries = {rid: _entry(rec) for rid, rec in recs.items()}
     rows = [
         {
             "rid": rid,
             "seq": entry.seq,
-            "blob": RecordCipher(master_key, rid, keys[rid]).seal(
+            "blob": recs[rid].cipher.seal(
                 [PROFILE_VERSION, entry.merged, profile_to_json(entry.profile)], "profile"
             ),
         }
         for rid, entry in entries.items()
-        if rid in keys
     ]
     if rows:
         conn.execute(
@@ -289,6 +282,7 @@ def _store_profiles(conn: sa.Connection, entries: Mapping[str, _Entry], master_k
             .values(match_profile=sa.bindparam("blob"), profile_seq=sa.bindparam("seq")),
             rows,
         )
+    return entries
 
 
 def check_records(

@@ -55,6 +55,7 @@ import pytest
 import sqlalchemy as sa
 
 from bench.people import person
+from schemas.fields import flatten_doc
 from schemas.record import SCHEMA_VERSION
 from server import audit
 from server import devices as device_store
@@ -151,11 +152,7 @@ def registration_fields(dev: SimDevice, rng: random.Random) -> dict[str, Any]:
             "registered_at": "2026-11-29T10:00:00+00:00",
         },
     }
-    for key, value in doc.items():
-        if key in ("names", "situation"):
-            fields.update({f"{key}.{sub}": v for sub, v in value.items()})
-        else:
-            fields[key] = value
+    fields.update(flatten_doc(doc))
     return fields
 
 
