@@ -23,7 +23,10 @@ def main(argv: list[str]) -> int:
         for title, figures in results.items():
             print(f"  {title}")
             for key, value in figures.items():
-                shown = f"{value:,.2f}" if isinstance(value, float) else f"{value:,}"
+                if isinstance(value, float):
+                    shown = f"{value:,.2f}"
+                else:
+                    shown = f"{value:,}" if isinstance(value, int) else str(value)
                 print(f"    {key:32} {shown}")
     return 0
 

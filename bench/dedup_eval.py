@@ -3,7 +3,15 @@ scoring, pair and cluster quality at the thresholds, and scoring speed.
 
 Issue 5 targets at `OPERATING_THRESHOLD`: pair precision >= 0.95, F1 >= 0.85,
 and no merged cluster larger than the largest true one. The thresholds were
-chosen on seed 1; `run` reports seed 2, which they were not tuned on.
+chosen on seed 1; `run` reports seed 2, which they were not tuned on, and the
+largest merged cluster on seeds 1-7 (one coincidence moves it).
+
+Clusters are made three ways from the pairs at the operating threshold:
+`automatic` joins two groups only when every pair across them is itself a
+predicted match (complete linkage: what merging every predicted pair can
+honestly make without a person deciding); `hub` joins them unless a pair
+across them scores below the review threshold (what the hub lets an operator
+merge); `blind` merges every pair (union-find).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from bench.dedup_data import Labelled, generate
 from schemas.clustering import link, union_all
@@ -29,6 +38,7 @@ from schemas.matching import (
 __all__ = ["Scored", "cluster_metrics", "pair_metrics", "run", "score_all"]
 
 Pair = tuple[int, int]
+Rule = Literal["automatic", "hub", "blind"]
 
 
 @dataclass(frozen=True)
@@ -42,13 +52,12 @@ class Scored:
     profiles: list[Profile]
     key_counts: dict[str, int]
 
-    def compatible(self, a: int, b: int) -> bool:
-        """No evidence of two different people (what `link` requires inside a cluster)."""
-        pair = (a, b) if a < b else (b, a)
-        value = self.scores.get(pair)
+    def pair_score(self, a: int, b: int) -> float:
+        """The pair's score (scored now if blocking never brought them together)."""
+        value = self.scores.get((a, b) if a < b else (b, a))
         if value is None:
             value = score(self.profiles[a], self.profiles[b], key_counts=self.key_counts).score
-        return value >= REVIEW_THRESHOLD
+        return value
 
 
 def _true_pairs(data: Sequence[Labelled]) -> set[Pair]:
@@ -104,17 +113,17 @@ def _closure(labels: Sequence[int]) -> tuple[set[Pair], int]:
 
 
 def cluster_metrics(
-    scored: Scored, data: Sequence[Labelled], threshold: float, *, linked: bool = True
+    scored: Scored, data: Sequence[Labelled], threshold: float, *, rule: Rule = "automatic"
 ) -> dict[str, float]:
-    """Merge the predicted pairs and compare the clusters with the truth: with
-    `link` (what the hub allows: strongest first, never joining groups with a
-    pair across them that says two people), or every pair blindly (union-find)."""
+    """Merge the predicted pairs by `rule` (see the module docstring) and
+    compare the clusters with the truth."""
     predicted = [(a, b, v) for (a, b), v in scored.scores.items() if v >= threshold]
     items = range(len(data))
-    if linked:
-        groups = link(items, predicted, scored.compatible)
-    else:
+    if rule == "blind":
         groups = union_all(items, ((a, b) for a, b, _ in predicted))
+    else:
+        bar = threshold if rule == "automatic" else REVIEW_THRESHOLD
+        groups = link(items, predicted, lambda a, b: scored.pair_score(a, b) >= bar)
     merged, largest = _closure([groups[i] for i in items])
     true_largest = _closure([item.true_person for item in data])[1]
     return {
@@ -169,6 +178,19 @@ def _speed(data: Sequence[Labelled], scored: Scored, pairs: int = 20_000) -> dic
     }
 
 
+def _largest_by_seed(persons: int, seeds: Sequence[int]) -> dict[str, str]:
+    """The largest automatic cluster on other seeds: one coincidence of name and
+    birth year moves it, so a single seed says little."""
+    out: dict[str, str] = {}
+    for seed in seeds:
+        data = generate(persons, seed=seed)
+        clusters = cluster_metrics(score_all(data), data, OPERATING_THRESHOLD)
+        out[f"seed {seed}: largest merged / true"] = (
+            f"{clusters['largest_merged_cluster']} / {clusters['largest_true_cluster']}"
+        )
+    return out
+
+
 def _targets(scored: Scored, data: Sequence[Labelled]) -> dict[str, float]:
     pairs = pair_metrics(scored, OPERATING_THRESHOLD)
     clusters = cluster_metrics(scored, data, OPERATING_THRESHOLD)
@@ -176,24 +198,29 @@ def _targets(scored: Scored, data: Sequence[Labelled]) -> dict[str, float]:
     return {
         "precision >= 0.95 (1 = met)": int(pairs["precision"] >= 0.95),
         "f1 >= 0.85 (1 = met)": int(pairs["f1"] >= 0.85),
-        "no over-large cluster (1 = met)": int(largest),
+        "no over-large automatic cluster (1 = met)": int(largest),
     }
 
 
-def run(persons: int = 5_000, seed: int = 2) -> dict[str, dict[str, float]]:
+def run(persons: int = 5_000, seed: int = 2) -> dict[str, dict[str, Any]]:
     """Generate the set, block, score, and return the figures `make bench` prints."""
     data = generate(persons, seed=seed)
     scored = score_all(data)
+    at = f"at OPERATING_THRESHOLD {OPERATING_THRESHOLD}"
     return {
         f"blocking ({persons:,} true persons, seed {seed})": _blocking(scored, len(data)),
-        f"pairs at OPERATING_THRESHOLD {OPERATING_THRESHOLD}": pair_metrics(
-            scored, OPERATING_THRESHOLD
-        ),
-        f"clusters at OPERATING_THRESHOLD {OPERATING_THRESHOLD} (linked, as the hub merges)": (
+        f"pairs {at}": pair_metrics(scored, OPERATING_THRESHOLD),
+        f"clusters {at}, automatic (every pair in a cluster a predicted match)": (
             cluster_metrics(scored, data, OPERATING_THRESHOLD)
         ),
-        f"clusters at OPERATING_THRESHOLD {OPERATING_THRESHOLD} (every pair merged blindly)": (
-            cluster_metrics(scored, data, OPERATING_THRESHOLD, linked=False)
+        f"clusters {at}, as the hub allows (no pair below REVIEW_THRESHOLD)": (
+            cluster_metrics(scored, data, OPERATING_THRESHOLD, rule="hub")
+        ),
+        f"clusters {at}, every pair merged blindly": (
+            cluster_metrics(scored, data, OPERATING_THRESHOLD, rule="blind")
+        ),
+        "largest automatic cluster on other seeds": _largest_by_seed(
+            persons, [s for s in range(1, 8) if s != seed]
         ),
         f"pairs at REVIEW_THRESHOLD {REVIEW_THRESHOLD}": pair_metrics(scored, REVIEW_THRESHOLD),
         "pairs at other thresholds": _sweep(scored),

@@ -6,8 +6,9 @@ two whole families of records. `link` joins the strongest pairs first and
 joins two groups only when every record of one is compatible with every
 record of the other (no pair across them scores below the review threshold,
 which is evidence of different people). The hub holds an operator's merge to
-the same rule (`server.duplicates.merge` refuses `duplicate.strangers`), and
-the evaluation in `bench/dedup_eval.py` reports clusters both ways.
+the same rule (`server.duplicates.merge` refuses `duplicate.strangers`); the
+evaluation in `bench/dedup_eval.py` also links with the operating threshold as
+the bar (every pair in a cluster a predicted match) and merges blindly.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from bench.dedup_data import generate
 from bench.dedup_eval import cluster_metrics, pair_metrics, score_all
+from schemas.clustering import link
 from schemas.matching import (
     MAX_BLOCK,
     OPERATING_THRESHOLD,
@@ -372,6 +373,32 @@ def test_bench_quality_meets_the_issue_targets(bench_set: Any) -> None:
     clusters = cluster_metrics(scored, data, OPERATING_THRESHOLD)
     assert clusters["f1"] >= 0.85
     assert pair_metrics(scored, REVIEW_THRESHOLD)["recall"] >= 0.9
+
+
+def test_automatic_clusters_hold_only_predicted_pairs(
+    bench_set: Any,
+) -> None:
+    data, scored = bench_set
+    predicted = [(a, b, v) for (a, b), v in scored.scores.items() if v >= OPERATING_THRESHOLD]
+    groups = link(
+        range(len(data)), predicted, lambda a, b: scored.pair_score(a, b) >= OPERATING_THRESHOLD
+    )
+    members: dict[int, list[int]] = defaultdict(list)
+    for item, group in groups.items():
+        members[group].append(item)
+    assert max(len(ids) for ids in members.values()) > 1
+    for ids in members.values():
+        assert all(
+            scored.pair_score(a, b) >= OPERATING_THRESHOLD for a in ids for b in ids if a < b
+        )
+    sizes = {
+        rule: cluster_metrics(scored, data, OPERATING_THRESHOLD, rule=rule)[
+            "largest_merged_cluster"
+        ]
+        for rule in ("automatic", "hub", "blind")
+    }
+    # Linked groups lie inside the predicted graph's connected components.
+    assert max(sizes["automatic"], sizes["hub"]) <= sizes["blind"]
 
 
 def test_a_stored_profile_reads_back_equal_and_garbage_is_refused() -> None:
