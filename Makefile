@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## demo: register people offline on an encrypted field store (and, once the hub lands, sync them)
+## demo: a hub on SQLite, two field devices registering offline, a sync, and what the hub then holds
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
