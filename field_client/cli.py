@@ -31,7 +31,7 @@ from rich.progress import (
 from rich.prompt import Prompt
 from rich.table import Table
 
-from field_client.enrolment import AlreadyEnrolled, EnrolmentRefused
+from field_client.enrolment import AlreadyEnrolled, CannotEnrolAgain, EnrolmentRefused, enrol_again
 from field_client.enrolment import enrol as enrol_device
 from field_client.forms import parse_json_records, prompt_record, validate_all
 from field_client.store import (
@@ -433,7 +433,11 @@ def _hub_failure(exc: Exception, url: str, *, is_stored: bool) -> NoReturn:
         tail = "nothing lost, run again" if is_stored else "nothing was stored, run again"
         fail(f"hub unreachable at {url}: {exc.detail}; {tail}")
     if isinstance(exc, HubProblem):
-        hint = "; try a smaller --max-batch-bytes" if exc.code == "request.too_large" else ""
+        hint = {
+            "request.too_large": "; try a smaller --max-batch-bytes",
+            "device.unknown": "; if the hub was restored from an older backup, ask its operator"
+            " for an enrolment code and run fieldreg enrol --again --code CODE",
+        }.get(exc.code, "")
         fail(f"the hub refused ({exc.code}): {exc.detail}{hint}")
     if isinstance(exc, SyncError):
         fail(f"{exc.detail} ({exc.code})")
@@ -442,31 +446,62 @@ def _hub_failure(exc: Exception, url: str, *, is_stored: bool) -> NoReturn:
 
 @app.command()
 def enrol(
-    hub: Annotated[str, typer.Option("--hub", help="The hub's URL, e.g. https://hub.example.org")],
     code: Annotated[str, typer.Option(help="The one-time enrolment code from the hub operator.")],
+    hub: Annotated[
+        str | None,
+        typer.Option("--hub", help="The hub's URL, e.g. https://hub.example.org"),
+    ] = None,
     expect_fingerprint: Annotated[
         str | None,
         typer.Option(help="The hub key fingerprint the hub operator read out; refuse any other."),
     ] = None,
+    again: Annotated[
+        bool,
+        typer.Option(
+            "--again",
+            help="Enrol this store again with the hub it is pinned to, keeping its keys"
+            " (after the hub was restored from a backup older than this device).",
+        ),
+    ] = False,
     data_dir: DataDir = DEFAULT_DIR,
 ) -> None:
     """Enrol this device with a hub: make its keys, pin the hub's keys."""
-    url = _hub_url(hub)
     if not code.strip():
         fail("--code is empty")
-    with opened(data_dir) as store, httpx.Client(base_url=url) as http:
-        try:
-            result = enrol_device(
-                store, HubClient(http), code=code.strip(), expect_fingerprint=expect_fingerprint
-            )
-        except (AlreadyEnrolled, EnrolmentRefused) as exc:
-            fail(str(exc))
-        except (HubUnreachable, HubProblem) as exc:
-            _hub_failure(exc, url, is_stored=False)
-    out.print(f"enrolled with {url}", highlight=False)
+    if hub is None and not again:
+        fail("--hub is needed (the hub's URL)")
+    if hub is not None and again:
+        fail("--again enrols with the hub URL pinned at enrolment; leave out --hub")
+    if again and expect_fingerprint is not None:
+        fail("--again checks the hub against the fingerprint pinned at enrolment")
+    with opened(data_dir) as store:
+        pinned = store.sync.read_enrolment()
+        if again and pinned is None:
+            fail("this store was never enrolled: use fieldreg enrol --hub URL --code CODE")
+        url = pinned.hub_url if again and pinned else _hub_url(hub or "")
+        with httpx.Client(base_url=url) as http:
+            client = HubClient(http)
+            try:
+                if again:
+                    result = enrol_again(store, client, code=code.strip())
+                else:
+                    result = enrol_device(
+                        store, client, code=code.strip(), expect_fingerprint=expect_fingerprint
+                    )
+            except (AlreadyEnrolled, CannotEnrolAgain, EnrolmentRefused) as exc:
+                again_hint = "; after a hub restore: fieldreg enrol --again --code CODE"
+                fail(f"{exc}{again_hint if isinstance(exc, AlreadyEnrolled) else ''}")
+            except (HubUnreachable, HubProblem) as exc:
+                if isinstance(exc, HubProblem) and exc.code == "device.exists" and again:
+                    fail("the hub still knows this device: nothing to do, run fieldreg sync")
+                _hub_failure(exc, url, is_stored=False)
+    out.print(f"enrolled {'again ' if again else ''}with {url}", highlight=False)
     out.print(f"hub fingerprint  {result.hub_fingerprint}", highlight=False)
     out.print(f"sites            {', '.join(result.sites)}")
-    out.print("compare the fingerprint with the one the hub operator reads out")
+    if again:
+        out.print("run fieldreg sync: the hub gets again what it lost from this device")
+    else:
+        out.print("compare the fingerprint with the one the hub operator reads out")
 
 
 def _summary_line(summary: SyncSummary) -> str:

@@ -14,13 +14,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from field_client.store import Store
-from field_client.sync_store import AlreadyEnrolled, Enrolment
+from field_client.sync_store import AlreadyEnrolled, CannotEnrolAgain, Enrolment
 from sync.envelope import PROTOCOL_VERSION
 from sync.hlc import system_ms
 from sync.keys import KeyFormatError, KeyPairs, PublicKeys
 from sync.transport import HubClient, HubProblem
 
-__all__ = ["AlreadyEnrolled", "EnrolmentRefused", "EnrolmentResult", "enrol", "same_fingerprint"]
+__all__ = [
+    "AlreadyEnrolled",
+    "CannotEnrolAgain",
+    "EnrolmentRefused",
+    "EnrolmentResult",
+    "enrol",
+    "enrol_again",
+    "same_fingerprint",
+]
 
 
 class EnrolmentRefused(Exception):
@@ -62,41 +70,21 @@ def _text(answer: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def enrol(
-    store: Store,
-    client: HubClient,
-    *,
-    code: str,
-    expect_fingerprint: str | None = None,
-    wall_ms: Callable[[], int] = system_ms,
-) -> EnrolmentResult:
-    """Enrol `store` with the hub behind `client` using a one-time `code`.
-
-    Generates this device's key pairs, checks the hub (protocol, and
-    `expect_fingerprint` when given) before spending the code, posts the
-    enrolment and checks the answer; then stores keys, hub keys, URL, sites
-    and epoch in one transaction. Returns the hub fingerprint and sites.
-
-    Raises `AlreadyEnrolled` or `EnrolmentRefused` (nothing stored, nothing
-    sent), `HubProblem` (the hub refused, or answered outside the protocol)
-    or `HubUnreachable`. Stores nothing unless everything checked out.
-    """
-    if store.sync.read_enrolment() is not None:
-        raise AlreadyEnrolled("this store is enrolled with a hub already")
+def _hub_of(client: HubClient) -> PublicKeys:
+    """The hub's public keys from its info, once its protocol is this device's."""
     info = client.hub_info()
     if info.get("protocol") != PROTOCOL_VERSION:
         raise EnrolmentRefused(
             f"the hub speaks protocol {info.get('protocol')!r}; this device speaks"
             f" {PROTOCOL_VERSION}"
         )
-    hub_keys = _hub_keys(info, "hub info")
-    fingerprint = hub_keys.fingerprint()
-    if expect_fingerprint is not None and not same_fingerprint(expect_fingerprint, fingerprint):
-        raise EnrolmentRefused(
-            f"the hub's fingerprint is {fingerprint}, not the expected {expect_fingerprint};"
-            " the code was not used and nothing was stored"
-        )
-    keys = KeyPairs.generate()
+    return _hub_keys(info, "hub info")
+
+
+def _enrolled(
+    store: Store, client: HubClient, code: str, keys: KeyPairs, hub_keys: PublicKeys
+) -> tuple[tuple[str, ...], str]:
+    """Post the enrolment with `keys` and check the answer: (sites, hub epoch)."""
     answer = client.enrol(
         {
             "code": code,
@@ -122,14 +110,82 @@ def enrol(
         raise HubProblem(
             200, "hub.bad_answer", f"enrolment answer: sites {sites} lack this store's site"
         )
+    return tuple(sites), epoch
+
+
+def enrol(
+    store: Store,
+    client: HubClient,
+    *,
+    code: str,
+    expect_fingerprint: str | None = None,
+    wall_ms: Callable[[], int] = system_ms,
+) -> EnrolmentResult:
+    """Enrol `store` with the hub behind `client` using a one-time `code`.
+
+    Generates this device's key pairs, checks the hub (protocol, and
+    `expect_fingerprint` when given) before spending the code, posts the
+    enrolment and checks the answer; then stores keys, hub keys, URL, sites
+    and epoch in one transaction. Returns the hub fingerprint and sites.
+
+    Raises `AlreadyEnrolled` or `EnrolmentRefused` (nothing stored, nothing
+    sent), `HubProblem` (the hub refused, or answered outside the protocol)
+    or `HubUnreachable`. Stores nothing unless everything checked out.
+    """
+    if store.sync.read_enrolment() is not None:
+        raise AlreadyEnrolled("this store is enrolled with a hub already")
+    hub_keys = _hub_of(client)
+    fingerprint = hub_keys.fingerprint()
+    if expect_fingerprint is not None and not same_fingerprint(expect_fingerprint, fingerprint):
+        raise EnrolmentRefused(
+            f"the hub's fingerprint is {fingerprint}, not the expected {expect_fingerprint};"
+            " the code was not used and nothing was stored"
+        )
+    keys = KeyPairs.generate()
+    sites, epoch = _enrolled(store, client, code, keys, hub_keys)
     store.sync.save_enrolment(
         Enrolment(
             hub_url=client.base_url,
             keys=keys,
             hub_keys=hub_keys,
-            sites=tuple(sites),
+            sites=sites,
             epoch=epoch,
             enrolled_at_ms=wall_ms(),
         )
     )
-    return EnrolmentResult(hub_fingerprint=fingerprint, sites=tuple(sites), epoch=epoch)
+    return EnrolmentResult(hub_fingerprint=fingerprint, sites=sites, epoch=epoch)
+
+
+def enrol_again(
+    store: Store, client: HubClient, *, code: str, wall_ms: Callable[[], int] = system_ms
+) -> EnrolmentResult:
+    """Enrol an enrolled store again with its pinned hub, keeping its id and keys.
+
+    For a hub restored from a backup older than this device's enrolment: the
+    hub no longer knows the device (`device.unknown`), though the device holds
+    registrations it must send. Only the very hub pinned at enrolment (same
+    keys) is accepted, so a store can never be moved to another hub; a hub
+    that still knows the device refuses with `device.exists`. The next sync
+    pulls the hub's epoch from the start and sends again whatever the hub
+    lacks (it reports how far it holds this device's changes).
+
+    Raises `CannotEnrolAgain` or `EnrolmentRefused` (nothing sent), `HubProblem`
+    or `HubUnreachable`; stores nothing unless everything checked out.
+    """
+    enrolment = store.sync.read_enrolment()
+    if enrolment is None:
+        raise CannotEnrolAgain("this store was never enrolled: use fieldreg enrol")
+    if store.sync.status().is_revoked:
+        raise CannotEnrolAgain(
+            "the hub revoked this device and ordered it wiped; it cannot enrol again"
+        )
+    hub_keys = _hub_of(client)
+    if hub_keys != enrolment.hub_keys:
+        raise EnrolmentRefused(
+            f"this store is pinned to the hub with fingerprint {enrolment.hub_fingerprint};"
+            f" the hub at {client.base_url} has {hub_keys.fingerprint()}: a store cannot move"
+            " to another hub (the code was not used)"
+        )
+    sites, epoch = _enrolled(store, client, code, enrolment.keys, hub_keys)
+    store.sync.renew_enrolment(sites=sites, epoch=epoch, enrolled_at_ms=wall_ms())
+    return EnrolmentResult(hub_fingerprint=hub_keys.fingerprint(), sites=sites, epoch=epoch)

@@ -35,6 +35,7 @@ from sync.protocol import Edit, PushBatch, cut_batch
 
 __all__ = [
     "AlreadyEnrolled",
+    "CannotEnrolAgain",
     "Enrolment",
     "HubAheadOfStore",
     "PullPosition",
@@ -49,6 +50,10 @@ _LOST_OUTCOMES = ("superseded", "conflict")
 
 class AlreadyEnrolled(RuntimeError):
     """The store is enrolled with a hub already; enrolment is once per store."""
+
+
+class CannotEnrolAgain(RuntimeError):
+    """Enrolling again needs an enrolled store the hub has not revoked."""
 
 
 class HubAheadOfStore(ValueError):
@@ -165,6 +170,27 @@ class SyncStore:
                     "hub_epoch": enrolment.epoch,
                     "pull_cursor": "",
                     "enrolled_at": str(enrolment.enrolled_at_ms),
+                }
+            )
+
+    def renew_enrolment(self, *, sites: tuple[str, ...], epoch: str, enrolled_at_ms: int) -> None:
+        """Record that the hub enrolled this device again (a hub restored from a
+        backup older than the first enrolment): same keys, same pinned hub; the
+        pull starts over in the hub's epoch (merging what is here changes nothing)."""
+        with self._conn.begin():
+            meta = self._meta()
+            if "device_keys" not in meta:
+                raise CannotEnrolAgain("this store was never enrolled: use fieldreg enrol")
+            if "revoked_at" in meta:
+                raise CannotEnrolAgain(
+                    "the hub revoked this device and ordered it wiped; it cannot enrol again"
+                )
+            self._put_meta(
+                {
+                    "sites": _dumps(list(sites)),
+                    "hub_epoch": epoch,
+                    "pull_cursor": "",
+                    "enrolled_at": str(enrolled_at_ms),
                 }
             )
 

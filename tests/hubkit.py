@@ -75,10 +75,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_hub(settings: HubSettings) -> Iterator[tuple[str, Hub]]:
-    """Serve the hub with uvicorn on 127.0.0.1 in a thread; yield (base URL, hub)."""
+def live_hub(settings: HubSettings, *, port: int | None = None) -> Iterator[tuple[str, Hub]]:
+    """Serve the hub with uvicorn on 127.0.0.1 in a thread (on `port`, or a free
+    one); yield (base URL, hub)."""
     hub = Hub(settings)
-    port = free_port()
+    port = port or free_port()
     config = uvicorn.Config(
         create_app(settings, hub=hub), host="127.0.0.1", port=port, log_level="error"
     )

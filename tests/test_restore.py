@@ -18,12 +18,15 @@ import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
+from field_client.enrolment import CannotEnrolAgain, EnrolmentRefused, enrol, enrol_again
 from field_client.store import Store
 from schemas.record import RegistrationCreate
 from server.feed import Cursor, decode_cursor, encode_cursor
@@ -32,7 +35,8 @@ from server.problems import Problem
 from server.restore_commands import renew_epoch
 from server.settings import HubSettings
 from sync.protocol import ProtocolError, PullPage
-from tests.conftest import sample_record
+from sync.transport import HubClient
+from tests.conftest import PASSPHRASE, run_cli, sample_record
 from tests.hubkit import POSTGRES_ENV, database_backends, fresh_database, init_hub, live_hub
 from tests.test_sync_e2e import count, device_state, hub_state, new_device, sync
 
@@ -239,6 +243,89 @@ def test_a_new_epoch_alone_sends_nothing_again(place: HubPlace, tmp_path: Path) 
         assert a.sync.pull_position().epoch == b.sync.pull_position().epoch == live.epoch
         assert device_state(a) == device_state(b) == hub_state(live)
         assert log_duplicates(live) == 0 and audited(live, "hub.restored") == 1
+
+
+def test_a_device_enrolled_after_the_backup_enrols_again_and_sends_everything(
+    place: HubPlace, tmp_path: Path
+) -> None:
+    """The restored hub does not know a device enrolled after its backup: `fieldreg
+    enrol --again` enrols the same store (same id, same keys, same pinned hub)
+    with a new code, and its next sync sends every change the hub lacks."""
+    backup = tmp_path / "hub-backup"
+    with ExitStack() as stack:
+        with live_hub(place.settings) as (url, live):
+            a = stack.enter_context(new_device(tmp_path, "a", url, live, sites=[SITE]))
+            register(a, "Nadia")
+            sync(a, url)
+            place.backup(backup)
+            c = stack.enter_context(new_device(tmp_path, "c", url, live, sites=[SITE]))
+            c_records = register(c, "Omar", "Precious")
+            sync(c, url)
+            device_id, keys = c.device_id, c.sync.read_enrolment()
+        place.restore(backup)
+        assert place.hub_cli("restored").returncode == 0
+        port = httpx.URL(url).port
+        with live_hub(place.settings, port=port) as (url, live):  # the same address
+            refused = run_cli(tmp_path / "c", "sync")
+            assert refused.returncode != 0 and "device.unknown" in refused.stderr
+            assert "fieldreg enrol --again" in refused.stderr
+            code = live.create_enrol_code([SITE], timedelta(hours=1))
+            done = run_cli(tmp_path / "c", "enrol", "--again", "--code", code)
+            assert done.returncode == 0, done.stderr
+            assert "enrolled again with" in done.stdout
+            again = c.sync.read_enrolment()
+            assert again is not None and keys is not None and c.device_id == device_id
+            assert again.keys.public() == keys.keys.public() and again.hub_keys == keys.hub_keys
+            assert again.epoch == live.epoch != keys.epoch
+
+            c_run = sync(c, url)
+            assert c_run.acknowledged == own_changes(c)  # everything, once
+            sync(a, url)
+            state = hub_state(live)
+            assert set(c_records) <= set(state)
+            assert device_state(a) == device_state(c) == state
+            assert log_duplicates(live) == 0
+
+            # The hub knows the device now: enrolling again is refused, the code unspent.
+            code = live.create_enrol_code([SITE], timedelta(hours=1))
+            twice = run_cli(tmp_path / "c", "enrol", "--again", "--code", code)
+            assert twice.returncode != 0 and "still knows this device" in twice.stderr
+            e = stack.enter_context(
+                Store.init(tmp_path / "e", PASSPHRASE, site=SITE, operator="e", kdf_memory_kib=1024)
+            )
+            with httpx.Client(base_url=url) as http:
+                enrol(e, HubClient(http), code=code)  # the refusal left the code unspent
+
+
+def test_enrolling_again_needs_the_pinned_hub_and_a_store_not_revoked(tmp_path: Path) -> None:
+    settings = [init_hub(tmp_path / name, None) for name in ("hub", "other")]
+    with ExitStack() as stack:
+        url, live = stack.enter_context(live_hub(settings[0]))
+        other_url, other = stack.enter_context(live_hub(settings[1]))
+        store = stack.enter_context(new_device(tmp_path, "a", url, live, sites=[SITE]))
+
+        def pinned() -> tuple[Any, ...]:
+            e = store.sync.read_enrolment()
+            assert e is not None
+            return (e.hub_url, e.keys.public(), e.hub_keys, e.sites, e.epoch, e.enrolled_at_ms)
+
+        before = pinned()
+        code = other.create_enrol_code([SITE], timedelta(hours=1))
+        with (
+            httpx.Client(base_url=other_url) as http,
+            pytest.raises(EnrolmentRefused, match="cannot move to another hub"),
+        ):
+            enrol_again(store, HubClient(http), code=code)
+        assert count(other, "devices") == 0 and pinned() == before
+        never = stack.enter_context(
+            Store.init(tmp_path / "b", PASSPHRASE, site=SITE, operator="b", kdf_memory_kib=1024)
+        )
+        store.sync.mark_revoked()
+        with httpx.Client(base_url=url) as http:
+            for refused, why in ((never, "never enrolled"), (store, "revoked")):
+                with pytest.raises(CannotEnrolAgain, match=why):
+                    enrol_again(refused, HubClient(http), code=code)
+        assert count(live, "devices") == 1
 
 
 def test_cursors_carry_a_mark_and_refusals_name_the_epoch() -> None:
