@@ -181,6 +181,41 @@ class _Log:
         self._sources.setdefault(key, []).append(paths)
 
 
+def _merge_edit(state: _Merging, edit: Edit) -> tuple[int, int, int]:
+    """Merge each field of `edit` into `state`; (applied, superseded, duplicates)."""
+    fields, versions, version = state.fields, state.versions, edit.version
+    if not versions:
+        # Nothing written yet (a new record): `merge_field` applies every field.
+        paths = [path for path, _ in edit.fields]
+        fields.update(edit.fields)
+        versions.update(dict.fromkeys(paths, version))
+        state.is_changed = True
+        state.are_names_changed = any(path.startswith("names.") for path in paths)
+        return len(paths), 0, 0
+    bases = edit.bases
+    applied = superseded = duplicates = 0
+    for path, value in edit.fields:
+        held = versions.get(path)
+        if held is None:
+            outcome = _APPLIED  # what `merge_field` says of a field never written
+        else:
+            base = bases.get(path) if bases else None
+            current = FieldState(fields.get(path), held)
+            outcome = merge_field(current, FieldState(value, version, base)).outcome
+        if outcome is _APPLIED:
+            applied += 1
+            fields[path] = value
+            versions[path] = version
+            state.is_changed = True
+            if path.startswith("names."):
+                state.are_names_changed = True
+        elif outcome is _SUPERSEDED:
+            superseded += 1
+        else:
+            duplicates += 1
+    return applied, superseded, duplicates
+
+
 def merge_page(
     conn: sa.Connection, clock: Clock, edits: Sequence[Edit], *, recorded_at: str
 ) -> PullResult:
@@ -197,28 +232,11 @@ def merge_page(
     applied = superseded = duplicates = 0
     for edit in edits:
         clock.observe(edit.version.stamp)
-        state = merging[edit.record_id]
-        fields, versions, bases = state.fields, state.versions, edit.bases
-        version, rid = edit.version, edit.record_id
-        for path, value in edit.fields:
-            held = versions.get(path)
-            if held is None:
-                outcome = _APPLIED  # what `merge_field` says of a field never written
-            else:
-                base = bases.get(path) if bases else None
-                current = FieldState(fields.get(path), held)
-                outcome = merge_field(current, FieldState(value, version, base)).outcome
-            if outcome is _APPLIED:
-                applied += 1
-                fields[path] = value
-                versions[path] = version
-                state.is_changed = True
-                if path.startswith("names."):
-                    state.are_names_changed = True
-            elif outcome is _SUPERSEDED:
-                superseded += 1
-            else:
-                duplicates += 1
+        now_applied, now_superseded, now_duplicates = _merge_edit(merging[edit.record_id], edit)
+        applied += now_applied
+        superseded += now_superseded
+        duplicates += now_duplicates
+        version, rid, bases = edit.version, edit.record_id, edit.bases
         key = (rid, version.stamp.encode(), version.device_id)
         logged = log.paths(key)
         new = edit.fields if logged is None else [f for f in edit.fields if f[0] not in logged]
@@ -290,7 +308,8 @@ def _write_records(conn: sa.Connection, merging: Mapping[str, _Merging]) -> None
         else:
             updates.append((*columns, rid))
         if state.is_new or state.are_names_changed:
-            rekeyed.append(rid)
+            if not state.is_new:  # a new record has no keys to drop
+                rekeyed.append(rid)
             key_rows.update((k, rid) for k in match_keys(names))
     if inserts:
         names_sql = ", ".join(("id", *_RECORD_COLUMNS))
