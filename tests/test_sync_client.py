@@ -469,6 +469,18 @@ def test_a_pulled_edit_is_one_row_and_a_repeated_version_logs_only_new_fields(
     assert len(history) == len({h[0] for h in history}) == len(edit.fields) + 1
 
 
+def test_a_pulled_name_change_moves_the_record_in_search(store: Store) -> None:
+    rid, edit = other_record("Chiamaka", wall_ms=1_800_000_000_000)
+    store.sync.apply_pull([edit], cursor="c1", epoch="epoch-1")
+    assert [h.id for h in store.search("Okafor")] == [rid]
+    renamed = Edit(
+        rid, Version(Stamp(1_800_000_000_001), OTHER), "Yusuf", (("names.family", "Nwosu"),)
+    )
+    store.sync.apply_pull([dataclasses.replace(renamed, hub_seq=2)], cursor="c2", epoch="e")
+    assert store.search("Okafor") == []
+    assert [h.id for h in store.search("Nwosu")] == [rid]
+
+
 def as_schema_0(store: Store) -> None:
     """Lay the store out as fieldreg before store schema 1 kept it: each received
     field change a row of `changes`, written as that version's pull wrote them."""
