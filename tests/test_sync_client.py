@@ -6,6 +6,7 @@ End-to-end runs against the real hub live elsewhere."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import socket
 from collections.abc import Iterator
@@ -641,6 +642,39 @@ def test_two_devices_meet_through_the_hub(
     assert store.get(str(saved.id)).phone == "+218 96 666 6666"
     assert [h.name for h in store.search("Grace Okafor")][:1] == ["Grace Okafor"]
     assert run_sync(store, client) == SyncSummary()
+
+
+@pytest.mark.parametrize("frozen_before", [False, True])
+def test_a_pull_leaves_the_cyclic_collector_as_it_found_it(
+    store: Store, hub: FakeHub, client: HubClient, tmp_path: Path, frozen_before: bool
+) -> None:
+    enrolled(store, hub, client)
+    store.register([create()])
+    run_sync(store, client)
+    seen: list[tuple[int, tuple[int, int, int]]] = []
+    with new_store(tmp_path / "dev-b") as other:
+        enrolled(other, hub, client, code="CODE-2")
+        real_apply = other.sync.apply_pull
+
+        def watching_apply(*args: Any, **kwargs: Any) -> Any:
+            seen.append((gc.get_freeze_count(), gc.get_threshold()))
+            return real_apply(*args, **kwargs)
+
+        other.sync.apply_pull = watching_apply  # type: ignore[method-assign]
+        before = gc.get_threshold()
+        if frozen_before:
+            gc.freeze()
+        try:
+            assert run_sync(other, client).received_edits == 1
+            assert (gc.get_freeze_count() > 0, gc.get_threshold()) == (frozen_before, before)
+        finally:
+            gc.unfreeze()
+    [(frozen_in_pull, thresholds_in_pull)] = seen
+    assert frozen_in_pull > 0  # what existed before the pull was out of the scans
+    if frozen_before:  # someone else froze objects: the pull leaves the collector alone
+        assert thresholds_in_pull == before
+    else:
+        assert thresholds_in_pull[0] > before[0]
 
 
 @pytest.mark.parametrize("drop", ["before", "after"])
