@@ -10,9 +10,11 @@ key never writes to the file.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,23 @@ import sqlalchemy as sa
 import sqlcipher3.dbapi2 as sqlcipher
 from sqlalchemy import event
 
-__all__ = ["SCHEMA", "DatabaseLocked", "changes", "connect_engine", "match_keys", "meta", "records"]
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "DatabaseLocked",
+    "NewerStore",
+    "changes",
+    "connect_engine",
+    "match_keys",
+    "meta",
+    "received",
+    "records",
+]
+
+# `PRAGMA user_version` of a store this version made or brought up to date:
+# 0 is a store from before versions were kept (received field changes in
+# `changes`, one row each); 1 keeps received edits in `received`.
+SCHEMA_VERSION = 1
 
 SCHEMA = sa.MetaData()
 
@@ -45,11 +63,11 @@ records = sa.Table(
     sa.Column("versions", sa.Text, nullable=False),
 )
 
-# Append-only log of every field change this device made or received. Rows
-# with a device_seq are this device's own edits; those above the pushed
-# high-water mark form the outbox. `outcome` is the hub's verdict on an own
-# edit (NULL until the hub acknowledged it): 'applied', 'superseded',
-# 'conflict' or 'quarantined:<reason>'. Received rows carry the hub_seq.
+# Append-only log of every field change this device made: each row has its
+# device_seq; those above the pushed high-water mark form the outbox.
+# `outcome` is the hub's verdict on the change (NULL until the hub
+# acknowledged it): 'applied', 'superseded', 'conflict' or
+# 'quarantined:<reason>'.
 changes = sa.Table(
     "changes",
     SCHEMA,
@@ -68,6 +86,24 @@ changes = sa.Table(
     sa.Column("outcome", sa.Text),
 )
 
+# Append-only log of every edit received from the hub, one row per edit:
+# `fields` is the JSON object {path: value} of the fields it logged, `bases`
+# {path: [stamp, device]} of the bases it named among them (NULL for none).
+# With `changes` it is the history of every field.
+received = sa.Table(
+    "received",
+    SCHEMA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("record_id", sa.Text, nullable=False, index=True),
+    sa.Column("stamp", sa.Text, nullable=False),
+    sa.Column("device_id", sa.Text, nullable=False),
+    sa.Column("operator", sa.Text, nullable=False),
+    sa.Column("fields", sa.Text, nullable=False),
+    sa.Column("bases", sa.Text),
+    sa.Column("hub_seq", sa.Integer),
+    sa.Column("recorded_at", sa.Text, nullable=False),
+)
+
 # Name match keys, derived at write time, so search is an index lookup.
 match_keys = sa.Table(
     "match_keys",
@@ -80,6 +116,10 @@ match_keys = sa.Table(
 
 class DatabaseLocked(RuntimeError):
     """The key does not open this database file (or the file is not a store)."""
+
+
+class NewerStore(ValueError):
+    """The store was made or updated by a newer fieldreg than this one."""
 
 
 def _pragmas(dbapi_conn: Any, key_hex: str | None) -> None:
@@ -121,8 +161,57 @@ def connect_engine(path: Path, key: bytes | None) -> sa.Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     with engine.begin() as conn:
-        SCHEMA.create_all(conn)
+        _bring_up_to_date(conn)
     return engine
+
+
+def _bring_up_to_date(conn: sa.Connection) -> None:
+    """Create what is missing and migrate a store of an older schema version,
+    in the caller's transaction; `NewerStore` (nothing written) for a newer one."""
+    version = int(conn.exec_driver_sql("PRAGMA user_version").scalar_one())
+    if version > SCHEMA_VERSION:
+        raise NewerStore(
+            f"this store was made by a newer fieldreg (store schema {version}, this"
+            f" version reads up to {SCHEMA_VERSION}): update fieldreg to open it"
+        )
+    SCHEMA.create_all(conn)
+    if version < 1:
+        _move_received_changes(conn)
+    if version < SCHEMA_VERSION:
+        conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _move_received_changes(conn: sa.Connection) -> None:
+    """Schema 0 to 1: received field changes (rows of `changes` without a
+    device_seq) become `received` rows, one per run of consecutive rows of one
+    edit (record, stamp, device, operator, hub_seq), as a pull writes them now.
+    (Schema 0 logged a field of a version once, so a run names each field once.)"""
+    rows = conn.exec_driver_sql(
+        "SELECT record_id, stamp, device_id, operator, hub_seq, recorded_at, field, value,"
+        " base_stamp, base_device FROM changes WHERE device_seq IS NULL ORDER BY id"
+    ).all()
+    edits: list[tuple[Any, ...]] = []
+    for edit, run in groupby(rows, key=lambda row: tuple(row[:6])):
+        fields: dict[str, Any] = {}
+        bases: dict[str, list[str]] = {}
+        for *_, path, value, base_stamp, base_device in run:
+            fields[path] = json.loads(value)
+            if base_stamp is not None:
+                bases[path] = [base_stamp, base_device]
+        rid, stamp, device, operator, hub_seq, recorded_at = edit
+        based = _dumps(bases) if bases else None
+        edits.append((rid, stamp, device, operator, _dumps(fields), based, hub_seq, recorded_at))
+    if edits:
+        conn.exec_driver_sql(
+            "INSERT INTO received (record_id, stamp, device_id, operator, fields, bases,"
+            " hub_seq, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            edits,
+        )
+    conn.exec_driver_sql("DELETE FROM changes WHERE device_seq IS NULL")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 @contextmanager

@@ -4,15 +4,15 @@ Every field of every pulled edit is merged with `sync.merge.merge_field`
 against the local value and version; the records that changed are written
 back (canonical form when this version's fields validate, with any other
 field kept beside them as received; as received when not), their match
-keys follow name changes, and every pulled field change not already logged
-is appended to the change log. The caller owns the transaction and stores
-the cursor in it.
+keys follow name changes, and each pulled edit is appended to the history
+(`received`, one row per edit) with those of its fields not already logged.
+The caller owns the transaction and stores the cursor in it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +34,11 @@ _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 # Enum members are descriptors on their class: read them once, not once per field.
 _APPLIED, _SUPERSEDED = Outcome.APPLIED, Outcome.SUPERSEDED
 _RECORD_COLUMNS = ("site", "origin_device", "scenario", "registered_at", "doc", "versions")
-_INSERT_CHANGE = (
-    "INSERT INTO changes (record_id, field, value, stamp, device_id, base_stamp,"
-    " base_device, operator, device_seq, hub_seq, recorded_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_RECEIVED = (
+    "INSERT INTO received (record_id, stamp, device_id, operator, fields, bases, hub_seq,"
+    " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_WHERE_IN = " WHERE record_id IN ({marks})"
 
 
 def _doc_names(doc: Mapping[str, Any]) -> list[str]:
@@ -146,15 +146,74 @@ def _load(conn: sa.Connection, record_ids: set[str]) -> dict[str, _Merging]:
     return merging
 
 
-def _logged_versions(
-    conn: sa.Connection, record_ids: Sequence[str]
-) -> set[tuple[str, str, str, str]]:
-    rows = _in_chunks(
-        conn,
-        "SELECT record_id, field, stamp, device_id FROM changes WHERE record_id IN ({marks})",
-        sorted(record_ids),
-    )
-    return {(row[0], row[1], row[2], row[3]) for row in rows}
+class _Log:
+    """The fields of each (record, stamp, device) already in the history: the
+    device's own changes and the received edits of the page's records.
+
+    A received row's fields are read only when the same version comes again
+    (a page merged twice): a first pull never parses them.
+    """
+
+    def __init__(self, conn: sa.Connection, record_ids: Sequence[str]) -> None:
+        self._sources: dict[tuple[str, str, str], list[Any]] = {}
+        ids = sorted(record_ids)
+        select_own = "SELECT record_id, stamp, device_id, field FROM changes"
+        for rid, stamp, device, path in _in_chunks(conn, select_own + _WHERE_IN, ids):
+            self._sources.setdefault((rid, stamp, device), []).append((path,))
+        select_received = "SELECT record_id, stamp, device_id, fields FROM received"
+        for rid, stamp, device, fields in _in_chunks(conn, select_received + _WHERE_IN, ids):
+            self._sources.setdefault((rid, stamp, device), []).append(fields)
+
+    def paths(self, key: tuple[str, str, str]) -> set[str] | None:
+        """The logged paths of this version (None: none is)."""
+        sources = self._sources.get(key)
+        if sources is None:
+            return None
+        if len(sources) == 1 and isinstance(sources[0], set):
+            return sources[0]
+        paths: set[str] = set()
+        for source in sources:
+            paths.update(json.loads(source) if isinstance(source, str) else source)
+        self._sources[key] = [paths]
+        return paths
+
+    def add(self, key: tuple[str, str, str], paths: Iterable[str]) -> None:
+        self._sources.setdefault(key, []).append(paths)
+
+
+def _merge_edit(state: _Merging, edit: Edit) -> tuple[int, int, int]:
+    """Merge each field of `edit` into `state`; (applied, superseded, duplicates)."""
+    fields, versions, version = state.fields, state.versions, edit.version
+    if not versions:
+        # Nothing written yet (a new record): `merge_field` applies every field.
+        paths = [path for path, _ in edit.fields]
+        fields.update(edit.fields)
+        versions.update(dict.fromkeys(paths, version))
+        state.is_changed = True
+        state.are_names_changed = any(path.startswith("names.") for path in paths)
+        return len(paths), 0, 0
+    bases = edit.bases
+    applied = superseded = duplicates = 0
+    for path, value in edit.fields:
+        held = versions.get(path)
+        if held is None:
+            outcome = _APPLIED  # what `merge_field` says of a field never written
+        else:
+            base = bases.get(path) if bases else None
+            current = FieldState(fields.get(path), held)
+            outcome = merge_field(current, FieldState(value, version, base)).outcome
+        if outcome is _APPLIED:
+            applied += 1
+            fields[path] = value
+            versions[path] = version
+            state.is_changed = True
+            if path.startswith("names."):
+                state.are_names_changed = True
+        elif outcome is _SUPERSEDED:
+            superseded += 1
+        else:
+            duplicates += 1
+    return applied, superseded, duplicates
 
 
 def merge_page(
@@ -162,59 +221,42 @@ def merge_page(
 ) -> PullResult:
     """Merge `edits` into the store inside the caller's transaction; return the counts.
 
-    Every stamp is observed by `clock` (the caller persists it). A change
-    already in the log (same record, field and version) is not logged twice,
-    so a page merged again changes nothing.
+    Every stamp is observed by `clock` (the caller persists it). Each edit is
+    logged as one `received` row with the fields not already in the history
+    (same record, field and version), so a page merged again changes nothing.
     """
     merging = _load(conn, {e.record_id for e in edits})
-    logged = _logged_versions(conn, list(merging))
-    change_rows: list[tuple[Any, ...]] = []
-    add_row, encode = change_rows.append, _JSON.encode
+    log = _Log(conn, list(merging))
+    rows: list[tuple[Any, ...]] = []
+    encode = _JSON.encode
     applied = superseded = duplicates = 0
     for edit in edits:
         clock.observe(edit.version.stamp)
-        state = merging[edit.record_id]
-        fields, versions, bases = state.fields, state.versions, edit.bases
-        version, rid, operator, hub_seq = edit.version, edit.record_id, edit.operator, edit.hub_seq
-        stamp, device_id = version.stamp.encode(), version.device_id
-        for path, value in edit.fields:
-            base = bases.get(path) if bases else None
-            held = versions.get(path)
-            current = None if held is None else FieldState(fields.get(path), held)
-            outcome = merge_field(current, FieldState(value, version, base)).outcome
-            if outcome is _APPLIED:
-                applied += 1
-                fields[path] = value
-                versions[path] = version
-                state.is_changed = True
-                if path.startswith("names."):
-                    state.are_names_changed = True
-            elif outcome is _SUPERSEDED:
-                superseded += 1
-            else:
-                duplicates += 1
-            key = (rid, path, stamp, device_id)
-            if key in logged:
-                continue
-            logged.add(key)
-            add_row(
-                (
-                    rid,
-                    path,
-                    encode(value),
-                    stamp,
-                    device_id,
-                    base.stamp.encode() if base else None,
-                    base.device_id if base else None,
-                    operator,
-                    None,
-                    hub_seq,
-                    recorded_at,
-                )
+        now_applied, now_superseded, now_duplicates = _merge_edit(merging[edit.record_id], edit)
+        applied += now_applied
+        superseded += now_superseded
+        duplicates += now_duplicates
+        version, rid, bases = edit.version, edit.record_id, edit.bases
+        key = (rid, version.stamp.encode(), version.device_id)
+        logged = log.paths(key)
+        new = edit.fields if logged is None else [f for f in edit.fields if f[0] not in logged]
+        if not new:
+            continue
+        log.add(key, [path for path, _ in new])
+        based = {p: bases[p].to_json() for p, _ in new if p in bases} if bases else None
+        rows.append(
+            (
+                *key,
+                edit.operator,
+                encode(dict(new)),
+                encode(based) if based else None,
+                edit.hub_seq,
+                recorded_at,
             )
+        )
     _write_records(conn, merging)
-    if change_rows:
-        conn.exec_driver_sql(_INSERT_CHANGE, change_rows)
+    if rows:
+        conn.exec_driver_sql(_INSERT_RECEIVED, rows)
     return PullResult(
         applied=applied,
         superseded=superseded,
@@ -266,7 +308,8 @@ def _write_records(conn: sa.Connection, merging: Mapping[str, _Merging]) -> None
         else:
             updates.append((*columns, rid))
         if state.is_new or state.are_names_changed:
-            rekeyed.append(rid)
+            if not state.is_new:  # a new record has no keys to drop
+                rekeyed.append(rid)
             key_rows.update((k, rid) for k in match_keys(names))
     if inserts:
         names_sql = ", ".join(("id", *_RECORD_COLUMNS))

@@ -1,5 +1,6 @@
 """The encrypted field store: registrations, their per-field versions, the
-append-only change log (whose unsent tail is the outbox) and name match keys.
+append-only change log (whose unsent tail is the outbox), the edits received
+from the hub, and name match keys.
 
 All SQL of the device lives here and in `field_client.sync_store` (enrolment,
 the pushed mark, pulled edits), reached as `Store.sync`. Every write runs in
@@ -535,26 +536,37 @@ class Store:
             return _read_doc(self._load_row(record_id))[1]
 
     def history(self, record_id: str) -> list[HistoryEntry]:
-        """Every recorded value of every field, oldest first, marking the current one."""
+        """Every recorded value of every field (own changes and received edits),
+        by field and then oldest first, marking the current one."""
+        c, r = db.changes.c, db.received.c
         with self._conn.begin():
             row = self._load_row(record_id)
-            current = json.loads(row.versions)
-            stmt = (
-                sa.select(db.changes)
-                .where(db.changes.c.record_id == row.id)
-                .order_by(db.changes.c.field, db.changes.c.stamp, db.changes.c.device_id)
-            )
-            return [
-                HistoryEntry(
-                    field=c.field,
-                    value=json.loads(c.value),
-                    stamp=Stamp.decode(c.stamp),
-                    device_id=c.device_id,
-                    operator=c.operator,
-                    is_current=current.get(c.field) == [c.stamp, c.device_id],
+            own = self._conn.execute(
+                sa.select(c.field, c.value, c.stamp, c.device_id, c.operator).where(
+                    c.record_id == row.id
                 )
-                for c in self._conn.execute(stmt)
-            ]
+            ).all()
+            received = self._conn.execute(
+                sa.select(r.fields, r.stamp, r.device_id, r.operator)
+                .where(r.record_id == row.id)
+                .order_by(r.id)
+            ).all()
+        logged = [(f, json.loads(v), s, d, o) for f, v, s, d, o in own]
+        for fields, stamp, device_id, operator in received:
+            logged.extend((f, v, stamp, device_id, operator) for f, v in json.loads(fields).items())
+        logged.sort(key=lambda e: (e[0], e[2], e[3]))
+        current = json.loads(row.versions)
+        return [
+            HistoryEntry(
+                field=path,
+                value=value,
+                stamp=Stamp.decode(stamp),
+                device_id=device_id,
+                operator=operator,
+                is_current=current.get(path) == [stamp, device_id],
+            )
+            for path, value, stamp, device_id, operator in logged
+        ]
 
     def list_records(
         self,
@@ -694,7 +706,13 @@ class Store:
             own = self._conn.execute(
                 count(db.records).where(db.records.c.origin_device == self.device_id)
             ).scalar_one()
-            changes = self._conn.execute(count(db.changes)).scalar_one()
+            # Field changes: own ones are a row each, a received edit holds several.
+            changes = self._conn.execute(count(db.changes)).scalar_one() + int(
+                self._conn.exec_driver_sql(
+                    "SELECT coalesce(sum((SELECT count(*) FROM json_each(fields))), 0)"
+                    " FROM received"
+                ).scalar_one()
+            )
         pending = int(meta["device_seq"]) - int(meta["pushed_seq"])
         return StoreStatus(
             self.device_id,

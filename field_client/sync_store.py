@@ -326,11 +326,12 @@ class SyncStore:
 
         Each field is merged with `sync.merge.merge_field` against the local
         value and version: the higher version becomes current, the other is
-        kept in the change log (history). Documents keep fields this schema
-        version does not know. Match keys follow name changes; every stamp is
-        observed by the HLC, which is persisted. A change already in the log
-        (same record, field and version) is not logged twice, so a page pulled
-        again changes nothing (see `field_client.pull_store`).
+        kept in the history (each edit is one `received` row). Documents keep
+        fields this schema version does not know. Match keys follow name
+        changes; every stamp is observed by the HLC, which is persisted. A
+        field already in the history (same record, field and version) is not
+        logged twice, so a page pulled again changes nothing (see
+        `field_client.pull_store`).
         """
         recorded_at = self._iso_now()
         with self._conn.begin():

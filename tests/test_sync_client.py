@@ -6,6 +6,7 @@ End-to-end runs against the real hub live elsewhere."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import socket
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
+from field_client.db import NewerStore
 from field_client.enrolment import AlreadyEnrolled, EnrolmentRefused, enrol
 from field_client.store import Store, UnreadableRecord
 from field_client.sync_runner import DeviceRevoked, SyncError, SyncSummary, run_sync, watch
@@ -432,6 +434,125 @@ def test_pull_page_and_cursor_are_one_transaction(store: Store, tmp_path: Path) 
         assert again.sync.pull_position().cursor == ""
 
 
+def sql_value(store: Store, sql: str) -> Any:
+    with store._conn.begin():
+        return store._conn.exec_driver_sql(sql).scalar_one()
+
+
+def received_rows(store: Store) -> int:
+    return int(sql_value(store, "SELECT count(*) FROM received"))
+
+
+def history_of(store: Store, rid: str) -> list[tuple[str, Any, str, str, bool]]:
+    return [
+        (h.field, h.value, h.stamp.encode(), h.device_id, h.is_current) for h in store.history(rid)
+    ]
+
+
+def test_a_pulled_edit_is_one_row_and_a_repeated_version_logs_only_new_fields(
+    store: Store,
+) -> None:
+    rid, edit = other_record("Chiamaka", wall_ms=1_800_000_000_000)
+    store.sync.apply_pull([edit], cursor="c1", epoch="epoch-1")
+    assert received_rows(store) == 1
+    assert store.status().changes == len(edit.fields)
+    # The hub sends the same version again with one more field (say, held in
+    # quarantine until now): only that field is logged, once.
+    extra = dataclasses.replace(
+        edit, fields=(*edit.fields, ("notes", "met at the clinic")), hub_seq=2
+    )
+    result = store.sync.apply_pull([extra, extra], cursor="c2", epoch="epoch-1")
+    assert (result.applied, result.duplicates) == (1, 2 * len(edit.fields) + 1)
+    assert received_rows(store) == 2
+    assert store.status().changes == len(edit.fields) + 1
+    history = history_of(store, rid)
+    assert [h[:2] for h in history if h[0] == "notes"] == [("notes", "met at the clinic")]
+    assert len(history) == len({h[0] for h in history}) == len(edit.fields) + 1
+
+
+def test_a_pulled_name_change_moves_the_record_in_search(store: Store) -> None:
+    rid, edit = other_record("Chiamaka", wall_ms=1_800_000_000_000)
+    store.sync.apply_pull([edit], cursor="c1", epoch="epoch-1")
+    assert [h.id for h in store.search("Okafor")] == [rid]
+    renamed = Edit(
+        rid, Version(Stamp(1_800_000_000_001), OTHER), "Yusuf", (("names.family", "Nwosu"),)
+    )
+    store.sync.apply_pull([dataclasses.replace(renamed, hub_seq=2)], cursor="c2", epoch="e")
+    assert store.search("Okafor") == []
+    assert [h.id for h in store.search("Nwosu")] == [rid]
+
+
+def as_schema_0(store: Store) -> None:
+    """Lay the store out as fieldreg before store schema 1 kept it: each received
+    field change a row of `changes`, written as that version's pull wrote them."""
+    conn = store._conn
+    with conn.begin():
+        rows = conn.exec_driver_sql(
+            "SELECT record_id, fields, stamp, device_id, bases, operator, hub_seq, recorded_at"
+            " FROM received ORDER BY id"
+        ).all()
+        for rid, fields, stamp, device, bases, operator, hub_seq, at in rows:
+            based = json.loads(bases) if bases else {}
+            conn.exec_driver_sql(
+                "INSERT INTO changes (record_id, field, value, stamp, device_id, base_stamp,"
+                " base_device, operator, device_seq, hub_seq, recorded_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                [
+                    (rid, path, json.dumps(value), stamp, device, *base, operator, hub_seq, at)
+                    for path, value in json.loads(fields).items()
+                    for base in [based.get(path, (None, None))]
+                ],
+            )
+        conn.exec_driver_sql("DROP TABLE received")
+        conn.exec_driver_sql("PRAGMA user_version = 0")
+
+
+def test_a_store_of_schema_0_opens_with_its_received_changes_as_edits(
+    store: Store, tmp_path: Path
+) -> None:
+    [saved] = store.register([create()])
+    mine = str(saved.id)
+    own = {c.field: c.version for c in store.outbox(after_seq=0, limit=100)}
+    newer = Edit(
+        mine,
+        Version(Stamp(own["phone"].stamp.wall_ms + 60_000), OTHER),
+        "Yusuf",
+        (("phone", "+218 93 333 3333"), ("occupation", "baker")),
+        {"phone": own["phone"]},
+        hub_seq=7,
+    )
+    theirs, edit = other_record("Chiamaka", wall_ms=1_800_000_000_000)
+    page = [edit, newer]
+    store.sync.apply_pull(page, cursor="c1", epoch="epoch-1")
+    before = store.status()
+    histories = {rid: history_of(store, rid) for rid in (mine, theirs)}
+    as_schema_0(store)
+    store.close()
+    with Store.open(tmp_path / "dev", PASSPHRASE) as again:
+        assert sql_value(again, "PRAGMA user_version") == 1
+        assert sql_value(again, "SELECT count(*) FROM changes WHERE device_seq IS NULL") == 0
+        assert received_rows(again) == len(page)  # one row per edit again
+        bases = sql_value(again, "SELECT bases FROM received WHERE hub_seq = 7")
+        assert json.loads(bases) == {"phone": own["phone"].to_json()}
+        assert {rid: history_of(again, rid) for rid in histories} == histories
+        assert again.status().changes == before.changes
+        # The same page again changes nothing; the store keeps working.
+        result = again.sync.apply_pull(page, cursor="c1", epoch="epoch-1")
+        assert result.applied == 0 and received_rows(again) == len(page)
+        again.edit(mine, {"phone": "+218 94 444 4444"})
+        assert again.status().changes == before.changes + 1
+    with Store.open(tmp_path / "dev", PASSPHRASE) as third:  # migrated once only
+        assert third.status().changes == before.changes + 1
+
+
+def test_a_store_of_a_newer_schema_is_refused(store: Store, tmp_path: Path) -> None:
+    with store._conn.begin():
+        store._conn.exec_driver_sql("PRAGMA user_version = 2")
+    store.close()
+    with pytest.raises(NewerStore, match="made by a newer fieldreg"):
+        Store.open(tmp_path / "dev", PASSPHRASE)
+
+
 # --- enrolment -----------------------------------------------------------------------------
 
 
@@ -521,6 +642,39 @@ def test_two_devices_meet_through_the_hub(
     assert store.get(str(saved.id)).phone == "+218 96 666 6666"
     assert [h.name for h in store.search("Grace Okafor")][:1] == ["Grace Okafor"]
     assert run_sync(store, client) == SyncSummary()
+
+
+@pytest.mark.parametrize("frozen_before", [False, True])
+def test_a_pull_leaves_the_cyclic_collector_as_it_found_it(
+    store: Store, hub: FakeHub, client: HubClient, tmp_path: Path, frozen_before: bool
+) -> None:
+    enrolled(store, hub, client)
+    store.register([create()])
+    run_sync(store, client)
+    seen: list[tuple[int, tuple[int, int, int]]] = []
+    with new_store(tmp_path / "dev-b") as other:
+        enrolled(other, hub, client, code="CODE-2")
+        real_apply = other.sync.apply_pull
+
+        def watching_apply(*args: Any, **kwargs: Any) -> Any:
+            seen.append((gc.get_freeze_count(), gc.get_threshold()))
+            return real_apply(*args, **kwargs)
+
+        other.sync.apply_pull = watching_apply  # type: ignore[method-assign]
+        before = gc.get_threshold()
+        if frozen_before:
+            gc.freeze()
+        try:
+            assert run_sync(other, client).received_edits == 1
+            assert (gc.get_freeze_count() > 0, gc.get_threshold()) == (frozen_before, before)
+        finally:
+            gc.unfreeze()
+    [(frozen_in_pull, thresholds_in_pull)] = seen
+    assert frozen_in_pull > 0  # what existed before the pull was out of the scans
+    if frozen_before:  # someone else froze objects: the pull leaves the collector alone
+        assert thresholds_in_pull == before
+    else:
+        assert thresholds_in_pull[0] > before[0]
 
 
 @pytest.mark.parametrize("drop", ["before", "after"])
