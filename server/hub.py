@@ -174,6 +174,10 @@ class Hub:
 
     def push(self, envelope: bytes, *, request_id: str = "-") -> bytes:
         """Verify, open and apply a push envelope; return the sealed acknowledgement."""
+        with self.checker.push_arriving():  # the background duplicate check waits
+            return self._push(envelope, request_id)
+
+    def _push(self, envelope: bytes, request_id: str) -> bytes:
         try:
             header = read_header_unverified(envelope)
         except EnvelopeError as exc:
