@@ -299,7 +299,8 @@ class Hub:
         # the merge, not for the scoring.
         if ctx.renamed:
             values = {
-                rid: {p: f["v"] for p, f in rec.fields.items()} for rid, rec in ctx.renamed.items()
+                rid: {p: rec.value(p) for p in name_index.NAME_PATHS}
+                for rid, rec in ctx.renamed.items()
             }
             name_index.reindex(conn, self.name_index, values)
         dedup_check.queue_records(conn, ctx.touched, now=self.now())

@@ -329,8 +329,15 @@ def _merge_edit(
     version, operator, bases = edit.version, edit.operator, edit.bases
     stamp, device_id = version.stamp.encode(), version.device_id
     outcomes: dict[str, str] = {}  # JSON writes an `Outcome` as its value
+    held = rec.fields
     for offset, (path, value) in enumerate(edit.fields):
         base = bases.get(path)
+        if path not in held:
+            # Never written: `merge_field` applies it whatever it is; skip
+            # building the states it would compare (a new record's every field).
+            outcomes[path] = Outcome.APPLIED
+            rec.put(path, value, stamp, device_id, base.to_json() if base else None, operator)
+            continue
         decision = merge_field(rec.state(path), FieldState(value, version, base))
         outcome = decision.outcome
         if decision.conflict:
@@ -346,10 +353,8 @@ def _merge_edit(
             rec.put(path, value, stamp, device_id, base.to_json() if base else None, operator)
     rec.is_dirty = True
     sealed = rec.cipher.seal(
-        {
-            "f": [[p, v] for p, v in edit.fields],
-            "b": {p: b.to_json() for p, b in edit.bases.items()},
-        },
+        # JSON writes the (path, value) pairs as [path, value] lists.
+        {"f": edit.fields, "b": {p: b.to_json() for p, b in bases.items()}},
         "change",
     )
     pending.log_rows.append(
