@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from schemas.record import DateOfBirth, age_band
 from server.bulk import insert_rows, update_rows
 from server.models import RecordRow
-from server.sealing import RecordCipher, new_record_cipher
+from server.sealing import RecordCipher, compact_json, new_record_cipher
 from sync.changes import Version
 from sync.hlc import Stamp
 from sync.merge import FieldState
@@ -173,7 +173,7 @@ def save_records(conn: sa.Connection, recs: Iterable[HubRecord], *, now: datetim
             continue
         clear = projection(rec, today)
         row = (
-            rec.cipher.seal(rec.fields, "state"),
+            rec.cipher.seal_json(compact_json(rec.fields), "state"),
             rec.last_hub_seq,
             now,
             *(clear[name] for name in _PROJECTED),
