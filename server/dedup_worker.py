@@ -7,6 +7,12 @@ per hub process takes them in chunks, each chunk in one transaction under the
 write lock (one checker at a time across processes), and readers of the
 duplicate queue call `check_all_pending` first so they never miss a record.
 The work itself is `server.dedup_check`.
+
+The thread lets pushes go first: while pushes are arriving (one in progress,
+or one ended less than `idle_s` ago) it waits, so a burst of pushes is merged
+without the scoring competing for the CPU (and, in one process, the GIL).
+It never waits more than `max_hold_s` in a row: under pushes that never
+pause, checking starts after that and shares the time with them.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -26,6 +33,9 @@ __all__ = ["DuplicateChecker"]
 
 log = logging.getLogger("fieldreg.hub")
 
+IDLE_S = 0.5  # how long no push must arrive before the background check starts
+MAX_HOLD_S = 10.0  # the longest the background check waits for pushes to pause
+
 
 class DuplicateChecker:
     def __init__(
@@ -36,6 +46,9 @@ class DuplicateChecker:
         master_key: bytes,
         cache: dedup_check.ProfileCache,
         now: Callable[[], datetime],
+        idle_s: float = IDLE_S,
+        max_hold_s: float = MAX_HOLD_S,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
         self._index = index
@@ -45,6 +58,43 @@ class DuplicateChecker:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._idle_s = idle_s
+        self._max_hold_s = max_hold_s
+        self._monotonic = monotonic
+        self._pushes_lock = threading.Lock()
+        self._pushes = 0  # pushes in progress
+        self._last_push = -float("inf")  # when the last one ended
+        self._held_since: float | None = None  # when the check began to wait for pushes
+
+    @contextmanager
+    def push_arriving(self) -> Iterator[None]:
+        """Around a push: the background check waits while pushes arrive."""
+        with self._pushes_lock:
+            self._pushes += 1
+        try:
+            yield
+        finally:
+            with self._pushes_lock:
+                self._pushes -= 1
+                self._last_push = self._monotonic()
+
+    def hold_off_s(self) -> float:
+        """Seconds the background check should still wait for pushes to pause
+        (0.0: check now). Waiting ends at an idle moment, or after `max_hold_s`
+        in a row; after that it is 0.0 until pushes pause once."""
+        now = self._monotonic()
+        with self._pushes_lock:
+            quiet_s = now - self._last_push
+            if not self._pushes and quiet_s >= self._idle_s:
+                self._held_since = None
+                return 0.0
+            if self._held_since is None:
+                self._held_since = now
+            left = self._max_hold_s - (now - self._held_since)
+            if left <= 0:
+                return 0.0
+            wait = self._idle_s if self._pushes else self._idle_s - quiet_s
+            return min(wait, left)
 
     def check_pending(self, limit: int = 200) -> int:
         """Check up to `limit` queued records for possible duplicates, in one
@@ -97,6 +147,10 @@ class DuplicateChecker:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            hold = self.hold_off_s()
+            if hold > 0:
+                self._stop.wait(hold)
+                continue
             try:
                 checked = self.check_pending()
             except Exception:  # a locked or lost database: try again later

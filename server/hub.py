@@ -174,6 +174,10 @@ class Hub:
 
     def push(self, envelope: bytes, *, request_id: str = "-") -> bytes:
         """Verify, open and apply a push envelope; return the sealed acknowledgement."""
+        with self.checker.push_arriving():  # the background duplicate check waits
+            return self._push(envelope, request_id)
+
+    def _push(self, envelope: bytes, request_id: str) -> bytes:
         try:
             header = read_header_unverified(envelope)
         except EnvelopeError as exc:
@@ -295,7 +299,8 @@ class Hub:
         # the merge, not for the scoring.
         if ctx.renamed:
             values = {
-                rid: {p: f["v"] for p, f in rec.fields.items()} for rid, rec in ctx.renamed.items()
+                rid: {p: rec.value(p) for p in name_index.NAME_PATHS}
+                for rid, rec in ctx.renamed.items()
             }
             name_index.reindex(conn, self.name_index, values)
         dedup_check.queue_records(conn, ctx.touched, now=self.now())

@@ -328,10 +328,17 @@ def _merge_edit(
     ctx.clock.observe(edit.version.stamp)
     version, operator, bases = edit.version, edit.operator, edit.bases
     stamp, device_id = version.stamp.encode(), version.device_id
+    based = {p: b.to_json() for p, b in bases.items()}  # as stored and logged
     outcomes: dict[str, str] = {}  # JSON writes an `Outcome` as its value
+    held = rec.fields
     for offset, (path, value) in enumerate(edit.fields):
-        base = bases.get(path)
-        decision = merge_field(rec.state(path), FieldState(value, version, base))
+        if path not in held:
+            # Never written: `merge_field` applies it whatever it is; skip
+            # building the states it would compare (a new record's every field).
+            outcomes[path] = Outcome.APPLIED
+            rec.put(path, value, stamp, device_id, based.get(path), operator)
+            continue
+        decision = merge_field(rec.state(path), FieldState(value, version, bases.get(path)))
         outcome = decision.outcome
         if decision.conflict:
             outcomes[path] = "conflict"
@@ -343,15 +350,10 @@ def _merge_edit(
             if outcome is Outcome.SUPERSEDED:
                 pending.superseded.append(first_seq + offset)
         if outcome is Outcome.APPLIED:
-            rec.put(path, value, stamp, device_id, base.to_json() if base else None, operator)
+            rec.put(path, value, stamp, device_id, based.get(path), operator)
     rec.is_dirty = True
-    sealed = rec.cipher.seal(
-        {
-            "f": [[p, v] for p, v in edit.fields],
-            "b": {p: b.to_json() for p, b in edit.bases.items()},
-        },
-        "change",
-    )
+    # JSON writes the (path, value) pairs as [path, value] lists.
+    sealed = rec.cipher.seal({"f": edit.fields, "b": based}, "change")
     pending.log_rows.append(
         (
             rec.id,

@@ -18,23 +18,39 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from schemas.names import match_keys, query_keys
+from server.bulk import insert_rows
 from server.models import NameKey
 
-__all__ = ["IndexKey", "names_of", "reindex", "search_ids"]
+__all__ = ["NAME_PATHS", "IndexKey", "names_of", "reindex", "search_ids"]
 
 name_keys = NameKey.__table__  # type: ignore[attr-defined]
 NAME_FIELDS = ("names.given", "names.family", "names.given_original", "names.family_original")
+NAME_PATHS = (*NAME_FIELDS, "names.aliases")  # every field `names_of` reads
+
+
+_BLIND_CACHE = 100_000  # match keys remembered blinded (common names recur)
 
 
 class IndexKey:
-    """Turns match keys into index entries."""
+    """Turns match keys into index entries.
+
+    Blinded keys are remembered (up to `_BLIND_CACHE`): a push of thousands of
+    registrations meets the same common names again and again. They stay in
+    the hub process's memory, as the names of any record it works on do.
+    """
 
     def __init__(self, master_key: bytes) -> None:
         hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fieldreg/name-index/v1")
         self._key = hkdf.derive(master_key)
+        self._blinded: dict[str, str] = {}
 
     def blind(self, key: str) -> str:
-        return hmac.new(self._key, key.encode(), hashlib.sha256).hexdigest()[:32]
+        blinded = self._blinded.get(key)
+        if blinded is None:
+            blinded = hmac.digest(self._key, key.encode(), hashlib.sha256).hex()[:32]
+            if len(self._blinded) < _BLIND_CACHE:
+                self._blinded[key] = blinded
+        return blinded
 
 
 def names_of(fields: Mapping[str, Any]) -> list[str]:
@@ -51,14 +67,16 @@ def reindex(conn: sa.Connection, index: IndexKey, records: Mapping[str, Mapping[
     if not records:
         return
     ids = list(records)
-    conn.execute(sa.delete(name_keys).where(name_keys.c.record_id.in_(ids)))
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        conn.execute(sa.delete(name_keys).where(name_keys.c.record_id.in_(chunk)))
+    blind = index.blind
     rows = [
-        {"key_hash": h, "record_id": rid}
+        (h, rid)
         for rid, fields in records.items()
-        for h in {index.blind(k) for k in match_keys(names_of(fields))}
+        for h in {blind(k) for k in match_keys(names_of(fields))}
     ]
-    if rows:
-        conn.execute(sa.insert(name_keys), rows)
+    insert_rows(conn, name_keys, ("key_hash", "record_id"), rows)
 
 
 def search_ids(

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from schemas.record import DateOfBirth, age_band
 from server.bulk import insert_rows, update_rows
 from server.models import RecordRow
-from server.sealing import RecordCipher, new_record_cipher
+from server.sealing import RecordCipher, compact_json, new_record_cipher
 from sync.changes import Version
 from sync.hlc import Stamp
 from sync.merge import FieldState
@@ -99,34 +99,42 @@ class HubRecord:
 
 
 def _list(value: Any) -> str:
-    return json.dumps(
-        sorted(v for v in value if isinstance(v, str)) if isinstance(value, list) else []
-    )
+    if not value or not isinstance(value, list):
+        return "[]"
+    return json.dumps(sorted(v for v in value if isinstance(v, str)))
 
 
 def projection(rec: HubRecord, today: date) -> dict[str, Any]:
     """The clear reporting columns of a record (tolerant: odd values become unknown)."""
-    registration = rec.value("registration") or {}
+    fields = rec.fields
+
+    def value(path: str) -> Any:
+        raw = fields.get(path)
+        return None if raw is None else raw["v"]
+
+    registration = value("registration")
+    if not isinstance(registration, dict):
+        registration = {}
     registered_at = None
     try:
         registered_at = datetime.fromisoformat(str(registration.get("registered_at")))
     except ValueError:
         registered_at = None
-    born = rec.value("date_of_birth")
+    born = value("date_of_birth")
     try:
         band = age_band(DateOfBirth.model_validate(born), today) if born else "unknown"
     except ValueError:
         band = "unknown"
-    scenario, sex = rec.value("situation.scenario"), rec.value("sex")
-    version = rec.value("schema_version")
+    scenario, sex = value("situation.scenario"), value("sex")
+    version = value("schema_version")
     return {
-        "site": rec.site or "",
+        "site": registration.get("site") or "",
         "scenario": scenario if isinstance(scenario, str) else None,
         "sex": sex if isinstance(sex, str) else None,
         "age_band": band,
-        "nationalities": _list(rec.value("nationalities")),
-        "vulnerabilities": _list(rec.value("situation.vulnerabilities")),
-        "needs": _list(rec.value("situation.needs")),
+        "nationalities": _list(value("nationalities")),
+        "vulnerabilities": _list(value("situation.vulnerabilities")),
+        "needs": _list(value("situation.needs")),
         "registered_at": registered_at,
         "schema_version": version if isinstance(version, int) else 1,
     }
@@ -165,7 +173,7 @@ def save_records(conn: sa.Connection, recs: Iterable[HubRecord], *, now: datetim
             continue
         clear = projection(rec, today)
         row = (
-            rec.cipher.seal(rec.fields, "state"),
+            rec.cipher.seal_json(compact_json(rec.fields), "state"),
             rec.last_hub_seq,
             now,
             *(clear[name] for name in _PROJECTED),

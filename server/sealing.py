@@ -14,11 +14,23 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pydantic_core import to_json
 
-__all__ = ["RecordCipher", "SealError", "new_record_cipher", "new_wrapped_key"]
+__all__ = ["RecordCipher", "SealError", "compact_json", "new_record_cipher", "new_wrapped_key"]
 
 _NONCE = 12
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def compact_json(value: Any) -> bytes:
+    """Compact UTF-8 JSON of `value` in a third of the time `seal`'s encoder takes.
+
+    It reads back the same, but is not always the same text: floats may be
+    written differently (`1e-5`, not `1e-05`). Use it for values only ever
+    read back (a record's state, sealed with `seal_json`), not for text whose
+    length is relied on (`server.feed.edit_size` sizes changes by theirs).
+    """
+    return to_json(value, inf_nan_mode="constants")
 
 
 class SealError(Exception):

@@ -21,6 +21,7 @@ from schemas.matching import PROFILE_VERSION, profile, profile_to_json
 from schemas.record import SCHEMA_VERSION
 from server import accounts, dedup_check
 from server.accounts import Role
+from server.dedup_worker import DuplicateChecker
 from server.hub import Hub
 from server.sealing import RecordCipher
 from sync.protocol import Edit
@@ -281,6 +282,41 @@ def test_the_hub_checks_pushed_records_by_itself_after_the_push_answered(
         assert time.monotonic() < deadline, f"{waiting} record(s) still wait for the check"
         time.sleep(0.1)
     assert sorted(found[0]) == sorted(e.record_id for e in twice)
+
+
+def test_the_background_check_waits_while_pushes_arrive_but_not_for_ever() -> None:
+    now = [100.0]
+    checker = DuplicateChecker(
+        sa.create_engine("sqlite://"),
+        index=dedup_check.BlockIndex(b"k" * 32),
+        master_key=b"k" * 32,
+        cache=dedup_check.ProfileCache(0),
+        now=lambda: datetime.now(UTC),
+        idle_s=0.5,
+        max_hold_s=10.0,
+        monotonic=lambda: now[0],
+    )
+    assert checker.hold_off_s() == 0.0  # no push yet: check at once
+    with checker.push_arriving():
+        assert checker.hold_off_s() == 0.5  # a push in progress
+        now[0] += 0.3
+    assert checker.hold_off_s() == pytest.approx(0.5)  # it just ended
+    now[0] += 0.5
+    assert checker.hold_off_s() == 0.0  # a pause: check
+    burst = now[0] + 0.2  # the first hold-off below
+    for _ in range(100):  # pushes that never pause
+        with checker.push_arriving():
+            now[0] += 0.1
+        now[0] += 0.1
+        if not checker.hold_off_s():
+            break
+    assert now[0] - burst == pytest.approx(10.0, abs=0.25)  # checking starts after max_hold_s
+    with checker.push_arriving():
+        assert checker.hold_off_s() == 0.0  # and shares the time with them until a pause
+    now[0] += 0.5
+    assert checker.hold_off_s() == 0.0
+    with checker.push_arriving():
+        assert checker.hold_off_s() == 0.5  # the next burst is waited for again
 
 
 def test_a_profile_stored_by_another_version_of_the_matcher_is_made_again(

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.feed import edit_size
-from server.sealing import RecordCipher, new_record_cipher
+from server.sealing import RecordCipher, compact_json, new_record_cipher
 from sync.changes import Version
 from sync.hlc import Stamp
 from sync.protocol import Ack, Edit, ProtocolError, PullPage, batch_edits, cut_batch, dumps
@@ -72,6 +72,43 @@ def test_the_hub_sizes_a_pulled_edit_exactly(edit: Edit) -> None:
         "change",
     )
     assert edit_size(cipher.open_json(sealed, "change"), edit) == len(dumps(edit.to_json()))
+
+
+@PROPERTY
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False)
+        | st.text(alphabet=st.characters(exclude_categories=["Cs"])),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(st.text(alphabet=st.characters(exclude_categories=["Cs"])), inner)
+        ),
+        max_leaves=8,
+    )
+)
+def test_compact_json_reads_back_as_the_value_and_matches_json_without_floats(
+    value: Any,
+) -> None:
+    text = compact_json(value)
+    assert json.loads(text) == value
+    if not _has_float(value):
+        assert text == json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _has_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, list) and any(_has_float(v) for v in value)
+
+
+def test_compact_json_writes_nan_and_infinity_as_json_dumps_does() -> None:
+    value = [float("nan"), float("inf"), -float("inf")]
+    assert compact_json(value) == json.dumps(value, separators=(",", ":")).encode()
 
 
 ACK = Ack(
