@@ -6,9 +6,10 @@ between the processes, pushing at once). Every hub gets a fresh database but
 the same hub keys, and the same devices (ids and keys) are enrolled in each,
 so the envelopes are sealed once, before any clock starts, and every
 configuration ingests byte-identical requests. The clock covers the pushes
-only: HTTP, verifying and opening the envelope, merging, the duplicate check,
-the audit entry, the commit and the sealed acknowledgement. The
-acknowledgements are opened and checked afterwards.
+only: HTTP, verifying and opening the envelope, merging, queueing the
+records for the duplicate check (which runs once pushes pause), the audit
+entry, the commit and the sealed acknowledgement. The acknowledgements are
+opened and checked afterwards.
 
 Each device keeps one batch in flight. The rounds interleave the
 configurations (SQLite, PostgreSQL x1, PostgreSQL x2, then again), so a
