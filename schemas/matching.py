@@ -53,6 +53,7 @@ __all__ = [
     "Profile",
     "candidates",
     "name_code",
+    "pair_score",
     "profile",
     "profile_from_json",
     "profile_to_json",
@@ -361,12 +362,12 @@ def _compare_tokens(
 ) -> tuple[float, float, Outcome, tuple[str, ...], int]:
     # Names recur (households, common names, one person's variants): the same two
     # token sequences are compared again and again, so the answer is kept.
-    x, y = _NameForm("", x_tokens, x_given), _NameForm("", y_tokens, y_given)
-    pairs = sorted(
-        (-_token_similarity(*sorted((s, t)))[0], i, j)
-        for i, s in enumerate(x.tokens)
-        for j, t in enumerate(y.tokens)
-    )
+    similar = {
+        (i, j): _token_similarity(s, t) if s <= t else _token_similarity(t, s)
+        for i, s in enumerate(x_tokens)
+        for j, t in enumerate(y_tokens)
+    }
+    pairs = sorted((-similarity, i, j) for (i, j), (similarity, _) in similar.items())
     used_x: set[int] = set()
     used_y: set[int] = set()
     agreement, penalty, notes, order = 0.0, 0.0, [], []
@@ -376,8 +377,8 @@ def _compare_tokens(
             continue
         used_x.add(i)
         used_y.add(j)
-        s, t = x.tokens[i], y.tokens[j]
-        how = _token_similarity(*sorted((s, t)))[1]
+        s, t = x_tokens[i], y_tokens[j]
+        how = similar[i, j][1]
         if -negative >= _CLOSE:
             order.append((i, j))
             close += -negative < _STRONG
@@ -388,13 +389,13 @@ def _compare_tokens(
             conflicts += 1
             penalty -= 6.0 if -negative < 0.6 else 1.5  # another given name: another person
             notes.append(f"different {s}/{t}")
-    extra = len(x.tokens) + len(y.tokens) - len(used_x) - len(used_y)
+    extra = len(x_tokens) + len(y_tokens) - len(used_x) - len(used_y)
     penalty -= 0.3 * extra  # a father's name written on one record only
     notes += [f"{extra} name(s) on one side only"] if extra else []
-    for form, aligned in ((x, used_x), (y, used_y)):
-        if 0 < form.given < len(form.tokens) and order and not aligned & set(range(form.given)):
+    for tokens, given, aligned in ((x_tokens, x_given, used_x), (y_tokens, y_given, used_y)):
+        if 0 < given < len(tokens) and order and not aligned & set(range(given)):
             penalty -= 3.0  # Jamal Adil Ahmad is not Ahmed Adel
-            notes.append(f"given name {' '.join(form.tokens[: form.given])} unmatched")
+            notes.append(f"given name {' '.join(tokens[:given])} unmatched")
     if [j for _, j in sorted(order)] != sorted(j for _, j in order):
         penalty -= 1.0  # swapped on 1 record in 8, but Ahmed Mohamed's son is Mohamed Ahmed
         notes.append("order differs")
@@ -548,10 +549,30 @@ def score(
     `a` and `b` (but for the order of texts in details); a field missing on
     either side weighs 0. `profile` a record once to score it against many.
     """
-    pa, pb = _as_profile(a), _as_profile(b)
-    explanation = (
-        FieldAgreement("names", *_names(pa, pb, key_counts)),
-        *(FieldAgreement(field, *compare(pa, pb)) for field, compare in _FIELDS),
-    )
-    total = math.fsum(item.weight for item in explanation)
-    return Match(round(1.0 / (1.0 + math.exp(_BIAS - total)), 4), explanation)
+    compared = _compare(_as_profile(a), _as_profile(b), key_counts)
+    return Match(_chance(compared), tuple(FieldAgreement(*item) for item in compared))
+
+
+def pair_score(
+    a: Mapping[str, Any] | Profile,
+    b: Mapping[str, Any] | Profile,
+    *,
+    key_counts: Mapping[str, int] | None = None,
+) -> float:
+    """`score(a, b, key_counts=key_counts).score` without building the explanation
+    (cheaper, for a caller that only compares the score with a threshold)."""
+    return _chance(_compare(_as_profile(a), _as_profile(b), key_counts))
+
+
+def _compare(
+    pa: Profile, pb: Profile, key_counts: Mapping[str, int] | None
+) -> list[tuple[str, Outcome, float, str]]:
+    return [
+        ("names", *_names(pa, pb, key_counts)),
+        *((field, *compare(pa, pb)) for field, compare in _FIELDS),
+    ]
+
+
+def _chance(compared: list[tuple[str, Outcome, float, str]]) -> float:
+    total = math.fsum(weight for _, _, weight, _ in compared)
+    return round(1.0 / (1.0 + math.exp(_BIAS - total)), 4)
