@@ -11,7 +11,6 @@ Scoring is `schemas.matching` (pure).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import threading
 from collections import OrderedDict
@@ -74,7 +73,7 @@ class BlockIndex:
         self._key = hkdf.derive(master_key)
 
     def blind(self, key: str) -> str:
-        return hmac.new(self._key, key.encode(), hashlib.sha256).hexdigest()[:32]
+        return hmac.digest(self._key, key.encode(), "sha256").hex()[:32]
 
 
 class _Entry:
@@ -211,8 +210,9 @@ def all_record_ids(conn: sa.Connection) -> list[str]:
 def _blocks(
     conn: sa.Connection, hashes: Iterable[str]
 ) -> tuple[dict[str, int], dict[str, list[str]]]:
-    """How many records are filed under each of `hashes`, and which, for the
-    blocks no larger than `MAX_BLOCK` (a larger one is too common to use)."""
+    """How many records are filed under each of `hashes` (filed already), and
+    which, for the blocks of 2 to `MAX_BLOCK` records (a larger one is too common
+    to use)."""
     sizes: dict[str, int] = {}
     for chunk in _chunks(hashes):
         stmt = (
@@ -222,7 +222,8 @@ def _blocks(
         )
         sizes.update((h, int(n)) for h, n in conn.execute(stmt))
     members: dict[str, list[str]] = {}
-    for chunk in _chunks(h for h, n in sizes.items() if n <= MAX_BLOCK):
+    # A key only one record carries is the asking record's own: no candidate there.
+    for chunk in _chunks(h for h, n in sizes.items() if 1 < n <= MAX_BLOCK):
         stmt = sa.select(block_keys.c.key_hash, block_keys.c.record_id).where(
             block_keys.c.key_hash.in_(chunk)
         )
