@@ -362,18 +362,21 @@ def _compare_tokens(
 ) -> tuple[float, float, Outcome, tuple[str, ...], int]:
     # Names recur (households, common names, one person's variants): the same two
     # token sequences are compared again and again, so the answer is kept.
-    similar = {
-        (i, j): _token_similarity(s, t) if s <= t else _token_similarity(t, s)
-        for i, s in enumerate(x_tokens)
-        for j, t in enumerate(y_tokens)
-    }
-    pairs = sorted((-similarity, i, j) for (i, j), (similarity, _) in similar.items())
+    similar: dict[tuple[int, int], tuple[float, str]] = {}
+    pairs = []
+    for i, s in enumerate(x_tokens):
+        for j, t in enumerate(y_tokens):
+            similar[i, j] = found = _token_similarity(s, t) if s <= t else _token_similarity(t, s)
+            pairs.append((-found[0], i, j))
+    pairs.sort()
     used_x: set[int] = set()
     used_y: set[int] = set()
     agreement, penalty, notes, order = 0.0, 0.0, [], []
     close = conflicts = 0
     for negative, i, j in pairs:
         if i in used_x or j in used_y:
+            if len(used_x) == len(x_tokens) or len(used_y) == len(y_tokens):
+                break  # one side is all aligned: the rest would be skipped too
             continue
         used_x.add(i)
         used_y.add(j)
@@ -396,7 +399,7 @@ def _compare_tokens(
         if 0 < given < len(tokens) and order and not aligned & set(range(given)):
             penalty -= 3.0  # Jamal Adil Ahmad is not Ahmed Adel
             notes.append(f"given name {' '.join(tokens[:given])} unmatched")
-    if [j for _, j in sorted(order)] != sorted(j for _, j in order):
+    if len(order) > 1 and [j for _, j in sorted(order)] != sorted(j for _, j in order):
         penalty -= 1.0  # swapped on 1 record in 8, but Ahmed Mohamed's son is Mohamed Ahmed
         notes.append("order differs")
     outcome: Outcome = "partial" if close or conflicts or extra else "agree"
@@ -425,6 +428,12 @@ def _names(a: Profile, b: Profile, counts: Mapping[str, int] | None) -> _Compare
     notes = [f"same skeleton {', '.join(skeletons)}"] * bool(skeletons) + notes
     detail = f"'{fa.text}' ~ '{fb.text}' ({'; '.join(notes) or 'same spelling'})"
     return outcome, agreement + penalty, detail
+
+
+_NAMES_MOST = max(10.0, _BIAS - math.log(1 / 2.0))
+"""The most `_names` can weigh: agreement is capped at 10 or, weighed by key counts
+(2 carriers at least), `_BIAS - log((carriers - 1) / 2)`; the penalty is never
+positive. `pair_score` relies on it (tests/test_matching.py checks it holds)."""
 
 
 def _birth_dates(a: Profile, b: Profile) -> _Compared:
@@ -558,10 +567,18 @@ def pair_score(
     b: Mapping[str, Any] | Profile,
     *,
     key_counts: Mapping[str, int] | None = None,
-) -> float:
-    """`score(a, b, key_counts=key_counts).score` without building the explanation
-    (cheaper, for a caller that only compares the score with a threshold)."""
-    return _chance(_compare(_as_profile(a), _as_profile(b), key_counts))
+    at_least: float = 0.0,
+) -> float | None:
+    """`score(a, b, key_counts=key_counts).score` without building the explanation,
+    or None if that is below `at_least`: cheaper, for a caller that only keeps
+    pairs at a threshold. When the other fields rule a pair out even with the most
+    names can add (`_NAMES_MOST`), the names are not compared at all."""
+    pa, pb = _as_profile(a), _as_profile(b)
+    fields = [(field, *compare(pa, pb)) for field, compare in _FIELDS]
+    if _chance([*fields, ("names", "agree", _NAMES_MOST, "")]) < at_least:
+        return None  # _chance never falls as the total rises: the score is lower still
+    value = _chance([("names", *_names(pa, pb, key_counts)), *fields])
+    return value if value >= at_least else None
 
 
 def _compare(

@@ -382,8 +382,10 @@ def score_gathered(gathered: Gathered) -> list[FoundPair]:
             if pair in known or other is None or other.merged:
                 continue
             known.add(pair)
-            value = pair_score(entry.profile, other.profile, key_counts=key_counts)
-            if value < REVIEW_THRESHOLD:
+            value = pair_score(
+                entry.profile, other.profile, key_counts=key_counts, at_least=REVIEW_THRESHOLD
+            )
+            if value is None:
                 continue
             site = {rid: entry.site, other_id: other.site}
             out.append(FoundPair(pair[0], pair[1], site[pair[0]], site[pair[1]], value))
