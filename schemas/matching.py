@@ -53,6 +53,7 @@ __all__ = [
     "Profile",
     "candidates",
     "name_code",
+    "pair_score",
     "profile",
     "profile_from_json",
     "profile_to_json",
@@ -361,23 +362,26 @@ def _compare_tokens(
 ) -> tuple[float, float, Outcome, tuple[str, ...], int]:
     # Names recur (households, common names, one person's variants): the same two
     # token sequences are compared again and again, so the answer is kept.
-    x, y = _NameForm("", x_tokens, x_given), _NameForm("", y_tokens, y_given)
-    pairs = sorted(
-        (-_token_similarity(*sorted((s, t)))[0], i, j)
-        for i, s in enumerate(x.tokens)
-        for j, t in enumerate(y.tokens)
-    )
+    similar: dict[tuple[int, int], tuple[float, str]] = {}
+    pairs = []
+    for i, s in enumerate(x_tokens):
+        for j, t in enumerate(y_tokens):
+            similar[i, j] = found = _token_similarity(s, t) if s <= t else _token_similarity(t, s)
+            pairs.append((-found[0], i, j))
+    pairs.sort()
     used_x: set[int] = set()
     used_y: set[int] = set()
     agreement, penalty, notes, order = 0.0, 0.0, [], []
     close = conflicts = 0
     for negative, i, j in pairs:
         if i in used_x or j in used_y:
+            if len(used_x) == len(x_tokens) or len(used_y) == len(y_tokens):
+                break  # one side is all aligned: the rest would be skipped too
             continue
         used_x.add(i)
         used_y.add(j)
-        s, t = x.tokens[i], y.tokens[j]
-        how = _token_similarity(*sorted((s, t)))[1]
+        s, t = x_tokens[i], y_tokens[j]
+        how = similar[i, j][1]
         if -negative >= _CLOSE:
             order.append((i, j))
             close += -negative < _STRONG
@@ -388,14 +392,14 @@ def _compare_tokens(
             conflicts += 1
             penalty -= 6.0 if -negative < 0.6 else 1.5  # another given name: another person
             notes.append(f"different {s}/{t}")
-    extra = len(x.tokens) + len(y.tokens) - len(used_x) - len(used_y)
+    extra = len(x_tokens) + len(y_tokens) - len(used_x) - len(used_y)
     penalty -= 0.3 * extra  # a father's name written on one record only
     notes += [f"{extra} name(s) on one side only"] if extra else []
-    for form, aligned in ((x, used_x), (y, used_y)):
-        if 0 < form.given < len(form.tokens) and order and not aligned & set(range(form.given)):
+    for tokens, given, aligned in ((x_tokens, x_given, used_x), (y_tokens, y_given, used_y)):
+        if 0 < given < len(tokens) and order and not aligned & set(range(given)):
             penalty -= 3.0  # Jamal Adil Ahmad is not Ahmed Adel
-            notes.append(f"given name {' '.join(form.tokens[: form.given])} unmatched")
-    if [j for _, j in sorted(order)] != sorted(j for _, j in order):
+            notes.append(f"given name {' '.join(tokens[:given])} unmatched")
+    if len(order) > 1 and [j for _, j in sorted(order)] != sorted(j for _, j in order):
         penalty -= 1.0  # swapped on 1 record in 8, but Ahmed Mohamed's son is Mohamed Ahmed
         notes.append("order differs")
     outcome: Outcome = "partial" if close or conflicts or extra else "agree"
@@ -424,6 +428,12 @@ def _names(a: Profile, b: Profile, counts: Mapping[str, int] | None) -> _Compare
     notes = [f"same skeleton {', '.join(skeletons)}"] * bool(skeletons) + notes
     detail = f"'{fa.text}' ~ '{fb.text}' ({'; '.join(notes) or 'same spelling'})"
     return outcome, agreement + penalty, detail
+
+
+_NAMES_MOST = max(10.0, _BIAS - math.log(1 / 2.0))
+"""The most `_names` can weigh: agreement is capped at 10 or, weighed by key counts
+(2 carriers at least), `_BIAS - log((carriers - 1) / 2)`; the penalty is never
+positive. `pair_score` relies on it (tests/test_matching.py checks it holds)."""
 
 
 def _birth_dates(a: Profile, b: Profile) -> _Compared:
@@ -548,10 +558,38 @@ def score(
     `a` and `b` (but for the order of texts in details); a field missing on
     either side weighs 0. `profile` a record once to score it against many.
     """
+    compared = _compare(_as_profile(a), _as_profile(b), key_counts)
+    return Match(_chance(compared), tuple(FieldAgreement(*item) for item in compared))
+
+
+def pair_score(
+    a: Mapping[str, Any] | Profile,
+    b: Mapping[str, Any] | Profile,
+    *,
+    key_counts: Mapping[str, int] | None = None,
+    at_least: float = 0.0,
+) -> float | None:
+    """`score(a, b, key_counts=key_counts).score` without building the explanation,
+    or None if that is below `at_least`: cheaper, for a caller that only keeps
+    pairs at a threshold. When the other fields rule a pair out even with the most
+    names can add (`_NAMES_MOST`), the names are not compared at all."""
     pa, pb = _as_profile(a), _as_profile(b)
-    explanation = (
-        FieldAgreement("names", *_names(pa, pb, key_counts)),
-        *(FieldAgreement(field, *compare(pa, pb)) for field, compare in _FIELDS),
-    )
-    total = math.fsum(item.weight for item in explanation)
-    return Match(round(1.0 / (1.0 + math.exp(_BIAS - total)), 4), explanation)
+    fields = [(field, *compare(pa, pb)) for field, compare in _FIELDS]
+    if _chance([*fields, ("names", "agree", _NAMES_MOST, "")]) < at_least:
+        return None  # _chance never falls as the total rises: the score is lower still
+    value = _chance([("names", *_names(pa, pb, key_counts)), *fields])
+    return value if value >= at_least else None
+
+
+def _compare(
+    pa: Profile, pb: Profile, key_counts: Mapping[str, int] | None
+) -> list[tuple[str, Outcome, float, str]]:
+    return [
+        ("names", *_names(pa, pb, key_counts)),
+        *((field, *compare(pa, pb)) for field, compare in _FIELDS),
+    ]
+
+
+def _chance(compared: list[tuple[str, Outcome, float, str]]) -> float:
+    total = math.fsum(weight for _, _, weight, _ in compared)
+    return round(1.0 / (1.0 + math.exp(_BIAS - total)), 4)

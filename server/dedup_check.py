@@ -11,11 +11,11 @@ Scoring is `schemas.matching` (pure).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import threading
 from collections import OrderedDict
 from collections.abc import Container, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -29,10 +29,10 @@ from schemas.matching import (
     PROFILE_VERSION,
     REVIEW_THRESHOLD,
     Profile,
+    pair_score,
     profile,
     profile_from_json,
     profile_to_json,
-    score,
 )
 from server.models import BlockKey, DedupPending, DuplicatePair, RecordRow
 from server.records import HubRecord, load_records
@@ -41,13 +41,19 @@ from server.sealing import RecordCipher, SealError
 __all__ = [
     "MERGED_INTO",
     "BlockIndex",
+    "FoundPair",
+    "Gathered",
     "ProfileCache",
     "all_record_ids",
     "check_records",
+    "clear_checked",
     "clear_pending",
     "count_pending",
+    "gather",
     "index_records",
+    "queue_pairs",
     "queue_records",
+    "score_gathered",
     "take_pending",
 ]
 
@@ -67,7 +73,7 @@ class BlockIndex:
         self._key = hkdf.derive(master_key)
 
     def blind(self, key: str) -> str:
-        return hmac.new(self._key, key.encode(), hashlib.sha256).hexdigest()[:32]
+        return hmac.digest(self._key, key.encode(), "sha256").hex()[:32]
 
 
 class _Entry:
@@ -139,9 +145,19 @@ def _index(
     conn: sa.Connection, profiles: Mapping[str, Profile], index: BlockIndex
 ) -> dict[str, dict[str, str]]:
     keys_of = {rid: {index.blind(k): k for k in prof.keys} for rid, prof in profiles.items()}
+    filed: dict[str, set[str]] = {}
     for chunk in _chunks(profiles):
+        stmt = sa.select(block_keys.c.record_id, block_keys.c.key_hash).where(
+            block_keys.c.record_id.in_(chunk)
+        )
+        for rid, h in conn.execute(stmt):
+            filed.setdefault(rid, set()).add(h)
+    # A record filed under its keys already is left alone: a check of unchanged
+    # records writes nothing (and on SQLite its commit waits for no disk).
+    changed = [rid for rid, keys in keys_of.items() if filed.get(rid, set()) != keys.keys()]
+    for chunk in _chunks(rid for rid in changed if rid in filed):
         conn.execute(sa.delete(block_keys).where(block_keys.c.record_id.in_(chunk)))
-    rows = [{"key_hash": h, "record_id": rid} for rid, keys in keys_of.items() for h in keys]
+    rows = [{"key_hash": h, "record_id": rid} for rid in changed for h in keys_of[rid]]
     if rows:
         conn.execute(sa.insert(block_keys), rows)
     return keys_of
@@ -172,6 +188,16 @@ def clear_pending(conn: sa.Connection, record_ids: Iterable[str]) -> None:
         conn.execute(sa.delete(pending).where(pending.c.record_id.in_(chunk)))
 
 
+def clear_checked(conn: sa.Connection, seqs: Mapping[str, int]) -> None:
+    """Records checked at these `last_hub_seq`s: off the queue, unless one has
+    changed since (it stays queued, to be checked again as it is now)."""
+    unchanged: list[str] = []
+    for chunk in _chunks(seqs):
+        stmt = sa.select(records.c.id, records.c.last_hub_seq).where(records.c.id.in_(chunk))
+        unchanged += [rid for rid, seq in conn.execute(stmt) if seqs[rid] == seq]
+    clear_pending(conn, unchanged)
+
+
 def count_pending(conn: sa.Connection) -> int:
     return int(conn.execute(sa.select(sa.func.count()).select_from(pending)).scalar_one())
 
@@ -184,8 +210,9 @@ def all_record_ids(conn: sa.Connection) -> list[str]:
 def _blocks(
     conn: sa.Connection, hashes: Iterable[str]
 ) -> tuple[dict[str, int], dict[str, list[str]]]:
-    """How many records are filed under each of `hashes`, and which, for the
-    blocks no larger than `MAX_BLOCK` (a larger one is too common to use)."""
+    """How many records are filed under each of `hashes` (filed already), and
+    which, for the blocks of 2 to `MAX_BLOCK` records (a larger one is too common
+    to use)."""
     sizes: dict[str, int] = {}
     for chunk in _chunks(hashes):
         stmt = (
@@ -195,7 +222,8 @@ def _blocks(
         )
         sizes.update((h, int(n)) for h, n in conn.execute(stmt))
     members: dict[str, list[str]] = {}
-    for chunk in _chunks(h for h, n in sizes.items() if n <= MAX_BLOCK):
+    # A key only one record carries is the asking record's own: no candidate there.
+    for chunk in _chunks(h for h, n in sizes.items() if 1 < n <= MAX_BLOCK):
         stmt = sa.select(block_keys.c.key_hash, block_keys.c.record_id).where(
             block_keys.c.key_hash.in_(chunk)
         )
@@ -285,6 +313,111 @@ def _profiled(conn: sa.Connection, recs: Mapping[str, HubRecord]) -> dict[str, _
     return entries
 
 
+@dataclass(frozen=True)
+class Gathered:
+    """What scoring a set of records against their candidates needs (`gather`)."""
+
+    mine: dict[str, _Entry]  # the records checked
+    others: dict[str, _Entry]  # their candidates, and the records themselves
+    candidates: dict[str, set[str]]  # record -> candidates it shares a usable key with
+    key_counts: dict[str, dict[str, int]]  # record -> {its key: records filed under it}
+    known: set[tuple[str, str]]  # pairs already in the queue, decided or not
+
+
+@dataclass(frozen=True, slots=True)
+class FoundPair:
+    """A new pair scoring at least `REVIEW_THRESHOLD` (record_a < record_b)."""
+
+    record_a: str
+    record_b: str
+    site_a: str
+    site_b: str
+    score: float
+
+
+def gather(
+    conn: sa.Connection,
+    record_ids: Iterable[str],
+    *,
+    index: BlockIndex,
+    master_key: bytes,
+    cache: ProfileCache | None = None,
+    skip: Container[str] = (),
+) -> Gathered:
+    """(Re)index `record_ids`, store their profiles, and read what scoring them
+    needs: their candidates (not those in `skip`), profiles and known pairs."""
+    cache = cache if cache is not None else ProfileCache(0)
+    mine = _candidate_entries(conn, set(record_ids), master_key, cache)
+    if not mine:
+        return Gathered({}, {}, {}, {}, set())
+    keys_of = _index(conn, {rid: e.profile for rid, e in mine.items()}, index)
+    sizes, blocks = _blocks(conn, (h for keys in keys_of.values() for h in keys))
+    found: dict[str, set[str]] = {}
+    for rid, keys in sorted(keys_of.items()):
+        if mine[rid].merged:
+            continue
+        found[rid] = {other for h in keys for other in blocks.get(h, ()) if other not in skip} - {
+            rid
+        }
+    known = _known_pairs(conn, found)
+    others = _candidate_entries(
+        conn, {o for cands in found.values() for o in cands} - set(mine), master_key, cache
+    )
+    others.update(mine)
+    counts = {rid: {keys_of[rid][h]: sizes[h] for h in keys_of[rid] if h in sizes} for rid in found}
+    return Gathered(mine, others, found, counts, known)
+
+
+def score_gathered(gathered: Gathered) -> list[FoundPair]:
+    """Score each record against its candidates, once per pair not known yet;
+    return the pairs at or above `REVIEW_THRESHOLD`. Pure: no database."""
+    known = set(gathered.known)
+    out: list[FoundPair] = []
+    for rid, cands in gathered.candidates.items():
+        entry = gathered.mine[rid]
+        key_counts = gathered.key_counts[rid]
+        for other_id in sorted(cands):
+            pair = (rid, other_id) if rid < other_id else (other_id, rid)
+            other = gathered.others.get(other_id)
+            if pair in known or other is None or other.merged:
+                continue
+            known.add(pair)
+            value = pair_score(
+                entry.profile, other.profile, key_counts=key_counts, at_least=REVIEW_THRESHOLD
+            )
+            if value is None:
+                continue
+            site = {rid: entry.site, other_id: other.site}
+            out.append(FoundPair(pair[0], pair[1], site[pair[0]], site[pair[1]], value))
+    return out
+
+
+def queue_pairs(
+    conn: sa.Connection, found: Iterable[FoundPair], *, now: datetime, recheck: bool = True
+) -> int:
+    """Queue `found` as open pairs; return how many. With `recheck` a pair that
+    became known since it was gathered (another checker's) is left out."""
+    found = list(found)
+    if recheck:
+        known = _known_pairs(conn, {p.record_a for p in found})
+        found = [p for p in found if (p.record_a, p.record_b) not in known]
+    rows = [
+        {
+            "record_a": p.record_a,
+            "record_b": p.record_b,
+            "site_a": p.site_a,
+            "site_b": p.site_b,
+            "score": p.score,
+            "status": "open",
+            "created_at": now,
+        }
+        for p in found
+    ]
+    if rows:
+        conn.execute(sa.insert(pairs), rows)
+    return len(rows)
+
+
 def check_records(
     conn: sa.Connection,
     record_ids: Iterable[str],
@@ -302,52 +435,9 @@ def check_records(
     database. Pairs already known (open, merged, rejected) are not queued again;
     registrations merged into another are not candidates. Candidates
     in `skip` are not scored (a scan skips the records it has checked already:
-    their pairs with these were scored then).
+    their pairs with these were scored then). In one transaction: `gather`,
+    `score_gathered`, `queue_pairs`; a scan runs them in three, to score
+    outside the write lock.
     """
-    cache = cache if cache is not None else ProfileCache(0)
-    wanted = set(record_ids)
-    mine = _candidate_entries(conn, wanted, master_key, cache)
-    if not mine:
-        return 0
-    keys_of = _index(conn, {rid: e.profile for rid, e in mine.items()}, index)
-    sizes, blocks = _blocks(conn, (h for keys in keys_of.values() for h in keys))
-    found: dict[str, set[str]] = {}
-    for rid, keys in sorted(keys_of.items()):
-        if mine[rid].merged:
-            continue
-        found[rid] = {other for h in keys for other in blocks.get(h, ()) if other not in skip} - {
-            rid
-        }
-    known = _known_pairs(conn, found)
-    others = _candidate_entries(
-        conn, {o for cands in found.values() for o in cands} - set(mine), master_key, cache
-    )
-    others.update(mine)
-    new_pairs: list[dict[str, Any]] = []
-    for rid, cands in found.items():
-        entry = mine[rid]
-        key_counts = {keys_of[rid][h]: sizes[h] for h in keys_of[rid] if h in sizes}
-        for other_id in sorted(cands):
-            pair = (rid, other_id) if rid < other_id else (other_id, rid)
-            other = others.get(other_id)
-            if pair in known or other is None or other.merged:
-                continue
-            known.add(pair)
-            match = score(entry.profile, other.profile, key_counts=key_counts)
-            if match.score < REVIEW_THRESHOLD:
-                continue
-            site = {rid: entry.site, other_id: other.site}
-            new_pairs.append(
-                {
-                    "record_a": pair[0],
-                    "record_b": pair[1],
-                    "site_a": site[pair[0]],
-                    "site_b": site[pair[1]],
-                    "score": round(match.score, 4),
-                    "status": "open",
-                    "created_at": now,
-                }
-            )
-    if new_pairs:
-        conn.execute(sa.insert(pairs), new_pairs)
-    return len(new_pairs)
+    gathered = gather(conn, record_ids, index=index, master_key=master_key, cache=cache, skip=skip)
+    return queue_pairs(conn, score_gathered(gathered), now=now, recheck=False)

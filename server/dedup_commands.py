@@ -4,7 +4,7 @@ hub needed).
 
 `register(app)` adds them to the hub's CLI (`server.cli` calls it). The file
 logic is in `server.dedup_file`, the queue's in `server.duplicates` and
-`server.dedup_check`; this module parses the options, shows progress on
+`server.dedup_check` and `server.dedup_scan`; this module parses the options, shows progress on
 stderr and turns bad input into one line and exit code 2.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -23,8 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from schemas.matching import OPERATING_THRESHOLD
 from server import admin, dedup_check, duplicates
 from server.cli_common import DataDir, audit_cli, err, fail, open_hub, out
-from server.db import write_lock
 from server.dedup_file import InputError, Pair, Parsed, find_pairs, parse, write_pairs
+from server.dedup_scan import scan
 
 __all__ = ["PROGRESS_FROM_RECORDS", "dedup_app", "dedup_file", "register"]
 
@@ -76,12 +75,15 @@ def dedup_list(
 def dedup_scan(
     data_dir: DataDir = None,
     chunk: Annotated[int, typer.Option(min=1, max=10_000, help="Records per transaction.")] = 500,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, max=64, help="Processes scoring (default: the CPUs, at most 4)."),
+    ] = None,
 ) -> None:
     """Re-check every record for possible duplicates (pairs already known stay as they are)."""
     hub = open_hub(data_dir)
     with hub.engine.connect() as conn:
         ids = dedup_check.all_record_ids(conn)
-    queued = 0
     with Progress(
         TextColumn("scanning"),
         BarColumn(),
@@ -90,23 +92,15 @@ def dedup_scan(
         console=err,
     ) as bar:
         task = bar.add_task("scan", total=len(ids))
-        checked: set[str] = set()  # each pair is scored once, by its later record
-        for start in range(0, len(ids), chunk):
-            part = ids[start : start + chunk]
-            with hub.engine.begin() as conn:
-                write_lock(conn)  # a push's checker may be at work too
-                queued += dedup_check.check_records(
-                    conn,
-                    part,
-                    index=hub.block_index,
-                    master_key=hub.secrets.master_key,
-                    now=datetime.now(UTC),
-                    cache=hub.profiles,
-                    skip=checked,
-                )
-                dedup_check.clear_pending(conn, part)
-            checked.update(part)
-            bar.advance(task, len(part))
+        queued = scan(
+            hub.engine,
+            ids,
+            master_key=hub.secrets.master_key,
+            cache=hub.profiles,
+            chunk=chunk,
+            workers=workers or min(4, os.cpu_count() or 1),
+            progress=lambda checked: bar.advance(task, checked),
+        )
     with hub.engine.begin() as conn:
         audit_cli(hub, conn, "duplicates.scan", f"records:{len(ids)}", detail={"queued": queued})
     out.print(f"checked {len(ids)} record(s); {queued} new possible duplicate pair(s) queued")

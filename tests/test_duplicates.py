@@ -14,12 +14,21 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from bench.dedup_data import generate
+from bench.dedup_hub import populate
 from field_client.enrolment import enrol
 from field_client.store import Store
 from field_client.sync_runner import run_sync
-from schemas.matching import PROFILE_VERSION, profile, profile_to_json
+from schemas.matching import (
+    PROFILE_VERSION,
+    REVIEW_THRESHOLD,
+    candidates,
+    profile,
+    profile_to_json,
+    score,
+)
 from schemas.record import SCHEMA_VERSION
-from server import accounts, dedup_check
+from server import accounts, dedup_check, dedup_scan
 from server.accounts import Role
 from server.dedup_worker import DuplicateChecker
 from server.hub import Hub
@@ -352,3 +361,97 @@ def test_a_profile_stored_by_another_version_of_the_matcher_is_made_again(
         fresh.engine.dispose()
     [pair] = http.get("/api/v1/duplicates", headers=login(http)).json()
     assert {pair["record_a"], pair["record_b"]} == {first.record_id, again.record_id}
+
+
+def _blocked_pairs(docs: list[tuple[str, dict[str, Any], str]]) -> dict[tuple[str, str], float]:
+    """The pairs a scan must queue, found in memory: records sharing a usable key,
+    scoring at least the review threshold."""
+    profiles = {rid: profile(doc) for rid, doc, _ in docs}
+    index: dict[str, list[str]] = {}
+    for rid, p in profiles.items():
+        for key in p.keys:
+            index.setdefault(key, []).append(rid)
+    counts = {key: len(ids) for key, ids in index.items()}
+    expected = {}
+    for rid, p in profiles.items():
+        for other in candidates(p.keys, index) - {rid}:
+            value = score(p, profiles[other], key_counts=counts).score
+            if rid < other and value >= REVIEW_THRESHOLD:
+                expected[rid, other] = value
+    return expected
+
+
+@pytest.mark.parametrize("backend", database_backends())
+def test_a_scan_in_two_processes_queues_the_pairs_a_serial_scan_does(
+    backend: str, tmp_path: Path
+) -> None:
+    docs = [
+        (str(uuid.UUID(int=i + 1)), item.doc, item.site)
+        for i, item in enumerate(generate(150, seed=5))
+    ]
+    expected = _blocked_pairs(docs)
+    assert len(expected) >= 10  # enough duplicates for the test to mean something
+    with fresh_database(backend) as url:
+        hub = Hub(init_hub(tmp_path / "hub", url))
+        try:
+            populate(hub, docs)
+            with hub.engine.begin() as conn:
+                ids = dedup_check.all_record_ids(conn)
+            found = {}
+            for workers in (1, 2):
+                with hub.engine.begin() as conn:
+                    conn.execute(sa.text("DELETE FROM duplicates"))
+                shown: list[int] = []
+                queued = dedup_scan.scan(
+                    hub.engine,
+                    ids,
+                    master_key=hub.secrets.master_key,
+                    cache=dedup_check.ProfileCache(),
+                    chunk=5,
+                    workers=workers,
+                    progress=shown.append,
+                )
+                with hub.engine.begin() as conn:
+                    rows = conn.execute(
+                        sa.text("SELECT record_a, record_b, score FROM duplicates")
+                    ).all()
+                found[workers] = {(a, b): round(s, 4) for a, b, s in rows}
+                assert queued == len(rows)
+                assert sum(shown) == len(ids) and len(shown) == -(-len(ids) // 5)
+            assert found[1] == found[2] == expected
+        finally:
+            hub.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", database_backends())
+def test_a_scan_queues_a_pair_found_meanwhile_once_and_keeps_changed_records_pending(
+    backend: str, tmp_path: Path
+) -> None:
+    docs = [
+        (str(uuid.UUID(int=i + 1)), item.doc, item.site)
+        for i, item in enumerate(generate(40, seed=5))
+    ]
+    with fresh_database(backend) as url:
+        hub = Hub(init_hub(tmp_path / "hub", url))
+        try:
+            populate(hub, docs)
+            ids = [rid for rid, _, _ in docs]
+            with hub.engine.begin() as conn:
+                gathered = dedup_check.gather(
+                    conn, ids, index=hub.block_index, master_key=hub.secrets.master_key
+                )
+                dedup_check.queue_records(conn, ids, now=datetime.now(UTC))
+            found = dedup_check.score_gathered(gathered)
+            assert found
+            with hub.engine.begin() as conn:  # another checker queues them first
+                assert dedup_check.queue_pairs(conn, found, now=datetime.now(UTC)) == len(found)
+            with hub.engine.begin() as conn:  # then the scan that found them too
+                assert dedup_check.queue_pairs(conn, found, now=datetime.now(UTC)) == 0
+                conn.execute(
+                    sa.text("UPDATE records SET last_hub_seq = last_hub_seq + 1 WHERE id = :r"),
+                    {"r": ids[0]},
+                )
+                dedup_check.clear_checked(conn, {r: e.seq for r, e in gathered.mine.items()})
+                assert dedup_check.take_pending(conn, 100) == [ids[0]]
+        finally:
+            hub.engine.dispose()

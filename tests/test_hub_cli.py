@@ -117,7 +117,8 @@ def test_user_commands(tmp_path: Path) -> None:
     assert hub(data, "user", "disable", "nobody").returncode == 2
     assert "0 open pair(s)" in hub(data, "dedup", "list").stdout
     assert hub(data, "dedup", "list", "--status", "maybe").returncode == 2
-    scanned = hub(data, "dedup", "scan")
+    scanned = hub(data, "dedup", "scan", "--workers", "2")
     assert scanned.returncode == 0 and "checked 0 record(s)" in scanned.stdout
+    assert hub(data, "dedup", "scan", "--workers", "0").returncode == 2
     verified = hub(data, "audit", "verify")
     assert verified.returncode == 0 and "intact" in verified.stdout

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from bench.dedup_data import generate
 from bench.dedup_eval import cluster_metrics, pair_metrics, score_all
+from schemas import matching
 from schemas.clustering import link
 from schemas.matching import (
     MAX_BLOCK,
@@ -23,6 +24,7 @@ from schemas.matching import (
     FieldAgreement,
     Match,
     candidates,
+    pair_score,
     profile,
     profile_from_json,
     profile_to_json,
@@ -363,6 +365,25 @@ def test_true_duplicates_share_a_blocking_key(bench_set: Any) -> None:
         by_person[item.true_person].append(i)
     sizes = Counter(len(ids) for ids in by_person.values())
     assert set(sizes) == {1, 2, 3}  # the set has singletons and duplicates
+
+
+def test_pair_score_is_the_score_or_none_below_its_threshold(bench_set: Any) -> None:
+    _, scored = bench_set
+    profiles, counts = scored.profiles, scored.key_counts
+    skipped_names = 0
+    for a, b in scored.scores:
+        for key_counts in (counts, None):
+            full = score(profiles[a], profiles[b], key_counts=key_counts)
+            names = field(full, "names").weight
+            assert names <= matching._NAMES_MOST  # what pair_score's shortcut relies on
+            for at_least in (0.0, REVIEW_THRESHOLD, OPERATING_THRESHOLD):
+                expected = full.score if full.score >= at_least else None
+                got = pair_score(profiles[a], profiles[b], key_counts=key_counts, at_least=at_least)
+                assert got == expected, (a, b, at_least)
+            fields = [(i.field, i.outcome, i.weight, i.detail) for i in full.explanation[1:]]
+            most = matching._chance([*fields, ("names", "agree", matching._NAMES_MOST, "")])
+            skipped_names += most < REVIEW_THRESHOLD
+    assert skipped_names  # the shortcut was taken, and still gave the score's answer
 
 
 def test_bench_quality_meets_the_issue_targets(bench_set: Any) -> None:

@@ -1,0 +1,137 @@
+"""A full duplicate scan (`fieldreg-hub dedup scan`): every record checked
+against its candidates again, serially or over worker processes.
+
+Records are taken in id order, in chunks. Each pair is scored once, by the
+chunk of its earlier record: a chunk skips the candidates of earlier chunks,
+whichever process has them, so the pairs found do not depend on how many
+processes share the work. A chunk is read (and reindexed) in one short
+transaction under the write lock and scored outside any; the pairs found are
+queued, and the records taken off the pending queue, by the calling process,
+several chunks per transaction.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import multiprocessing
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from server import dedup_check
+from server.db import make_engine, write_lock
+
+__all__ = ["scan"]
+
+_WRITE_EVERY = 4  # chunks whose pairs are queued in one transaction
+
+_Checked = tuple[int, list[dedup_check.FoundPair], dict[str, int]]
+
+
+class _Earlier:
+    """The ids before position `stop` of the sorted `ids` (what a chunk skips)."""
+
+    def __init__(self, ids: Sequence[str], stop: int) -> None:
+        self._ids, self._stop = ids, stop
+
+    def __contains__(self, rid: object) -> bool:
+        at = bisect.bisect_left(self._ids, rid)  # type: ignore[call-overload]
+        return at < self._stop and self._ids[at] == rid
+
+
+class _Job:
+    """One scan's setting, in whichever process checks its chunks."""
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        ids: Sequence[str],
+        chunk: int,
+        master_key: bytes,
+        cache: dedup_check.ProfileCache,
+        turn: contextlib.AbstractContextManager[Any],
+    ) -> None:
+        self.engine, self.ids, self.chunk, self.cache, self.turn = engine, ids, chunk, cache, turn
+        self.master_key, self.index = master_key, dedup_check.BlockIndex(master_key)
+
+    def check(self, start: int) -> _Checked:
+        """Check the chunk from `start`: (records checked, pairs found, their seqs)."""
+        part = self.ids[start : start + self.chunk]
+        with self.turn, self.engine.begin() as conn:
+            write_lock(conn)  # a push's checker may be at work too
+            gathered = dedup_check.gather(
+                conn,
+                part,
+                index=self.index,
+                master_key=self.master_key,
+                cache=self.cache,
+                skip=_Earlier(self.ids, start),
+            )
+        seqs = {rid: entry.seq for rid, entry in gathered.mine.items()}
+        return len(part), dedup_check.score_gathered(gathered), seqs
+
+    def queue(self, found: list[dedup_check.FoundPair], seqs: dict[str, int]) -> int:
+        with self.turn, self.engine.begin() as conn:
+            write_lock(conn)
+            queued = dedup_check.queue_pairs(conn, found, now=datetime.now(UTC))
+            dedup_check.clear_checked(conn, seqs)
+        return queued
+
+
+_job: list[_Job] = []  # in a worker process: its scan
+
+
+def _start_worker(url: str, ids: list[str], chunk: int, key: bytes, cache: int, turn: Any) -> None:
+    _job.append(_Job(make_engine(url), ids, chunk, key, dedup_check.ProfileCache(cache), turn))
+
+
+def _check_in_worker(start: int) -> _Checked:
+    return _job[0].check(start)
+
+
+def scan(
+    engine: sa.Engine,
+    record_ids: Sequence[str],
+    *,
+    master_key: bytes,
+    cache: dedup_check.ProfileCache,
+    chunk: int = 500,
+    workers: int = 1,
+    progress: Callable[[int], None] = lambda checked: None,
+) -> int:
+    """Check `record_ids` for possible duplicates, `chunk` records at a time, in
+    `workers` processes (1: this one, with `cache`); return how many pairs were
+    queued. `progress` is called with how many records each chunk checked."""
+    if chunk < 1 or workers < 1:
+        raise ValueError(f"chunk {chunk} and workers {workers}: each must be at least 1")
+    ids = sorted(set(record_ids))
+    starts = range(0, len(ids), chunk)
+    in_memory = engine.url.database in (None, "", ":memory:")
+    if workers == 1 or len(starts) <= 1 or in_memory:
+        job = _Job(engine, ids, chunk, master_key, cache, contextlib.nullcontext())
+        return _queue_all(job, map(job.check, starts), progress)
+    context = multiprocessing.get_context("spawn")  # nothing of this process's engine is shared
+    # The processes take turns at the database: waiting on this lock costs nothing,
+    # where SQLite's own busy handler would sleep and poll.
+    turn = context.Lock()
+    url = engine.url.render_as_string(hide_password=False)
+    setup = (url, ids, chunk, master_key, cache.size, turn)
+    with context.Pool(min(workers, len(starts)), _start_worker, setup) as pool:
+        job = _Job(engine, ids, chunk, master_key, cache, turn)
+        return _queue_all(job, pool.imap_unordered(_check_in_worker, starts), progress)
+
+
+def _queue_all(job: _Job, results: Iterator[_Checked], progress: Callable[[int], None]) -> int:
+    queued, found, seqs, held = 0, [], {}, 0
+    for checked, pairs, checked_seqs in results:
+        found += pairs
+        seqs.update(checked_seqs)
+        held += 1
+        if held == _WRITE_EVERY:
+            queued += job.queue(found, seqs)
+            found, seqs, held = [], {}, 0
+        progress(checked)
+    return queued + job.queue(found, seqs)
