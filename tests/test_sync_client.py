@@ -709,36 +709,43 @@ def test_two_devices_meet_through_the_hub(
 
 
 @pytest.mark.parametrize("frozen_before", [False, True])
-def test_a_pull_leaves_the_cyclic_collector_as_it_found_it(
+def test_a_sync_run_leaves_the_cyclic_collector_as_it_found_it(
     store: Store, hub: FakeHub, client: HubClient, tmp_path: Path, frozen_before: bool
 ) -> None:
     enrolled(store, hub, client)
     store.register([create()])
     run_sync(store, client)
-    seen: list[tuple[int, tuple[int, int, int]]] = []
+    seen: dict[str, tuple[int, tuple[int, int, int]]] = {}
     with new_store(tmp_path / "dev-b") as other:
         enrolled(other, hub, client, code="CODE-2")
-        real_apply = other.sync.apply_pull
+        other.register([create(names={"given": "Zubeida", "family": "Hamad"})])
 
-        def watching_apply(*args: Any, **kwargs: Any) -> Any:
-            seen.append((gc.get_freeze_count(), gc.get_threshold()))
-            return real_apply(*args, **kwargs)
+        def watching(name: str, real: Any) -> Any:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                seen[name] = (gc.get_freeze_count(), gc.get_threshold())
+                return real(*args, **kwargs)
 
-        other.sync.apply_pull = watching_apply  # type: ignore[method-assign]
+            return call
+
+        other.sync.outbox_batch = watching("push", other.sync.outbox_batch)  # type: ignore[method-assign]
+        other.sync.apply_pull = watching("pull", other.sync.apply_pull)  # type: ignore[method-assign]
+        pending = other.status().pending_outbox
         before = gc.get_threshold()
         if frozen_before:
             gc.freeze()
         try:
-            assert run_sync(other, client).received_edits == 1
+            summary = run_sync(other, client)
+            assert summary.acknowledged == pending > 0 and summary.received_edits >= 1
             assert (gc.get_freeze_count() > 0, gc.get_threshold()) == (frozen_before, before)
         finally:
             gc.unfreeze()
-    [(frozen_in_pull, thresholds_in_pull)] = seen
-    assert frozen_in_pull > 0  # what existed before the pull was out of the scans
-    if frozen_before:  # someone else froze objects: the pull leaves the collector alone
-        assert thresholds_in_pull == before
-    else:
-        assert thresholds_in_pull[0] > before[0]
+    assert set(seen) == {"push", "pull"}
+    for frozen_in_run, thresholds_in_run in seen.values():
+        assert frozen_in_run > 0  # what existed before the run was out of the scans
+        if frozen_before:  # someone else froze objects: the run leaves the collector alone
+            assert thresholds_in_run == before
+        else:
+            assert thresholds_in_run[0] > before[0]
 
 
 @pytest.mark.parametrize("drop", ["before", "after"])
