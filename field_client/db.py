@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from itertools import groupby
 from pathlib import Path
@@ -22,6 +22,9 @@ import sqlalchemy as sa
 import sqlcipher3.dbapi2 as sqlcipher
 from sqlalchemy import event
 
+from sync.changes import Version
+from sync.hlc import Stamp
+
 __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
@@ -29,6 +32,8 @@ __all__ = [
     "NewerStore",
     "changes",
     "connect_engine",
+    "decode_versions",
+    "encode_versions",
     "match_keys",
     "meta",
     "received",
@@ -37,8 +42,9 @@ __all__ = [
 
 # `PRAGMA user_version` of a store this version made or brought up to date:
 # 0 is a store from before versions were kept (received field changes in
-# `changes`, one row each); 1 keeps received edits in `received`.
-SCHEMA_VERSION = 1
+# `changes`, one row each); 1 keeps received edits in `received`; 2 writes
+# `records.versions` grouped by version (`encode_versions`).
+SCHEMA_VERSION = 2
 
 SCHEMA = sa.MetaData()
 
@@ -50,7 +56,8 @@ meta = sa.Table(
 )
 
 # The current state of each record: its document and, per field path, the
-# version (HLC stamp and origin device) that produced the value.
+# version (HLC stamp and origin device) that produced the value, in
+# `versions` as `encode_versions` writes it.
 records = sa.Table(
     "records",
     SCHEMA,
@@ -112,6 +119,9 @@ match_keys = sa.Table(
     sa.Column("record_id", sa.Text, primary_key=True, index=True),
     sqlite_with_rowid=False,
 )
+
+
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 class DatabaseLocked(RuntimeError):
@@ -177,6 +187,8 @@ def _bring_up_to_date(conn: sa.Connection) -> None:
     SCHEMA.create_all(conn)
     if version < 1:
         _move_received_changes(conn)
+    if version < 2:
+        _group_versions(conn)
     if version < SCHEMA_VERSION:
         conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -208,6 +220,56 @@ def _move_received_changes(conn: sa.Connection) -> None:
             edits,
         )
     conn.exec_driver_sql("DELETE FROM changes WHERE device_seq IS NULL")
+
+
+def _group_versions(conn: sa.Connection) -> None:
+    """Schema 1 to 2: `records.versions` from `{path: [stamp, device]}` (a
+    stamp and device id written again for every field) to `encode_versions`."""
+    rows = conn.exec_driver_sql("SELECT id, versions FROM records").all()
+    updates = []
+    for rid, text in rows:
+        # One object per distinct version, so its fields share one entry.
+        seen: dict[tuple[str, ...], Version] = {}
+        by_path = {}
+        for path, raw in json.loads(text).items():
+            key = tuple(raw)
+            version = seen.get(key)
+            if version is None:
+                version = seen[key] = Version.from_json(raw)
+            by_path[path] = version
+        updates.append((encode_versions(by_path), rid))
+    if updates:
+        conn.exec_driver_sql("UPDATE records SET versions = ? WHERE id = ?", updates)
+
+
+def encode_versions(versions: Mapping[str, Version]) -> str:
+    """The `records.versions` column: a JSON list with one entry per distinct
+    version, `[stamp, device, path, path, ...]`, naming the fields it wrote.
+
+    A record's fields mostly share the version of the edit that wrote them, so
+    each stamp and device id is written once, not once per field. Fields that
+    share a version object are grouped by identity (hashing a version costs
+    more than encoding it); equal versions held by two objects give two
+    entries, which `decode_versions` reads the same.
+    """
+    groups: dict[int, list[Any]] = {}
+    for path, version in versions.items():
+        group = groups.get(id(version))
+        if group is None:
+            group = groups[id(version)] = [version.stamp.encode(), version.device_id]
+        group.append(path)
+    return _JSON.encode(list(groups.values()))
+
+
+def decode_versions(text: str) -> dict[str, Version]:
+    """`{path: version}` from `encode_versions` text; raises ValueError on other text."""
+    versions: dict[str, Version] = {}
+    for entry in json.loads(text):
+        if not (isinstance(entry, list) and len(entry) >= 2 and isinstance(entry[0], str)):
+            raise ValueError(f"not a versions entry: {entry!r}")
+        version = Version(Stamp.decode(entry[0]), entry[1])
+        versions.update(dict.fromkeys(entry[2:], version))
+    return versions
 
 
 def _dumps(value: Any) -> str:

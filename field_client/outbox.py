@@ -10,7 +10,7 @@ version is decoded once per distinct stamp.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,7 +23,7 @@ __all__ = ["read_edits"]
 
 _SELECT = (
     "SELECT record_id, field, value, stamp, device_id, base_stamp, base_device, operator,"
-    " device_seq FROM changes WHERE device_seq > ? ORDER BY device_seq LIMIT ?"
+    " device_seq FROM changes WHERE device_seq > ? ORDER BY device_seq"
 )
 
 
@@ -61,30 +61,36 @@ def _group(rows: Sequence[Any]) -> list[Edit]:
     return edits
 
 
-def read_edits(conn: sa.Connection, after_seq: int, chunk_rows: int) -> Iterator[Edit]:
-    """Whole edits after `after_seq`, in sequence order, read `chunk_rows` rows at a time.
+def read_edits(conn: sa.Connection, after_seq: int, chunk_rows: int) -> Generator[Edit, None, None]:
+    """Whole edits after `after_seq`, in sequence order, from one query read
+    `chunk_rows` rows at a time.
 
-    A full chunk may end inside an edit: its last group is read again with the
-    next chunk (or, if the chunk is one edit, with a bigger one). The caller
-    holds the transaction; nothing is written.
+    Rows are fetched only as edits are taken, so a caller that stops after a
+    batch leaves the rest unread. A chunk may end inside an edit: its rows
+    wait for the next chunk. The caller holds the transaction and closes the
+    iterator before it ends (`contextlib.closing`); nothing is written.
     """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, not {chunk_rows}")
     # Rows straight from the driver: SQLAlchemy's row objects cost more than reading.
     driver = conn.connection.driver_connection
     assert driver is not None, "the caller holds the transaction"
-    limit = chunk_rows
-    while True:
-        rows = driver.execute(_SELECT, (after_seq, limit)).fetchall()
-        if not rows:
-            return
-        edits = _group(rows)
-        if len(rows) == limit:
-            if len(edits) == 1:
-                limit *= 2
-                continue
-            edits.pop()
-        yield from edits
-        if len(rows) < limit:
-            return
-        last = edits[-1].last_seq
-        assert last is not None
-        after_seq, limit = last, chunk_rows
+    cursor = driver.execute(_SELECT, (after_seq,))
+    try:
+        waiting: list[Any] = []  # the rows of an edit a chunk ended in
+        while True:
+            fetched = cursor.fetchmany(chunk_rows)
+            rows = waiting + fetched if waiting else fetched
+            if not rows:
+                return
+            edits = _group(rows)
+            if len(fetched) == chunk_rows:  # more may follow: the last edit may go on
+                last = edits.pop()
+                waiting = rows[len(rows) - len(last.fields) :]
+            else:
+                waiting = []
+            yield from edits
+            if len(fetched) < chunk_rows:
+                return
+    finally:
+        cursor.close()

@@ -136,7 +136,7 @@ def _load(conn: sa.Connection, record_ids: set[str]) -> dict[str, _Merging]:
     merging = {
         rid: _Merging(
             fields=flatten_doc(json.loads(doc)),
-            versions={p: Version.from_json(v) for p, v in json.loads(versions).items()},
+            versions=db.decode_versions(versions),
             is_new=False,
         )
         for rid, doc, versions in rows
@@ -265,32 +265,6 @@ def merge_page(
     )
 
 
-class _VersionsJson:
-    """Writes a record's versions as the JSON object `{path: [stamp, device]}`.
-
-    The fields of one edit share one version object and every record has the
-    same few paths, so each is encoded once per page.
-    """
-
-    def __init__(self) -> None:
-        self._versions: dict[int, tuple[Version, str]] = {}
-        self._paths: dict[str, str] = {}
-
-    def __call__(self, versions: Mapping[str, Version]) -> str:
-        parts = []
-        for path, version in versions.items():
-            # By identity (hashing a version costs more than encoding it); the
-            # object is kept with its text, so its id cannot be reused meanwhile.
-            known = self._versions.get(id(version))
-            if known is None:
-                known = self._versions[id(version)] = (version, _JSON.encode(version.to_json()))
-            key = self._paths.get(path)
-            if key is None:
-                key = self._paths[path] = _JSON.encode(path)
-            parts.append(f"{key}:{known[1]}")
-        return "{" + ",".join(parts) + "}"
-
-
 def _write_records(conn: sa.Connection, merging: Mapping[str, _Merging]) -> None:
     # One statement per kind of write for the whole page: a page of 500 new
     # records is 500 rows in one executemany, not 500 round trips.
@@ -298,11 +272,10 @@ def _write_records(conn: sa.Connection, merging: Mapping[str, _Merging]) -> None
     updates: list[tuple[Any, ...]] = []
     rekeyed: list[str] = []
     key_rows: set[tuple[str, str]] = set()
-    versions_json = _VersionsJson()
     for rid, state in merging.items():
         if not state.is_changed:
             continue
-        columns, names = _record_columns(rid, state.fields, versions_json(state.versions))
+        columns, names = _record_columns(rid, state.fields, db.encode_versions(state.versions))
         if state.is_new:
             inserts.append((rid, *columns))
         else:

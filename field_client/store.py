@@ -415,7 +415,7 @@ class Store:
             changed = [p for p in values if after[p] != current[p]]
             if not changed:
                 return record
-            versions = {p: Version.from_json(v) for p, v in json.loads(row.versions).items()}
+            versions = db.decode_versions(row.versions)
             version = Version(self._clock.now(), self.device_id)
             seq = self._next_seq()
             rows = []
@@ -499,7 +499,7 @@ class Store:
             "scenario": record.situation.scenario.value,
             "registered_at": record.registration.registered_at.isoformat(),
             "doc": _doc_json(record, other or {}),
-            "versions": _dumps({p: v.to_json() for p, v in versions.items()}),
+            "versions": db.encode_versions(versions),
         }
 
     # -- reads -----------------------------------------------------------------------------
@@ -555,18 +555,14 @@ class Store:
         for fields, stamp, device_id, operator in received:
             logged.extend((f, v, stamp, device_id, operator) for f, v in json.loads(fields).items())
         logged.sort(key=lambda e: (e[0], e[2], e[3]))
-        current = json.loads(row.versions)
-        return [
-            HistoryEntry(
-                field=path,
-                value=value,
-                stamp=Stamp.decode(stamp),
-                device_id=device_id,
-                operator=operator,
-                is_current=current.get(path) == [stamp, device_id],
-            )
-            for path, value, stamp, device_id, operator in logged
-        ]
+        current = db.decode_versions(row.versions)
+        entries = []
+        for path, value, stamp_text, device_id, operator in logged:
+            stamp = Stamp.decode(stamp_text)
+            held = current.get(path)
+            is_current = held is not None and (held.stamp, held.device_id) == (stamp, device_id)
+            entries.append(HistoryEntry(path, value, stamp, device_id, operator, is_current))
+        return entries
 
     def list_records(
         self,

@@ -9,10 +9,8 @@ stored; if that fails, it is dropped and the next run asks again.
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from urllib.parse import quote
 
 from field_client.store import Store
@@ -65,57 +63,6 @@ def pull_pages(
     (what was stored stays), and `on_revoked(problem)` when the hub revoked
     the device.
     """
-    with _heap_frozen():
-        return _pull(
-            store,
-            client,
-            link,
-            summary,
-            limit=limit,
-            progress=progress,
-            wall_ms=wall_ms,
-            on_revoked=on_revoked,
-        )
-
-
-@contextmanager
-def _heap_frozen() -> Iterator[None]:
-    """Keep the objects that exist before a pull out of the cyclic collector's
-    scans while it runs, and let young objects pile up more before a collection.
-
-    A pull allocates millions of short-lived containers (parsed pages,
-    validated records), so the collector runs often, and each full collection
-    walks every object in the process (a few hundred thousand after imports
-    alone, more in a long-lived one): measured in `bench hub_sync`, the
-    collector took a third of the device's pull CPU. The hub's server does the
-    same for its whole life (`server.cli`). Left as it is when objects are
-    frozen already: unfreezing is process-wide.
-    """
-    if gc.get_freeze_count():
-        yield
-        return
-    thresholds = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(10_000, *thresholds[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
-
-
-def _pull(
-    store: Store,
-    client: HubClient,
-    link: Link,
-    summary: SyncSummary,
-    *,
-    limit: int,
-    progress: Progress | None,
-    wall_ms: Callable[[], int],
-    on_revoked: Callable[[HubProblem], Exception],
-) -> int | None:
-    """`pull_pages` itself, with the collector set for it."""
     position = store.sync.pull_position()
     has_restarted = False
     high_water: int | None = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -44,7 +45,7 @@ __all__ = [
     "SyncStore",
 ]
 
-_OUTBOX_CHUNK_ROWS = 1000
+_OUTBOX_CHUNK_ROWS = 250  # a batch reads at most this many rows past its end
 _LOST_OUTCOMES = ("superseded", "conflict")
 
 
@@ -228,7 +229,8 @@ class SyncStore:
         with self._conn.begin():
             pushed = int(self._meta()["pushed_seq"])
             start = pushed if after_seq is None else max(after_seq, pushed)
-            return cut_batch(read_edits(self._conn, start, chunk_rows), max_batch_bytes)
+            with closing(read_edits(self._conn, start, chunk_rows)) as edits:
+                return cut_batch(edits, max_batch_bytes)
 
     def _check_not_ahead(self, seq: int, meta: Mapping[str, str]) -> None:
         if seq > int(meta["device_seq"]):

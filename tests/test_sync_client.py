@@ -18,7 +18,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from field_client.db import NewerStore
+from field_client.db import SCHEMA_VERSION, NewerStore, decode_versions
 from field_client.enrolment import AlreadyEnrolled, EnrolmentRefused, enrol
 from field_client.store import Store, UnreadableRecord
 from field_client.sync_runner import DeviceRevoked, SyncError, SyncSummary, run_sync, watch
@@ -482,9 +482,26 @@ def test_a_pulled_name_change_moves_the_record_in_search(store: Store) -> None:
     assert [h.id for h in store.search("Nwosu")] == [rid]
 
 
+def as_schema_1(store: Store) -> None:
+    """Lay the store out as fieldreg before store schema 2 kept it: each record's
+    versions an object naming every field's `[stamp, device]`."""
+    conn = store._conn
+    with conn.begin():
+        rows = conn.exec_driver_sql("SELECT id, versions FROM records").all()
+        conn.exec_driver_sql(
+            "UPDATE records SET versions = ? WHERE id = ?",
+            [
+                (json.dumps({p: v.to_json() for p, v in decode_versions(text).items()}), rid)
+                for rid, text in rows
+            ],
+        )
+        conn.exec_driver_sql("PRAGMA user_version = 1")
+
+
 def as_schema_0(store: Store) -> None:
     """Lay the store out as fieldreg before store schema 1 kept it: each received
     field change a row of `changes`, written as that version's pull wrote them."""
+    as_schema_1(store)
     conn = store._conn
     with conn.begin():
         rows = conn.exec_driver_sql(
@@ -529,7 +546,7 @@ def test_a_store_of_schema_0_opens_with_its_received_changes_as_edits(
     as_schema_0(store)
     store.close()
     with Store.open(tmp_path / "dev", PASSPHRASE) as again:
-        assert sql_value(again, "PRAGMA user_version") == 1
+        assert sql_value(again, "PRAGMA user_version") == SCHEMA_VERSION
         assert sql_value(again, "SELECT count(*) FROM changes WHERE device_seq IS NULL") == 0
         assert received_rows(again) == len(page)  # one row per edit again
         bases = sql_value(again, "SELECT bases FROM received WHERE hub_seq = 7")
@@ -545,9 +562,56 @@ def test_a_store_of_schema_0_opens_with_its_received_changes_as_edits(
         assert third.status().changes == before.changes + 1
 
 
+def test_a_store_of_schema_1_opens_with_the_same_records_versions_and_history(
+    store: Store, tmp_path: Path
+) -> None:
+    [saved] = store.register([create()])
+    mine = str(saved.id)
+    own = {c.field: c.version for c in store.outbox(after_seq=0, limit=100)}
+    store.edit(mine, {"occupation": "tailor"})  # a second version in the record
+    newer = Edit(
+        mine,
+        Version(Stamp(own["phone"].stamp.wall_ms + 60_000), OTHER),
+        "Yusuf",
+        (("phone", "+218 93 333 3333"),),
+        {"phone": own["phone"]},
+        hub_seq=7,
+    )
+    theirs, edit = other_record("Chiamaka", wall_ms=1_800_000_000_000)
+    page = [edit, newer]
+    store.sync.apply_pull(page, cursor="c1", epoch="epoch-1")
+
+    def versions_of(s: Store) -> dict[str, dict[str, Version]]:
+        with s._conn.begin():
+            rows = s._conn.exec_driver_sql("SELECT id, versions FROM records").all()
+        return {rid: decode_versions(text) for rid, text in rows}
+
+    versions = versions_of(store)
+    assert {v.device_id for v in versions[mine].values()} == {store.device_id, OTHER}
+    records = {rid: store.get(rid) for rid in (mine, theirs)}
+    histories = {rid: history_of(store, rid) for rid in (mine, theirs)}
+    before = store.status()
+    as_schema_1(store)
+    store.close()
+    with Store.open(tmp_path / "dev", PASSPHRASE) as again:
+        assert sql_value(again, "PRAGMA user_version") == SCHEMA_VERSION
+        text = sql_value(again, f"SELECT versions FROM records WHERE id = '{theirs}'")
+        assert text.count(OTHER) == 1  # one entry for the one version of its fields
+        assert versions_of(again) == versions
+        assert {rid: again.get(rid) for rid in records} == records
+        assert {rid: history_of(again, rid) for rid in histories} == histories
+        assert again.status() == before
+        # The same page again changes nothing; edits go on from the kept versions.
+        result = again.sync.apply_pull(page, cursor="c1", epoch="epoch-1")
+        assert result.applied == 0 and received_rows(again) == len(page)
+        again.edit(mine, {"phone": "+218 94 444 4444"})
+        [phone] = [c for c in again.outbox(after_seq=0, limit=100) if c.field == "phone"][-1:]
+        assert phone.base == newer.version
+
+
 def test_a_store_of_a_newer_schema_is_refused(store: Store, tmp_path: Path) -> None:
     with store._conn.begin():
-        store._conn.exec_driver_sql("PRAGMA user_version = 2")
+        store._conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     store.close()
     with pytest.raises(NewerStore, match="made by a newer fieldreg"):
         Store.open(tmp_path / "dev", PASSPHRASE)
@@ -645,36 +709,43 @@ def test_two_devices_meet_through_the_hub(
 
 
 @pytest.mark.parametrize("frozen_before", [False, True])
-def test_a_pull_leaves_the_cyclic_collector_as_it_found_it(
+def test_a_sync_run_leaves_the_cyclic_collector_as_it_found_it(
     store: Store, hub: FakeHub, client: HubClient, tmp_path: Path, frozen_before: bool
 ) -> None:
     enrolled(store, hub, client)
     store.register([create()])
     run_sync(store, client)
-    seen: list[tuple[int, tuple[int, int, int]]] = []
+    seen: dict[str, tuple[int, tuple[int, int, int]]] = {}
     with new_store(tmp_path / "dev-b") as other:
         enrolled(other, hub, client, code="CODE-2")
-        real_apply = other.sync.apply_pull
+        other.register([create(names={"given": "Zubeida", "family": "Hamad"})])
 
-        def watching_apply(*args: Any, **kwargs: Any) -> Any:
-            seen.append((gc.get_freeze_count(), gc.get_threshold()))
-            return real_apply(*args, **kwargs)
+        def watching(name: str, real: Any) -> Any:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                seen[name] = (gc.get_freeze_count(), gc.get_threshold())
+                return real(*args, **kwargs)
 
-        other.sync.apply_pull = watching_apply  # type: ignore[method-assign]
+            return call
+
+        other.sync.outbox_batch = watching("push", other.sync.outbox_batch)  # type: ignore[method-assign]
+        other.sync.apply_pull = watching("pull", other.sync.apply_pull)  # type: ignore[method-assign]
+        pending = other.status().pending_outbox
         before = gc.get_threshold()
         if frozen_before:
             gc.freeze()
         try:
-            assert run_sync(other, client).received_edits == 1
+            summary = run_sync(other, client)
+            assert summary.acknowledged == pending > 0 and summary.received_edits >= 1
             assert (gc.get_freeze_count() > 0, gc.get_threshold()) == (frozen_before, before)
         finally:
             gc.unfreeze()
-    [(frozen_in_pull, thresholds_in_pull)] = seen
-    assert frozen_in_pull > 0  # what existed before the pull was out of the scans
-    if frozen_before:  # someone else froze objects: the pull leaves the collector alone
-        assert thresholds_in_pull == before
-    else:
-        assert thresholds_in_pull[0] > before[0]
+    assert set(seen) == {"push", "pull"}
+    for frozen_in_run, thresholds_in_run in seen.values():
+        assert frozen_in_run > 0  # what existed before the run was out of the scans
+        if frozen_before:  # someone else froze objects: the run leaves the collector alone
+            assert thresholds_in_run == before
+        else:
+            assert thresholds_in_run[0] > before[0]
 
 
 @pytest.mark.parametrize("drop", ["before", "after"])
