@@ -26,7 +26,7 @@ from server.records import HubRecord, load_records, save_records
 from sync.envelope import Header
 from sync.hlc import Clock
 from sync.merge import Decision, FieldState, Outcome, merge_field
-from sync.protocol import Ack, Edit, ProtocolError
+from sync.protocol import Ack, Edit, ProtocolError, loads
 
 __all__ = ["PushContext", "apply_parked", "apply_push", "parked_edits"]
 
@@ -95,7 +95,7 @@ class _Pending:
 
 def _parse_edits(body: bytes) -> list[Edit]:
     try:
-        data = json.loads(body)
+        data = loads(body)
     except ValueError:
         raise Problem(400, "batch.malformed", "the batch body is not JSON") from None
     if (
