@@ -61,7 +61,7 @@ def dumps(value: Any) -> bytes:
 
 
 def loads(text: bytes) -> Any:
-    """Parse JSON as `json.loads` does, in about half the time.
+    """Parse JSON as `json.loads` does, in about three fifths of the time.
 
     pydantic-core's parser gives what `json.loads` gives for everything it
     accepts; what it refuses (a lone surrogate escape, a byte-order mark,
