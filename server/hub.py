@@ -302,7 +302,8 @@ class Hub:
                 rid: {p: rec.value(p) for p in name_index.NAME_PATHS}
                 for rid, rec in ctx.renamed.items()
             }
-            name_index.reindex(conn, self.name_index, values)
+            new = {rid for rid, rec in ctx.renamed.items() if rec.is_new}
+            name_index.reindex(conn, self.name_index, values, new=new)
         dedup_check.queue_records(conn, ctx.touched, now=self.now())
 
     def _seal_to(

@@ -26,7 +26,7 @@ from server.records import HubRecord, load_records, save_records
 from sync.envelope import Header
 from sync.hlc import Clock
 from sync.merge import Decision, FieldState, Outcome, merge_field
-from sync.protocol import Ack, Edit, ProtocolError
+from sync.protocol import Ack, Edit, ProtocolError, loads
 
 __all__ = ["PushContext", "apply_parked", "apply_push", "parked_edits"]
 
@@ -95,7 +95,7 @@ class _Pending:
 
 def _parse_edits(body: bytes) -> list[Edit]:
     try:
-        data = json.loads(body)
+        data = loads(body)
     except ValueError:
         raise Problem(400, "batch.malformed", "the batch body is not JSON") from None
     if (
@@ -364,11 +364,29 @@ def _merge_edit(
             operator,
             ctx.header.batch_id,
             sealed,
-            _JSON.encode(outcomes),
+            _outcomes_text(outcomes),
             ctx.now,
         )
     )
     return True
+
+
+_APPLIED_TEXTS: dict[tuple[str, ...], str] = {}  # an all-applied edit's outcomes, by its paths
+_APPLIED_TEXTS_MAX = 1024
+
+
+def _outcomes_text(outcomes: dict[str, str]) -> str:
+    """`outcomes` as the change log stores them (JSON). Most edits apply whole
+    and carry the same fields as many others: their text is remembered."""
+    if any(outcome is not Outcome.APPLIED for outcome in outcomes.values()):
+        return _JSON.encode(outcomes)
+    paths = tuple(outcomes)
+    text = _APPLIED_TEXTS.get(paths)
+    if text is None:
+        text = _JSON.encode(outcomes)
+        if len(_APPLIED_TEXTS) < _APPLIED_TEXTS_MAX:
+            _APPLIED_TEXTS[paths] = text
+    return text
 
 
 def _drop_applied(edits: list[Edit], high_water: int) -> list[Edit]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -62,11 +62,21 @@ def names_of(fields: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def reindex(conn: sa.Connection, index: IndexKey, records: Mapping[str, Mapping[str, Any]]) -> None:
-    """Replace the index entries of `records` (`{record id: {path: value}}`)."""
+def reindex(
+    conn: sa.Connection,
+    index: IndexKey,
+    records: Mapping[str, Mapping[str, Any]],
+    *,
+    new: Collection[str] = (),
+) -> None:
+    """Replace the index entries of `records` (`{record id: {path: value}}`).
+
+    `new` names records stored for the first time in this transaction: they
+    have no entries to delete (records are never deleted, so neither are theirs).
+    """
     if not records:
         return
-    ids = list(records)
+    ids = [rid for rid in records if rid not in new]
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         conn.execute(sa.delete(name_keys).where(name_keys.c.record_id.in_(chunk)))

@@ -98,10 +98,20 @@ class HubRecord:
         return registration.get("site") if isinstance(registration, dict) else None
 
 
+_LIST_TEXTS: dict[tuple[str, ...], str] = {}  # a few hundred code lists recur in every push
+_LIST_TEXTS_MAX = 4096
+
+
 def _list(value: Any) -> str:
     if not value or not isinstance(value, list):
         return "[]"
-    return json.dumps(sorted(v for v in value if isinstance(v, str)))
+    codes = tuple(sorted(v for v in value if isinstance(v, str)))
+    text = _LIST_TEXTS.get(codes)
+    if text is None:
+        text = json.dumps(list(codes))
+        if len(_LIST_TEXTS) < _LIST_TEXTS_MAX:
+            _LIST_TEXTS[codes] = text
+    return text
 
 
 def projection(rec: HubRecord, today: date) -> dict[str, Any]:

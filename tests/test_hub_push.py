@@ -11,6 +11,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from server import name_index
 from server.hub import Hub
 from server.records import load_records
 from sync.changes import Version
@@ -316,6 +317,28 @@ def test_edits_sent_before_their_record_was_registered_apply_when_it_is(
     view = hub_record(hub, registration.record_id)
     assert view["phone"] == "+218 91 000 0000" and view["sex"] == "female"
     assert view["names.given"] == "Amina"
+
+
+def test_the_name_index_follows_registrations_and_renames(
+    hub_env: tuple[httpx.Client, Hub, Path],
+) -> None:
+    http, hub, _ = hub_env
+    dev = HandDevice.enrol(http, hub, "ras-jedir")
+    amina = dev.new_record("Amina")
+    yusuf = dev.new_record("Yusuf")
+    renamed_at_once = dev.edit(yusuf.record_id, {"names.given": "Idris"})  # same batch
+    dev.open_answer(dev.push(dev.envelope([amina, yusuf, renamed_at_once])))
+    assert found(hub, "Amina") == {amina.record_id}
+    assert found(hub, "Yusuf") == set() and found(hub, "Idris") == {yusuf.record_id}
+    renamed_later = dev.edit(amina.record_id, {"names.given": "Halima"})
+    dev.open_answer(dev.push(dev.envelope([renamed_later])))
+    assert found(hub, "Amina") == set() and found(hub, "Halima") == {amina.record_id}
+    assert found(hub, "Testperson") == {amina.record_id, yusuf.record_id}
+
+
+def found(hub: Hub, name: str) -> set[str]:
+    with hub.engine.connect() as conn:
+        return set(name_index.search_ids(conn, hub.name_index, name))
 
 
 def hub_record(hub: Hub, record_id: str) -> dict[str, object]:

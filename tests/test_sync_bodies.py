@@ -16,7 +16,16 @@ from server.feed import edit_size
 from server.sealing import RecordCipher, compact_json, new_record_cipher
 from sync.changes import Version
 from sync.hlc import Stamp
-from sync.protocol import Ack, Edit, ProtocolError, PullPage, batch_edits, cut_batch, dumps
+from sync.protocol import (
+    Ack,
+    Edit,
+    ProtocolError,
+    PullPage,
+    batch_edits,
+    cut_batch,
+    dumps,
+    loads,
+)
 
 PROPERTY = settings(database=None, deadline=None, max_examples=150)
 RID = "0190a5a0-1111-7000-8000-000000000001"
@@ -109,6 +118,47 @@ def _has_float(value: Any) -> bool:
 def test_compact_json_writes_nan_and_infinity_as_json_dumps_does() -> None:
     value = [float("nan"), float("inf"), -float("inf")]
     assert compact_json(value) == json.dumps(value, separators=(",", ":")).encode()
+
+
+def _parsed(parse: Any, text: bytes) -> tuple[str, str]:
+    try:
+        return "value", repr(parse(text))
+    except ValueError:
+        return "refused", ""
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"a":1,"b":[true,false,null],"a":3}',
+        b"123456789012345678901234567890",
+        b"[-0, -0.0, 1e400, -1e400, 5e-324, 0.30000000000000004, 1E5, 1e-5]",
+        b"[NaN, Infinity, -Infinity]",
+        b'"\\ud83d\\ude00 \\u00e9 \xc3\xa9 \\/"',
+        b'"\\ud800"',  # a lone surrogate: json reads it, pydantic-core does not
+        b"\xef\xbb\xbf{}",  # a byte-order mark: json reads it
+        b"[" * 300 + b"]" * 300,  # deeper than pydantic-core reads
+        b" {} ",
+        b"01",
+        b"1.",
+        b"+1",
+        b"nan",
+        b'"a\tb"',
+        b'"\xff"',
+        b"{} x",
+        b"[1,]",
+        b"",
+    ],
+)
+def test_loads_reads_and_refuses_what_json_loads_does(text: bytes) -> None:
+    assert _parsed(loads, text) == _parsed(json.loads, text)
+
+
+@PROPERTY
+@given(values, st.booleans())
+def test_loads_reads_what_dumps_writes(value: Any, ascii_only: bool) -> None:
+    text = json.dumps(value, ensure_ascii=ascii_only).encode()
+    assert loads(text) == value
 
 
 ACK = Ack(
