@@ -172,13 +172,7 @@ def enrol_again(
     Raises `CannotEnrolAgain` or `EnrolmentRefused` (nothing sent), `HubProblem`
     or `HubUnreachable`; stores nothing unless everything checked out.
     """
-    enrolment = store.sync.read_enrolment()
-    if enrolment is None:
-        raise CannotEnrolAgain("this store was never enrolled: use fieldreg enrol")
-    if store.sync.status().is_revoked:
-        raise CannotEnrolAgain(
-            "the hub revoked this device and ordered it wiped; it cannot enrol again"
-        )
+    enrolment = store.sync.renewable_enrolment()
     hub_keys = _hub_of(client)
     if hub_keys != enrolment.hub_keys:
         raise EnrolmentRefused(

@@ -57,6 +57,15 @@ class CannotEnrolAgain(RuntimeError):
     """Enrolling again needs an enrolled store the hub has not revoked."""
 
 
+def _refuse_renewal(meta: Mapping[str, str]) -> None:
+    if "device_keys" not in meta:
+        raise CannotEnrolAgain("this store was never enrolled: use fieldreg enrol")
+    if "revoked_at" in meta:
+        raise CannotEnrolAgain(
+            "the hub revoked this device and ordered it wiped; it cannot enrol again"
+        )
+
+
 class HubAheadOfStore(ValueError):
     """The hub claims more of this device's changes than this store ever made.
 
@@ -174,18 +183,20 @@ class SyncStore:
                 }
             )
 
+    def renewable_enrolment(self) -> Enrolment:
+        """The enrolment to renew; `CannotEnrolAgain` if never enrolled or revoked."""
+        with self._conn.begin():
+            _refuse_renewal(self._meta())
+        enrolment = self.read_enrolment()
+        assert enrolment is not None
+        return enrolment
+
     def renew_enrolment(self, *, sites: tuple[str, ...], epoch: str, enrolled_at_ms: int) -> None:
         """Record that the hub enrolled this device again (a hub restored from a
         backup older than the first enrolment): same keys, same pinned hub; the
         pull starts over in the hub's epoch (merging what is here changes nothing)."""
         with self._conn.begin():
-            meta = self._meta()
-            if "device_keys" not in meta:
-                raise CannotEnrolAgain("this store was never enrolled: use fieldreg enrol")
-            if "revoked_at" in meta:
-                raise CannotEnrolAgain(
-                    "the hub revoked this device and ordered it wiped; it cannot enrol again"
-                )
+            _refuse_renewal(self._meta())
             self._put_meta(
                 {
                     "sites": _dumps(list(sites)),

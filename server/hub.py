@@ -25,7 +25,14 @@ from server.keystore import HubSecrets
 from server.name_index import IndexKey
 from server.problems import Problem
 from server.settings import HubSettings
-from sync.envelope import EnvelopeError, Header, open_sealed, read_header_unverified, seal
+from sync.envelope import (
+    EnvelopeError,
+    Header,
+    Opened,
+    open_sealed,
+    read_header_unverified,
+    seal,
+)
 from sync.hlc import Clock, Stamp, system_ms
 from sync.http_signature import SignatureError, read_key_id_unverified, verify_request
 from sync.keys import PublicKeys
@@ -213,19 +220,7 @@ class Hub:
                     now=now,
                 )
             raise self._revoked(device)
-        ctx = PushContext(
-            device_id=device.id,
-            sites=device.sites,
-            header=header,
-            body=opened.body,
-            digest=opened.body_sha256,
-            envelope=envelope,
-            master_key=self.secrets.master_key,
-            clock=self.clock,
-            now=now,
-            hub_now_ms=self._wall_ms(),
-            epoch=self.epoch,
-        )
+        ctx = self._context(device, opened, envelope, now)
         with self.engine.begin() as conn:
             ack = apply_push(conn, ctx)
             if not ack["duplicate"]:
@@ -247,6 +242,24 @@ class Hub:
         self.checker.wake()
         return self._seal_to(device, "ack", header.batch_id, header.seq_first, header.seq_last, ack)
 
+    def _context(
+        self, device: device_store.DeviceInfo, opened: Opened, envelope: bytes, now: datetime
+    ) -> PushContext:
+        """What `apply_push` needs of one opened push envelope from `device`."""
+        return PushContext(
+            device_id=device.id,
+            sites=device.sites,
+            header=opened.header,
+            body=opened.body,
+            digest=opened.body_sha256,
+            envelope=envelope,
+            master_key=self.secrets.master_key,
+            clock=self.clock,
+            now=now,
+            hub_now_ms=self._wall_ms(),
+            epoch=self.epoch,
+        )
+
     def _release_parked(self, conn: sa.Connection, ctx: PushContext, request_id: str) -> None:
         # Edits another device sent for these records before they were registered
         # here (a restored hub hears devices in any order) were kept in
@@ -266,19 +279,7 @@ class Hub:
                 )
             except EnvelopeError:
                 continue  # the device's keys changed since: leave it for a person
-            parked = PushContext(
-                device_id=device.id,
-                sites=device.sites,
-                header=opened.header,
-                body=opened.body,
-                digest=opened.body_sha256,
-                envelope=row.payload,
-                master_key=self.secrets.master_key,
-                clock=self.clock,
-                now=self.now(),
-                hub_now_ms=self._wall_ms(),
-                epoch=self.epoch,
-            )
+            parked = self._context(device, opened, row.payload, self.now())
             if apply_parked(conn, parked, row.record_id):
                 ctx.renamed.update(parked.renamed)  # the name index and duplicate
                 ctx.touched.update(parked.touched)  # check take them too
