@@ -329,13 +329,14 @@ def _merge_edit(
     version, operator, bases = edit.version, edit.operator, edit.bases
     stamp, device_id = version.stamp.encode(), version.device_id
     based = {p: b.to_json() for p, b in bases.items()}  # as stored and logged
-    outcomes: dict[str, str] = {}  # JSON writes an `Outcome` as its value
+    # The fields that did not simply apply (JSON writes an `Outcome` as its value):
+    # most edits apply whole, and the log stores "{}" for them.
+    outcomes: dict[str, str] = {}
     held = rec.fields
     for offset, (path, value) in enumerate(edit.fields):
         if path not in held:
             # Never written: `merge_field` applies it whatever it is; skip
             # building the states it would compare (a new record's every field).
-            outcomes[path] = Outcome.APPLIED
             rec.put(path, value, stamp, device_id, based.get(path), operator)
             continue
         decision = merge_field(rec.state(path), FieldState(value, version, bases.get(path)))
@@ -345,7 +346,7 @@ def _merge_edit(
             pending.conflict_seqs.append(first_seq + offset)
             authors = (str(rec.fields[path].get("o", "")), operator)
             pending.conflicts.append((len(pending.log_rows), rec, path, decision, authors))
-        else:
+        elif outcome is not Outcome.APPLIED:
             outcomes[path] = outcome
             if outcome is Outcome.SUPERSEDED:
                 pending.superseded.append(first_seq + offset)
@@ -364,29 +365,11 @@ def _merge_edit(
             operator,
             ctx.header.batch_id,
             sealed,
-            _outcomes_text(outcomes),
+            _JSON.encode(outcomes) if outcomes else "{}",
             ctx.now,
         )
     )
     return True
-
-
-_APPLIED_TEXTS: dict[tuple[str, ...], str] = {}  # an all-applied edit's outcomes, by its paths
-_APPLIED_TEXTS_MAX = 1024
-
-
-def _outcomes_text(outcomes: dict[str, str]) -> str:
-    """`outcomes` as the change log stores them (JSON). Most edits apply whole
-    and carry the same fields as many others: their text is remembered."""
-    if any(outcome is not Outcome.APPLIED for outcome in outcomes.values()):
-        return _JSON.encode(outcomes)
-    paths = tuple(outcomes)
-    text = _APPLIED_TEXTS.get(paths)
-    if text is None:
-        text = _JSON.encode(outcomes)
-        if len(_APPLIED_TEXTS) < _APPLIED_TEXTS_MAX:
-            _APPLIED_TEXTS[paths] = text
-    return text
 
 
 def _drop_applied(edits: list[Edit], high_water: int) -> list[Edit]:

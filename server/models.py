@@ -220,8 +220,10 @@ class DuplicatePair(SQLModel, table=True):
 class ChangeRow(SQLModel, table=True):
     """The append-only change log: one row per edit (one record, one stamp, one author).
 
-    `hub_seq` orders the log; pull pages read it. `outcomes` (clear) says per
-    field whether the edit won, lost, or was a duplicate.
+    `hub_seq` orders the log; pull pages read it. `outcomes` (clear, JSON) names
+    each field that did not simply apply (lost to a later stamp, a conflict,
+    a duplicate; "hub" for an operator's edit) with what happened to it; a
+    field it does not name was applied, so most rows hold `{}`.
     """
 
     __tablename__ = "changes"

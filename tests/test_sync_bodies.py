@@ -9,11 +9,12 @@ import os
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.feed import edit_size
-from server.sealing import RecordCipher, compact_json, new_record_cipher
+from server.sealing import COMPRESS_FROM, RecordCipher, SealError, compact_json, new_record_cipher
 from sync.changes import Version
 from sync.hlc import Stamp
 from sync.protocol import (
@@ -218,3 +219,30 @@ def test_a_malformed_pull_page_is_refused() -> None:
     with pytest.raises(ProtocolError) as caught:
         PullPage.from_json({**good, "edits": [{"r": "not-a-uuid"}]})
     assert caught.value.code == "edit.malformed"
+
+
+@PROPERTY
+@given(values, st.sampled_from(["state", "change"]))
+def test_a_sealed_value_opens_as_it_was_compressed_or_not(value: Any, purpose: str) -> None:
+    _, cipher = new_record_cipher(os.urandom(32), RID)
+    padded = {"v": value, "pad": "x" * COMPRESS_FROM}  # past the threshold: compressed
+    for item in (value, padded):
+        text = json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode()
+        assert cipher.open_json(cipher.seal_json(text, purpose), purpose) == text
+        assert cipher.open(cipher.seal(item, purpose), purpose) == item
+
+
+def test_sealing_compresses_long_json_and_still_opens_what_was_sealed_without() -> None:
+    key = os.urandom(32)
+    cipher = RecordCipher.from_data_key(key, RID)
+    state = json.dumps(
+        {f"f{i}": {"v": "Mohamed", "s": "01a22b6c3a7c000000", "d": RID} for i in range(20)}
+    ).encode()
+    sealed = cipher.seal_json(state, "state")
+    assert len(sealed) < len(state) / 2
+    # What a hub sealed before compression: the JSON encrypted as it was.
+    nonce = os.urandom(12)
+    old = nonce + AESGCM(key).encrypt(nonce, state, RID.encode() + b"\x00state")
+    assert cipher.open_json(old, "state") == state
+    with pytest.raises(SealError):
+        cipher.open_json(sealed, "change")  # bound to its purpose, compressed or not
