@@ -34,6 +34,7 @@ from schemas.matching import (
     profile_from_json,
     profile_to_json,
 )
+from server.bulk import insert_rows
 from server.models import BlockKey, DedupPending, DuplicatePair, RecordRow
 from server.records import HubRecord, load_records
 from server.sealing import RecordCipher, SealError
@@ -163,13 +164,22 @@ def _index(
     return keys_of
 
 
-def queue_records(conn: sa.Connection, record_ids: Iterable[str], *, now: datetime) -> None:
-    """File records for the duplicate check (once each, however often queued)."""
+def queue_records(
+    conn: sa.Connection,
+    record_ids: Iterable[str],
+    *,
+    now: datetime,
+    new: Container[str] = (),
+) -> None:
+    """File records for the duplicate check (once each, however often queued).
+
+    `new` names records stored for the first time in this transaction: they
+    cannot be queued already, so there is nothing of theirs to replace.
+    """
     ids = sorted(set(record_ids))
-    for chunk in _chunks(ids):
+    for chunk in _chunks([rid for rid in ids if rid not in new]):
         conn.execute(sa.delete(pending).where(pending.c.record_id.in_(chunk)))
-    if ids:
-        conn.execute(sa.insert(pending), [{"record_id": r, "queued_at": now} for r in ids])
+    insert_rows(conn, pending, ("record_id", "queued_at"), [(rid, now) for rid in ids])
 
 
 def take_pending(conn: sa.Connection, limit: int) -> list[str]:

@@ -305,7 +305,7 @@ class Hub:
             }
             new = {rid for rid, rec in ctx.renamed.items() if rec.is_new}
             name_index.reindex(conn, self.name_index, values, new=new)
-        dedup_check.queue_records(conn, ctx.touched, now=self.now())
+        dedup_check.queue_records(conn, ctx.touched, now=self.now(), new=set(ctx.created))
 
     def _seal_to(
         self,
