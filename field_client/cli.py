@@ -6,119 +6,49 @@ failure of the device (disk, database) that a person cannot fix by retyping.
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
-import httpx
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeRemainingColumn,
 )
 from rich.prompt import Prompt
 from rich.table import Table
 
-from field_client.enrolment import AlreadyEnrolled, CannotEnrolAgain, EnrolmentRefused, enrol_again
-from field_client.enrolment import enrol as enrol_device
+from field_client import hub_commands
+from field_client.cli_common import (
+    DEFAULT_DIR,
+    DataDir,
+    app,
+    err,
+    fail,
+    opened,
+    out,
+    passphrase_of,
+)
 from field_client.forms import parse_json_records, prompt_record, validate_all
 from field_client.store import (
     HistoryEntry,
-    NotFound,
     Store,
     StoreExists,
-    UnreadableRecord,
     display_name,
 )
-from field_client.sync_runner import (
-    DEFAULT_MAX_BATCH_BYTES,
-    NotEnrolled,
-    SyncError,
-    SyncSummary,
-    run_sync,
-)
-from field_client.sync_runner import watch as watch_sync
 from field_client.unlock import WeakPassphrase, WrongPassphrase
 from schemas.enums import Need, Scenario
 from schemas.fields import parse_field_value
 from schemas.record import Registration, RegistrationCreate
 from schemas.validation import InvalidRecord, validate
-from sync.envelope import MAX_BODY_BYTES
-from sync.transport import READ_TIMEOUT_S, HubClient, HubProblem, HubUnreachable
 
 __all__ = ["app", "main"]
-
-app = typer.Typer(
-    name="fieldreg",
-    help="Register people offline on an encrypted device store.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-out = Console()
-err = Console(stderr=True)
-
-DataDir = Annotated[
-    Path,
-    typer.Option(
-        "--data-dir", "-d", envvar="FIELDREG_HOME", help="Where the encrypted store lives."
-    ),
-]
-DEFAULT_DIR = Path.home() / ".fieldreg"
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _passphrase(
-    prompt: str = "Passphrase", *, env: str = "FIELDREG_PASSPHRASE", confirm: bool = False
-) -> str:
-    value = os.environ.get(env)
-    if value:
-        return value
-    try:
-        first = getpass.getpass(f"{prompt}: ")
-        if confirm and getpass.getpass(f"{prompt} (again): ") != first:
-            fail("the two passphrases differ")
-    except (EOFError, OSError):
-        fail(f"no passphrase: set {env} or run in a terminal")
-    return first
-
-
-@contextmanager
-def opened(data_dir: Path) -> Iterator[Store]:
-    try:
-        store = Store.open(data_dir, _passphrase())
-    except WrongPassphrase as exc:
-        fail(str(exc))
-    except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
-    try:
-        yield store
-    except InvalidRecord as exc:
-        for error in exc.errors:
-            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except NotFound as exc:
-        fail(str(exc.args[0]))
-    except UnreadableRecord as exc:
-        fail(str(exc))
-    finally:
-        store.close()
 
 
 @app.command()
@@ -128,7 +58,7 @@ def init(
     data_dir: DataDir = DEFAULT_DIR,
 ) -> None:
     """Create an encrypted store on this device."""
-    passphrase = _passphrase(confirm=True)
+    passphrase = passphrase_of(confirm=True)
     try:
         store = Store.init(data_dir, passphrase, site=site, operator=operator)
     except WeakPassphrase as exc:
@@ -417,179 +347,7 @@ def status(data_dir: DataDir = DEFAULT_DIR) -> None:
         out.print("[red]REVOKED[/red]    the hub ordered this device wiped: see your coordinator")
 
 
-def _hub_url(text: str) -> str:
-    try:
-        url = httpx.URL(text.strip())
-    except httpx.InvalidURL as exc:
-        fail(f"--hub: {text!r} is not a URL ({exc})")
-    if url.scheme not in ("http", "https") or not url.host:
-        fail(f"--hub: {text!r} is not an http:// or https:// URL")
-    return str(url).rstrip("/")
-
-
-def _hub_failure(exc: Exception, url: str, *, is_stored: bool) -> NoReturn:
-    """One line for the operator; never a traceback."""
-    if isinstance(exc, HubUnreachable):
-        tail = "nothing lost, run again" if is_stored else "nothing was stored, run again"
-        fail(f"hub unreachable at {url}: {exc.detail}; {tail}")
-    if isinstance(exc, HubProblem):
-        hint = {
-            "request.too_large": "; try a smaller --max-batch-bytes",
-            "device.unknown": "; if the hub was restored from an older backup, ask its operator"
-            " for an enrolment code and run fieldreg enrol --again --code CODE",
-        }.get(exc.code, "")
-        fail(f"the hub refused ({exc.code}): {exc.detail}{hint}")
-    if isinstance(exc, SyncError):
-        fail(f"{exc.detail} ({exc.code})")
-    fail(str(exc))
-
-
-@app.command()
-def enrol(
-    code: Annotated[str, typer.Option(help="The one-time enrolment code from the hub operator.")],
-    hub: Annotated[
-        str | None,
-        typer.Option("--hub", help="The hub's URL, e.g. https://hub.example.org"),
-    ] = None,
-    expect_fingerprint: Annotated[
-        str | None,
-        typer.Option(help="The hub key fingerprint the hub operator read out; refuse any other."),
-    ] = None,
-    again: Annotated[
-        bool,
-        typer.Option(
-            "--again",
-            help="Enrol this store again with the hub it is pinned to, keeping its keys"
-            " (after the hub was restored from a backup older than this device).",
-        ),
-    ] = False,
-    data_dir: DataDir = DEFAULT_DIR,
-) -> None:
-    """Enrol this device with a hub: make its keys, pin the hub's keys."""
-    if not code.strip():
-        fail("--code is empty")
-    if hub is None and not again:
-        fail("--hub is needed (the hub's URL)")
-    if hub is not None and again:
-        fail("--again enrols with the hub URL pinned at enrolment; leave out --hub")
-    if again and expect_fingerprint is not None:
-        fail("--again checks the hub against the fingerprint pinned at enrolment")
-    with opened(data_dir) as store:
-        pinned = store.sync.read_enrolment()
-        if again and pinned is None:
-            fail("this store was never enrolled: use fieldreg enrol --hub URL --code CODE")
-        url = pinned.hub_url if again and pinned else _hub_url(hub or "")
-        with httpx.Client(base_url=url) as http:
-            client = HubClient(http)
-            try:
-                if again:
-                    result = enrol_again(store, client, code=code.strip())
-                else:
-                    result = enrol_device(
-                        store, client, code=code.strip(), expect_fingerprint=expect_fingerprint
-                    )
-            except (AlreadyEnrolled, CannotEnrolAgain, EnrolmentRefused) as exc:
-                again_hint = "; after a hub restore: fieldreg enrol --again --code CODE"
-                fail(f"{exc}{again_hint if isinstance(exc, AlreadyEnrolled) else ''}")
-            except (HubUnreachable, HubProblem) as exc:
-                if isinstance(exc, HubProblem) and exc.code == "device.exists" and again:
-                    fail("the hub still knows this device: nothing to do, run fieldreg sync")
-                _hub_failure(exc, url, is_stored=False)
-    out.print(f"enrolled {'again ' if again else ''}with {url}", highlight=False)
-    out.print(f"hub fingerprint  {result.hub_fingerprint}", highlight=False)
-    out.print(f"sites            {', '.join(result.sites)}")
-    if again:
-        out.print("run fieldreg sync: the hub gets again what it lost from this device")
-    else:
-        out.print("compare the fingerprint with the one the hub operator reads out")
-
-
-def _summary_line(summary: SyncSummary) -> str:
-    s = summary
-    line = (
-        f"sent {s.sent_changes} changes in {s.sent_batches} batches,"
-        f" acknowledged {s.acknowledged} ({s.duplicates} duplicates),"
-        f" received {s.received_edits}, conflicts {s.conflicts},"
-        f" your edits that lost: {s.superseded}"
-    )
-    if s.quarantined:
-        line += f"; quarantined by the hub: {s.quarantined}"
-    return line
-
-
-class _SyncBar:
-    """A rich progress bar on stderr, one task per phase (push, pull)."""
-
-    def __init__(self, progress: Progress) -> None:
-        self._progress = progress
-        self._tasks: dict[str, TaskID] = {}
-
-    def __call__(self, phase: str, done: int, total: int | None) -> None:
-        if phase not in self._tasks:
-            label = "pushing" if phase == "push" else "pulling"
-            self._tasks[phase] = self._progress.add_task(label, total=total)
-        self._progress.update(self._tasks[phase], completed=done, total=total)
-
-
-@app.command()
-def sync(
-    hub_timeout: Annotated[
-        float,
-        typer.Option(
-            min=1,
-            help="Seconds to wait for each answer of the hub, plus the time a big push"
-            " takes to upload at 64 kbit/s.",
-        ),
-    ] = READ_TIMEOUT_S,
-    max_batch_bytes: Annotated[
-        int, typer.Option(min=1024, max=MAX_BODY_BYTES, help="Size of a batch before compression.")
-    ] = DEFAULT_MAX_BATCH_BYTES,
-    watch: Annotated[
-        bool, typer.Option("--watch", help="Keep syncing (backing off when idle) until Ctrl-C.")
-    ] = False,
-    data_dir: DataDir = DEFAULT_DIR,
-) -> None:
-    """Send what waits in the outbox to the hub, then receive what others changed."""
-    with opened(data_dir) as store:
-        enrolment = store.sync.read_enrolment()
-        if enrolment is None:
-            fail(NotEnrolled().detail)
-        url = enrolment.hub_url
-        progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            console=err,
-            transient=True,
-        )
-
-        def report(result: SyncSummary | Exception) -> None:
-            # --watch: a line for each run that moved something, and each failure.
-            if isinstance(result, SyncSummary):
-                if result.has_moved:
-                    out.print(_summary_line(result), highlight=False)
-            elif isinstance(result, HubUnreachable):
-                err.print(f"hub unreachable at {url}: {result.detail}; retrying", highlight=False)
-            else:
-                err.print(f"the hub failed ({result}); retrying", highlight=False)
-
-        with httpx.Client(base_url=url) as http, progress:
-            client = HubClient(http, read_timeout_s=hub_timeout)
-            bar = _SyncBar(progress)
-            try:
-                if watch:
-                    summary = watch_sync(
-                        store, client, max_batch_bytes=max_batch_bytes, progress=bar, on_run=report
-                    )
-                else:
-                    summary = run_sync(store, client, max_batch_bytes=max_batch_bytes, progress=bar)
-            except (HubUnreachable, HubProblem, SyncError) as exc:
-                progress.stop()
-                _hub_failure(exc, url, is_stored=True)
-    if watch:
-        out.print(f"stopped; in total: {_summary_line(summary)}", highlight=False)
-    else:
-        out.print(_summary_line(summary), highlight=False)
+hub_commands.register(app)  # enrol, sync: after status in --help, as before
 
 
 @app.command()
@@ -601,8 +359,8 @@ def schema() -> None:
 @app.command()
 def passphrase(data_dir: DataDir = DEFAULT_DIR) -> None:
     """Change the passphrase (and re-encrypt the store under a new key)."""
-    old = _passphrase("Current passphrase")
-    new = _passphrase("New passphrase", env="FIELDREG_NEW_PASSPHRASE", confirm=True)
+    old = passphrase_of("Current passphrase")
+    new = passphrase_of("New passphrase", env="FIELDREG_NEW_PASSPHRASE", confirm=True)
     try:
         with Store.open(data_dir, old) as store:
             store.change_passphrase(old, new)

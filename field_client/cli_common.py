@@ -1,0 +1,81 @@
+"""What every `fieldreg` command shares: the Typer app, the consoles, the
+`--data-dir` option, the passphrase prompt and opening the store with one-line
+errors (exit code 2) instead of tracebacks."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from field_client.store import NotFound, Store, UnreadableRecord
+from field_client.unlock import WrongPassphrase
+from schemas.validation import InvalidRecord
+
+__all__ = ["DEFAULT_DIR", "DataDir", "app", "err", "fail", "opened", "out", "passphrase_of"]
+
+app = typer.Typer(
+    name="fieldreg",
+    help="Register people offline on an encrypted device store.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir", "-d", envvar="FIELDREG_HOME", help="Where the encrypted store lives."
+    ),
+]
+DEFAULT_DIR = Path.home() / ".fieldreg"
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def passphrase_of(
+    prompt: str = "Passphrase", *, env: str = "FIELDREG_PASSPHRASE", confirm: bool = False
+) -> str:
+    value = os.environ.get(env)
+    if value:
+        return value
+    try:
+        first = getpass.getpass(f"{prompt}: ")
+        if confirm and getpass.getpass(f"{prompt} (again): ") != first:
+            fail("the two passphrases differ")
+    except (EOFError, OSError):
+        fail(f"no passphrase: set {env} or run in a terminal")
+    return first
+
+
+@contextmanager
+def opened(data_dir: Path) -> Iterator[Store]:
+    try:
+        store = Store.open(data_dir, passphrase_of())
+    except WrongPassphrase as exc:
+        fail(str(exc))
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    try:
+        yield store
+    except InvalidRecord as exc:
+        for error in exc.errors:
+            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except NotFound as exc:
+        fail(str(exc.args[0]))
+    except UnreadableRecord as exc:
+        fail(str(exc))
+    finally:
+        store.close()
