@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import sqlalchemy as sa
 import typer
 from rich.markup import escape
 from rich.progress import (
@@ -370,4 +371,17 @@ def passphrase(data_dir: DataDir = DEFAULT_DIR) -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except sa.exc.OperationalError as exc:
+        # The store stayed locked past its busy timeout (another fieldreg
+        # command writing, a sync in another window) or the disk failed: one
+        # line, never a traceback. The transaction that failed wrote nothing.
+        reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
+        err.print(
+            f"[red]error:[/red] the store did not answer ({reason}); is another fieldreg"
+            " command using it? Nothing was lost: run the command again",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise SystemExit(1) from None

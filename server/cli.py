@@ -9,6 +9,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
+import sqlalchemy as sa
 import typer
 from rich.table import Table
 
@@ -26,6 +27,7 @@ from server.accounts import Role
 from server.cli_common import (
     DataDir,
     audit_cli,
+    err,
     fail,
     open_hub,
     out,
@@ -105,7 +107,7 @@ def serve(
 def migrate_cmd(data_dir: DataDir = None) -> None:
     """Bring the database schema to the latest version."""
     settings = settings_for(data_dir)
-    engine = make_engine(settings.resolved_database_url())
+    engine = make_engine(settings.resolved_database_url(), busy_timeout_s=settings.busy_timeout_s)
     migrate(engine)
     out.print("database schema is up to date")
 
@@ -355,4 +357,17 @@ restore_commands.register(app)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except sa.exc.OperationalError as exc:
+        # Locked past FIELDREG_HUB_BUSY_TIMEOUT_S (another hub process busy), or
+        # PostgreSQL gone: one line, never a traceback. The transaction that
+        # failed changed nothing; one committed before it stays.
+        reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
+        err.print(
+            f"[red]error:[/red] the database did not answer ({reason}); the step that"
+            " failed changed nothing: run the command again when the hub is less busy",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise SystemExit(1) from None

@@ -23,13 +23,28 @@ def is_sqlite(engine: sa.Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def make_engine(url: str) -> sa.Engine:
+def make_engine(url: str, *, busy_timeout_s: float = 30.0) -> sa.Engine:
     """An engine for `url`. SQLite gets WAL, synchronous=FULL, foreign keys, and
-    `BEGIN IMMEDIATE` so a writer holds the lock from its first statement."""
+    `BEGIN IMMEDIATE` so a writer holds the lock from its first statement.
+
+    A transaction waits at most `busy_timeout_s` for a lock (SQLite's write
+    lock, PostgreSQL's locks); then the statement fails with SQLAlchemy's
+    `OperationalError`, which the HTTP app answers with 503 and the CLIs
+    with one line.
+    """
     url = _normalise(url)
+    timeout_ms = int(busy_timeout_s * 1000)
     if not url.startswith("sqlite"):
-        return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
-    engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        return sa.create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=5,
+            max_overflow=5,
+            connect_args={"options": f"-c lock_timeout={timeout_ms}"},
+        )
+    engine = sa.create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": busy_timeout_s}
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -38,7 +53,7 @@ def make_engine(url: str) -> sa.Engine:
         cur.execute("PRAGMA journal_mode = WAL")
         cur.execute("PRAGMA synchronous = FULL")
         cur.execute("PRAGMA foreign_keys = ON")
-        cur.execute("PRAGMA busy_timeout = 30000")
+        cur.execute(f"PRAGMA busy_timeout = {timeout_ms}")
         cur.close()
 
     @event.listens_for(engine, "begin")

@@ -72,7 +72,9 @@ class Hub:
     ) -> None:
         self.settings = settings
         self.secrets = HubSecrets.load(settings.data_dir)
-        self.engine = engine or make_engine(settings.resolved_database_url())
+        self.engine = engine or make_engine(
+            settings.resolved_database_url(), busy_timeout_s=settings.busy_timeout_s
+        )
         self._wall_ms = wall_ms
         with self.engine.begin() as conn:
             epoch = device_store.get_meta(conn, "epoch")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -91,6 +92,18 @@ def install_handlers(app: FastAPI) -> None:
         code = codes.get(exc.status_code, f"http.{exc.status_code}")
         headers = getattr(exc, "headers", None)  # a 405 carries Allow
         return problem_response(exc.status_code, code, str(exc.detail), headers=headers)
+
+    @app.exception_handler(sa.exc.OperationalError)
+    async def _database(_request: Request, exc: sa.exc.OperationalError) -> JSONResponse:
+        # A lock held past `busy_timeout_s` (a long scan, a backup), or the
+        # database gone: the request changed nothing, and a retry may pass.
+        log.warning("database did not answer: %s", str(exc.orig).splitlines()[0])
+        return problem_response(
+            503,
+            "database.unavailable",
+            "the hub's database did not answer in time; nothing was changed, try again",
+            headers={"Retry-After": "10"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

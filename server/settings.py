@@ -29,6 +29,13 @@ class HubSettings(BaseSettings):
     pull_page_bytes: int = Field(default=512 * 1024, ge=1024)
     clock_max_ahead_ms: int = Field(default=60_000, ge=0)
     clock_flag_ms: int = Field(default=300_000, ge=0)
+    busy_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds a transaction waits for a database lock before giving up"
+        " (503 database.unavailable over HTTP; one line and exit code 1 at the CLI).",
+    )
     profile_cache: int = Field(
         default=50_000,
         ge=0,
