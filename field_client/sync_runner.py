@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_BATCH_BYTES = 256 * 1024
-DEFAULT_PULL_LIMIT = 500
+DEFAULT_PULL_LIMIT = 1000  # edits per page asked; the hub may send fewer (its own bounds)
 BASE_DELAY_S = 1.0
 MAX_DELAY_S = 300.0
 

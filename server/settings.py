@@ -25,8 +25,8 @@ class HubSettings(BaseSettings):
         default=None, description="SQLAlchemy URL; SQLite in data_dir if unset."
     )
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    pull_page_edits: int = Field(default=500, ge=1, le=10_000)
-    pull_page_bytes: int = Field(default=512 * 1024, ge=1024)
+    pull_page_edits: int = Field(default=1000, ge=1, le=10_000)
+    pull_page_bytes: int = Field(default=1024 * 1024, ge=1024)
     clock_max_ahead_ms: int = Field(default=60_000, ge=0)
     clock_flag_ms: int = Field(default=300_000, ge=0)
     busy_timeout_s: float = Field(
