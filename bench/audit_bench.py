@@ -46,7 +46,7 @@ class _Device:
         self.seq = 0
         self.clock = Clock()
         code = hub.create_enrol_code([site], timedelta(hours=1))
-        hub.enrol(EnrolRequest(code, self.id, site, self.keys.public()))
+        hub.enrol(EnrolRequest(code, self.id, site, self.keys.public().to_json()))
         self.site = site
         self.last_batch_records = 0
 
