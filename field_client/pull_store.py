@@ -26,9 +26,9 @@ from schemas.record import Registration
 from sync.changes import Version
 from sync.hlc import Clock
 from sync.merge import FieldState, Outcome, merge_field
-from sync.protocol import Edit
+from sync.protocol import Edit, Released
 
-__all__ = ["PullResult", "merge_page"]
+__all__ = ["PullResult", "merge_page", "release_own"]
 
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 # Enum members are descriptors on their class: read them once, not once per field.
@@ -297,3 +297,32 @@ def _write_records(conn: sa.Connection, merging: Mapping[str, _Merging]) -> None
         conn.exec_driver_sql(
             "INSERT OR IGNORE INTO match_keys (key, record_id) VALUES (?, ?)", sorted(key_rows)
         )
+
+
+# What the device records of the hub's verdict on one field of a released edit
+# (the change log's outcome): the words an acknowledgement gives it.
+_VERDICTS = {"superseded": "superseded", "conflict": "conflict"}
+_PARKED = "quarantined:record.unknown%"
+
+
+def release_own(conn: sa.Connection, released: Iterable[Released]) -> int:
+    """Take the hub's verdict on own edits it had parked as `record.unknown`
+    and applied since (inside the caller's transaction): each of their
+    changes still marked quarantined for that reason becomes 'applied', or
+    'superseded' or 'conflict' where the hub says so. A change with any other
+    outcome is left as it is. Returns the changes updated."""
+    updated = 0
+    for item in released:
+        span = (item.first_seq, item.last_seq)
+        for path, outcome in item.outcomes.items():
+            updated += conn.exec_driver_sql(
+                "UPDATE changes SET outcome = ? WHERE device_seq BETWEEN ? AND ?"
+                " AND field = ? AND outcome LIKE ?",
+                (_VERDICTS.get(outcome, "applied"), *span, path, _PARKED),
+            ).rowcount
+        updated += conn.exec_driver_sql(
+            "UPDATE changes SET outcome = 'applied' WHERE device_seq BETWEEN ? AND ?"
+            " AND outcome LIKE ?",
+            (*span, _PARKED),
+        ).rowcount
+    return updated

@@ -29,10 +29,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from field_client import db
 from field_client.outbox import read_edits
-from field_client.pull_store import PullResult, merge_page
+from field_client.pull_store import PullResult, merge_page, release_own
 from sync.hlc import Clock
 from sync.keys import KeyPairs, PublicKeys
-from sync.protocol import Edit, PushBatch, cut_batch
+from sync.protocol import Edit, PushBatch, Released, cut_batch
 
 __all__ = [
     "AlreadyEnrolled",
@@ -334,7 +334,14 @@ class SyncStore:
         with self._conn.begin():
             self._put_meta({"pull_cursor": "", "hub_epoch": epoch})
 
-    def apply_pull(self, edits: Sequence[Edit], *, cursor: str, epoch: str) -> PullResult:
+    def apply_pull(
+        self,
+        edits: Sequence[Edit],
+        *,
+        cursor: str,
+        epoch: str,
+        released: Sequence[Released] = (),
+    ) -> PullResult:
         """Merge a pulled page and store `cursor` and `epoch`, all in one transaction.
 
         Each field is merged with `sync.merge.merge_field` against the local
@@ -345,10 +352,14 @@ class SyncStore:
         field already in the history (same record, field and version) is not
         logged twice, so a page pulled again changes nothing (see
         `field_client.pull_store`).
+
+        `released` own edits, which the hub had quarantined as `record.unknown`
+        and applied since, take the hub's verdict instead (`release_own`).
         """
         recorded_at = self._iso_now()
         with self._conn.begin():
             result = merge_page(self._conn, self._clock, edits, recorded_at=recorded_at)
+            release_own(self._conn, released)
             self._put_meta(
                 {
                     "hlc": self._clock.last.encode(),

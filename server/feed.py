@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from server.models import ChangeRow, RecordRow
+from server.models import ChangeRow, RecordRow, ReleasedEdit
 from server.problems import Problem
 from server.sealing import RecordCipher
 from sync.changes import Version
@@ -25,10 +25,12 @@ __all__ = [
     "edit_size",
     "encode_cursor",
     "read_page",
+    "released_for",
 ]
 
 changes = ChangeRow.__table__  # type: ignore[attr-defined]
 records = RecordRow.__table__  # type: ignore[attr-defined]
+released = ReleasedEdit.__table__  # type: ignore[attr-defined]
 
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 # `{"f":F,"b":B}` (a sealed change) becomes `{"b":B,"d":D,"f":F,"h":H,"o":O,"r":R,"s":S}`
@@ -204,3 +206,25 @@ def _last_seq(conn: sa.Connection, sites: frozenset[str]) -> int:
         stmt = sa.select(sa.func.max(changes.c.hub_seq)).where(changes.c.site == site)
         last = max(last, conn.execute(stmt).scalar() or 0)
     return last
+
+
+def released_for(
+    conn: sa.Connection, device_id: str, after_seq: int, up_to_seq: int
+) -> list[list[object]]:
+    """The device's own edits released from quarantine with hub sequences in
+    (`after_seq`, `up_to_seq`] (what a pull page covers): `[first device seq,
+    last device seq, {field: outcome}]` each, naming the fields that did not
+    simply apply, as the change log does. Oldest first."""
+    if up_to_seq <= after_seq:
+        return []
+    stmt = (
+        sa.select(released.c.first_seq, released.c.last_seq, changes.c.outcomes)
+        .join(changes, changes.c.hub_seq == released.c.hub_seq)
+        .where(
+            released.c.device_id == device_id,
+            released.c.hub_seq > after_seq,
+            released.c.hub_seq <= up_to_seq,
+        )
+        .order_by(released.c.hub_seq)
+    )
+    return [[first, last, json.loads(outcomes)] for first, last, outcomes in conn.execute(stmt)]

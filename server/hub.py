@@ -19,7 +19,14 @@ from server import dedup_check, name_index
 from server import devices as device_store
 from server.db import make_engine
 from server.dedup_worker import DuplicateChecker
-from server.feed import change_mark, cursor_is_held, decode_cursor, encode_cursor, read_page
+from server.feed import (
+    change_mark,
+    cursor_is_held,
+    decode_cursor,
+    encode_cursor,
+    read_page,
+    released_for,
+)
 from server.ingest import PushContext, apply_parked, apply_push, parked_edits
 from server.keystore import HubSecrets
 from server.name_index import IndexKey
@@ -399,7 +406,8 @@ class Hub:
             # write lock before the device row; the other order could deadlock.
             device_store.touch(conn, device.id, now=self.now())
             next_cursor = encode_cursor(self.epoch, covered, change_mark(conn, covered))
-        body = {
+            freed = released_for(conn, device.id, after, covered)
+        body: dict[str, Any] = {
             "edits": [e.to_json() for e in edits],
             "cursor": next_cursor,
             "more": more,
@@ -408,6 +416,8 @@ class Hub:
             # from an older backup the device sends again what is above it.
             "high_water": device.high_water,
         }
+        if freed:  # the device's own edits parked as record.unknown, applied since
+            body["released"] = freed
         return self._seal_to(device, "pull", f"pull-{after}", after, covered, body)
 
 

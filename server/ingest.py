@@ -20,7 +20,15 @@ from schemas.record import SCHEMA_VERSION
 from server.bulk import insert_rows
 from server.db import write_lock
 from server.field_checks import edit_field_error
-from server.models import Batch, ChangeRow, ConflictRow, Device, HubMeta, QuarantineRow
+from server.models import (
+    Batch,
+    ChangeRow,
+    ConflictRow,
+    Device,
+    HubMeta,
+    QuarantineRow,
+    ReleasedEdit,
+)
 from server.problems import Problem
 from server.records import HubRecord, load_records, save_records
 from sync.envelope import Header
@@ -36,6 +44,7 @@ conflicts = ConflictRow.__table__  # type: ignore[attr-defined]
 devices = Device.__table__  # type: ignore[attr-defined]
 quarantine = QuarantineRow.__table__  # type: ignore[attr-defined]
 hub_meta = HubMeta.__table__  # type: ignore[attr-defined]
+released = ReleasedEdit.__table__  # type: ignore[attr-defined]
 
 _UNKNOWN = "record.unknown"
 _LOG_COLUMNS = (
@@ -84,6 +93,8 @@ class _Pending:
     """What merging a batch produced, before it is written."""
 
     log_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # device seqs of each log row
+    hub_seqs: list[int] = field(default_factory=list)  # numbered when written
     conflicts: list[tuple[int, HubRecord, str, Decision, tuple[str, str]]] = field(
         default_factory=list
     )
@@ -261,7 +272,7 @@ def _apply_edits(conn: sa.Connection, ctx: PushContext, edits: list[Edit]) -> _P
             path.startswith("names.") for path, _ in edit.fields
         ):
             ctx.renamed[edit.record_id] = recs[edit.record_id]
-    hub_seqs = _next_hub_seqs(conn, len(pending.log_rows))
+    hub_seqs = pending.hub_seqs = _next_hub_seqs(conn, len(pending.log_rows))
     log_rows = [(seq, *row) for seq, row in zip(hub_seqs, pending.log_rows, strict=True)]
     for seq, record_id, *_ in log_rows:
         recs[record_id].last_hub_seq = seq
@@ -293,9 +304,20 @@ def parked_edits(conn: sa.Connection, record_ids: Iterable[str]) -> list[Any]:
 def apply_parked(conn: sa.Connection, ctx: PushContext, record_id: str) -> int:
     """Apply the edits of `record_id` held in the parked batch `ctx` (opened and
     verified by the caller; the device is the one that sent it), now that the
-    record exists, and release them from quarantine. Returns the edits applied."""
+    record exists, and release them from quarantine. Returns the edits applied.
+
+    Each edit applied is noted in `released_edits` for the device that sent
+    it: its own edits never come back in its pull pages, so that is how it
+    learns they are no longer held (`server.feed.released_for`)."""
     edits = [e for e in _parse_edits(ctx.body) if e.record_id == record_id]
-    _apply_edits(conn, ctx, edits)
+    pending = _apply_edits(conn, ctx, edits)
+    spans = zip(pending.hub_seqs, pending.spans, strict=True)
+    insert_rows(
+        conn,
+        released,
+        ("device_id", "hub_seq", "first_seq", "last_seq"),
+        [(ctx.device_id, seq, first, last) for seq, (first, last) in spans],
+    )
     conn.execute(
         sa.delete(quarantine).where(
             quarantine.c.reason == _UNKNOWN,
@@ -353,6 +375,7 @@ def _merge_edit(
         if outcome is Outcome.APPLIED:
             rec.put(path, value, stamp, device_id, based.get(path), operator)
     rec.is_dirty = True
+    pending.spans.append((first_seq, first_seq + len(edit.fields) - 1))
     # JSON writes the (path, value) pairs as [path, value] lists.
     sealed = rec.cipher.seal({"f": edit.fields, "b": based}, "change")
     pending.log_rows.append(

@@ -28,6 +28,7 @@ __all__ = [
     "NameKey",
     "QuarantineRow",
     "RecordRow",
+    "ReleasedEdit",
     "Session",
     "User",
     "as_utc",
@@ -286,3 +287,16 @@ class QuarantineRow(SQLModel, table=True):
     payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     is_sealed_envelope: bool
     received_at: datetime
+
+
+class ReleasedEdit(SQLModel, table=True):
+    """An edit parked as `record.unknown` and applied once its record arrived
+    (`ingest.apply_parked`): the change-log row that applied it, and the
+    device sequences it covers. Pull pages tell the device that sent it (its
+    own edits never travel back), so it stops counting them as quarantined."""
+
+    __tablename__ = "released_edits"
+    device_id: str = Field(primary_key=True, max_length=64)
+    hub_seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    first_seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    last_seq: int = Field(sa_column=Column(BigInteger, nullable=False))

@@ -31,6 +31,7 @@ __all__ = [
     "ProtocolError",
     "PullPage",
     "PushBatch",
+    "Released",
     "batch_edits",
     "cut_batch",
     "dumps",
@@ -377,6 +378,11 @@ class PullPage:
     acknowledgement); a device whose pushed mark is above it learns that the
     hub lost its changes (restored from an older backup) and sends them again.
     None from a hub that does not say.
+
+    `released` lists the pulling device's own edits that the hub had parked
+    as `record.unknown` and applied once their record arrived: (first and
+    last device sequence, {field: outcome} for fields that did not simply
+    apply). The acknowledgement had called them quarantined.
     """
 
     edits: list[Edit]
@@ -384,6 +390,7 @@ class PullPage:
     more: bool
     epoch: str
     high_water: int | None = None
+    released: tuple[Released, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -394,6 +401,8 @@ class PullPage:
         }
         if self.high_water is not None:
             out["high_water"] = self.high_water
+        if self.released:
+            out["released"] = [[r.first_seq, r.last_seq, dict(r.outcomes)] for r in self.released]
         return out
 
     @classmethod
@@ -412,4 +421,33 @@ class PullPage:
         edits = [Edit.from_json(item) for item in raw_edits]
         if any(edit.hub_seq is None for edit in edits):
             raise ProtocolError(code, "an edit without its hub sequence")
-        return cls(edits, cursor, more, epoch, high_water)
+        released = _released(data.get("released", []), code)
+        return cls(edits, cursor, more, epoch, high_water, released)
+
+
+@dataclass(frozen=True)
+class Released:
+    """Own edits the hub applied after parking them (see `PullPage.released`)."""
+
+    first_seq: int
+    last_seq: int
+    outcomes: dict[str, str] = field(default_factory=dict)
+
+
+def _released(raw: Any, code: str) -> tuple[Released, ...]:
+    if not isinstance(raw, list):
+        raise ProtocolError(code, "released: expected a list")
+    out: list[Released] = []
+    for item in raw:
+        if not (
+            isinstance(item, list)
+            and len(item) == 3
+            and type(item[0]) is int
+            and type(item[1]) is int
+            and 1 <= item[0] <= item[1]
+            and isinstance(item[2], dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in item[2].items())
+        ):
+            raise ProtocolError(code, "released: expected [first seq, last seq, {field: outcome}]")
+        out.append(Released(item[0], item[1], dict(item[2])))
+    return tuple(out)

@@ -34,7 +34,7 @@ from server.hub import Hub
 from server.problems import Problem
 from server.restore_commands import renew_epoch
 from server.settings import HubSettings
-from sync.protocol import ProtocolError, PullPage
+from sync.protocol import ProtocolError, PullPage, Released
 from sync.transport import HubClient
 from tests.conftest import PASSPHRASE, run_cli, sample_record
 from tests.hubkit import POSTGRES_ENV, database_backends, fresh_database, init_hub, live_hub
@@ -219,6 +219,64 @@ def test_restore_from_an_older_backup_loses_nothing(
             assert audited(live, "hub.restored") == int(renew)
         verified = place.hub_cli("audit", "verify")
         assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_an_edit_parked_after_a_restore_is_released_and_its_device_hears_of_it(
+    place: HubPlace, tmp_path: Path
+) -> None:
+    """b edits a's record; the hub is restored from before a registered it; b's
+    edit arrives first and is parked (record.unknown), then applied when a sends
+    the registration again. b's next pull says so: b no longer counts it held."""
+    backup = tmp_path / "hub-backup"
+    with ExitStack() as stack:
+        with live_hub(place.settings) as (url, live):
+            a = stack.enter_context(new_device(tmp_path, "a", url, live, sites=[SITE]))
+            b = stack.enter_context(new_device(tmp_path, "b", url, live, sites=[SITE]))
+            place.backup(backup)  # before anything was registered
+            (amal,) = register(a, "Amal")
+            sync(a, url)
+            sync(b, url)
+            b.edit(amal, {"phone": "+218 91 222 3333", "occupation": "driver"})
+        place.restore(backup)
+        with live_hub(place.settings) as (url, live):
+            parked = sync(b, url)
+            assert parked.quarantined == 2 and b.status().sync.quarantined == 2
+            assert count(live, "quarantine") == 1
+            sync(a, url)  # a learns the hub lost its registration and sends it again
+            assert count(live, "quarantine") == 0
+            assert hub_state(live)[amal]["phone"] == "+218 91 222 3333"
+            heard = sync(b, url)
+            assert heard.acknowledged == 0
+            status = b.status().sync
+            assert status.quarantined == 0 and status.lost_edits == 0  # both applied
+            assert device_state(a) == device_state(b) == hub_state(live)
+            # Told once: a later pull page does not list it again.
+            with live.engine.connect() as conn:
+                released = conn.execute(sa.text("SELECT count(*) FROM released_edits")).scalar()
+            assert released == 1 and sync(b, url).received_edits == 0
+
+
+def test_a_released_edit_takes_the_hubs_verdict_on_each_field(tmp_path: Path) -> None:
+    store = Store.init(tmp_path / "d", PASSPHRASE, site=SITE, operator="o", kdf_memory_kib=8192)
+    with store:
+        register(store, "Amal")
+        last = own_changes(store)
+        parked = "quarantined:record.unknown: the first edit of a record must carry it"
+        verdicts = {seq: parked for seq in range(1, last + 1)}
+        verdicts[last] = "quarantined:field.invalid: sex: not a sex"  # held for another reason
+        store.sync.mark_pushed(last, verdicts)
+        assert store.status().sync.quarantined == last
+        store.sync.apply_pull(
+            [],
+            cursor="",
+            epoch="e",
+            released=(Released(1, last, {"names.given": "superseded", "sex": "conflict"}),),
+        )
+        status = store.status().sync
+        assert status.quarantined == 1  # the one held for another reason stays held
+        assert status.lost_edits == 2  # names.given superseded, sex in conflict
+        again = store.sync.apply_pull([], cursor="", epoch="e", released=(Released(1, last),))
+        assert again.applied == 0 and store.status().sync.lost_edits == 2  # told twice: same
 
 
 def test_a_new_epoch_alone_sends_nothing_again(place: HubPlace, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from sync.protocol import (
     Edit,
     ProtocolError,
     PullPage,
+    Released,
     batch_edits,
     cut_batch,
     dumps,
@@ -200,11 +201,43 @@ def test_a_malformed_ack_is_refused_naming_what(change: dict[str, Any], named: s
     assert named in caught.value.detail
 
 
+released_spans = st.builds(
+    lambda first, extra, outcomes: Released(first, first + extra, outcomes),
+    st.integers(1, 10**6),
+    st.integers(0, 20),
+    st.dictionaries(st.text(max_size=8), st.sampled_from(["superseded", "conflict"]), max_size=3),
+)
+
+
 @PROPERTY
-@given(st.lists(edits(numbered=False), max_size=4), st.text(max_size=20), st.booleans())
-def test_pull_page_round_trips(items: list[Edit], cursor: str, more: bool) -> None:
-    page = PullPage(items, cursor, more, "epoch-1")
+@given(
+    st.lists(edits(numbered=False), max_size=4),
+    st.text(max_size=20),
+    st.booleans(),
+    st.lists(released_spans, max_size=3),
+)
+def test_pull_page_round_trips(
+    items: list[Edit], cursor: str, more: bool, released: list[Released]
+) -> None:
+    page = PullPage(items, cursor, more, "epoch-1", released=tuple(released))
     assert PullPage.from_json(json.loads(dumps(page.to_json()))) == page
+
+
+def test_released_edits_are_optional_in_a_page_and_checked_when_present() -> None:
+    good = PullPage([], "c", False, "e").to_json()
+    assert "released" not in good and PullPage.from_json(good).released == ()
+    for bad in (
+        {},
+        [[1, 2]],
+        [[0, 2, {}]],
+        [[3, 2, {}]],
+        [[1, 2, {"sex": 1}]],
+        [[True, 2, {}]],
+        [["1", 2, {}]],
+    ):
+        with pytest.raises(ProtocolError) as caught:
+            PullPage.from_json({**good, "released": bad})
+        assert caught.value.code == "page.malformed" and "released" in str(caught.value)
 
 
 def test_a_malformed_pull_page_is_refused() -> None:
