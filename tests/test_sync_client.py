@@ -842,9 +842,10 @@ def test_revoked_device_is_marked_and_keeps_its_data(
     enrolled(store, hub, client)
     store.register([create()])
     hub.devices[store.device_id].is_revoked = True
+    assert not store.sync.is_revoked()
     with pytest.raises(DeviceRevoked, match="ordered it wiped"):
         run_sync(store, client)
-    assert store.status().sync.is_revoked
+    assert store.sync.is_revoked() and store.status().sync.is_revoked
     assert store.status().records == 1
     pushes = len(hub.pushes)
     with pytest.raises(DeviceRevoked):
