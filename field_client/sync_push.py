@@ -4,16 +4,16 @@ While the hub works on one batch the device reads and seals the next one
 and hands it to the courier (the worker thread that talks to the hub). When
 the acknowledgement confirms the whole batch (the usual case) the courier
 sends that next batch at once, before the main thread even hears of the
-answer, and the acknowledgement is stored while the hub works on the next
-batch; an answer that confirms less drops the sealed batch, and the next one
-is read from wherever the mark then is. The batch that follows a confirmed
-one is the same whether it was read before or after the mark moved, so ids
-and digests are those a plain send-wait-store loop would give (only its
-header's `sent_at_ms` is a little earlier). A lost connection re-sends only
-the batch in flight (its predecessor's answer is stored before that batch's
-answer is awaited); a crash while an answer is being stored re-sends that
-batch and the one in flight, and the hub answers both as duplicates.
-"""
+answer; the acknowledgement is stored while the hub works on that batch,
+once the batch after it is read, sealed and handed over too. An answer that
+confirms less drops the sealed batch, and the next one is read from
+wherever the mark then is. The batch that follows a confirmed one is the
+same whether it was read before or after the mark moved, so ids and digests
+are those a plain send-wait-store loop would give (only its header's
+`sent_at_ms` is a little earlier). A lost connection re-sends only the
+batch in flight (its predecessor's answer is stored before that batch's
+answer is awaited); a crash before an answer is stored re-sends that batch
+and the one in flight, and the hub answers both as duplicates."""
 
 from __future__ import annotations
 
@@ -244,6 +244,44 @@ def _count(summary: SyncSummary, moved: int, is_duplicate: bool, found: Verdicts
         summary.quarantined += found.quarantined
 
 
+@dataclass
+class _Tally:
+    """Where the push stands: the mark, the hub's epoch, batches in a row that
+    did not move the mark; counts each answer in the summary and reports progress."""
+
+    store: Store
+    summary: SyncSummary
+    progress: Progress | None
+    total: int
+    mark: int
+    epoch: str
+    stalls: int = 0
+
+    def store_ack(self, ack: Ack, header: Header) -> None:
+        found = verdicts(ack, header)
+        new_mark = _store_ack(self.store, ack, found)
+        if ack.epoch != self.epoch:  # a new hub epoch: the old cursor means nothing
+            self.store.sync.restart_pull(ack.epoch)
+            self.epoch = ack.epoch
+        self.moved_to(new_mark, header, ack.is_duplicate, found)
+
+    def moved_to(
+        self, new_mark: int, header: Header, is_duplicate: bool, found: Verdicts | None = None
+    ) -> None:
+        moved, self.mark = new_mark - self.mark, new_mark
+        if moved <= 0:
+            # A gap sends us back, which is fine a few times; more is a hub bug.
+            self.stalls += 1
+            if self.stalls > _MAX_STALLS:
+                raise bad_answer(f"the hub does not let batch {header.batch_id} through")
+            return
+        self.stalls = 0
+        _count(self.summary, moved, is_duplicate, found)
+        if self.progress is not None:
+            acknowledged = self.summary.acknowledged
+            self.progress("push", acknowledged, max(self.total, acknowledged))
+
+
 def push_outbox(
     store: Store,
     client: HubClient,
@@ -261,9 +299,9 @@ def push_outbox(
     time), `on_revoked(problem)` when the hub revoked the device, `SyncError`
     when the hub claims more than this store made.
     """
-    total, mark = store.sync.pending_count(), store.sync.pushed_seq()
-    epoch = store.sync.pull_position().epoch
-    stalls = 0
+    total = store.sync.pending_count()
+    tally = _Tally(store, summary, progress, total, store.sync.pushed_seq(), "")
+    tally.epoch = store.sync.pull_position().epoch
     if progress is not None:
         progress("push", 0, total)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldreg-push") as pool:
@@ -273,50 +311,40 @@ def push_outbox(
             return None if batch is None else courier.start(_seal(link, batch, wall_ms))
 
         in_flight = send(store.sync.outbox_batch(max_batch_bytes))
+        unstored: tuple[Ack, Header] | None = None  # the answer to the batch before
         while in_flight is not None:
             in_flight.wait_sent()
             header = in_flight.sealed.header
             summary.sent_batches += 1
             summary.sent_changes += header.seq_last - header.seq_first + 1
-            # Read and seal the next batch while the hub works on this one.
-            batch = store.sync.outbox_batch(max_batch_bytes, after_seq=header.seq_last)
-            following = None if batch is None else _seal(link, batch, wall_ms)
-            if following is not None:
-                courier.hand_over(following)
+            try:
+                # Read and seal the next batch while the hub works on this one,
+                # then store the answer to the one before (it need not hold up the next).
+                batch = store.sync.outbox_batch(max_batch_bytes, after_seq=header.seq_last)
+                following = None if batch is None else _seal(link, batch, wall_ms)
+                if following is not None:
+                    courier.hand_over(following)
+            finally:
+                if unstored is not None:
+                    tally.store_ack(*unstored)
+                    unstored = None
             reply = in_flight.reply.result()
-            found: Verdicts | None = None
             if reply.ack is None:
                 assert reply.refusal is not None
                 new_mark, is_duplicate = _after_refusal(store, reply.refusal, on_revoked)
-                is_confirmed = False
-            else:
-                ack = reply.ack
-                found, is_duplicate = verdicts(ack, header), ack.is_duplicate
-                # The whole batch is in: what follows it is on its way (or goes now)
-                # before the answer is stored.
-                is_confirmed = ack.high_water == header.seq_last
-                if not is_confirmed:
-                    in_flight = None
-                elif reply.follow is not None:
-                    in_flight = reply.follow
+                tally.moved_to(new_mark, header, is_duplicate)
+            elif reply.ack.high_water == header.seq_last:
+                # The whole batch is in: what follows it is on its way (or goes now),
+                # and this answer is stored before the next one is awaited.
+                in_flight = reply.follow
+                if in_flight is None and following is not None:
+                    in_flight = courier.start(following)
+                if in_flight is None:
+                    tally.store_ack(reply.ack, header)
                 else:
-                    in_flight = None if following is None else courier.start(following)
-                if in_flight is not None:
-                    in_flight.wait_sent()
-                new_mark = _store_ack(store, ack, found)
-                if ack.epoch != epoch:  # a new hub epoch: the old cursor means nothing
-                    store.sync.restart_pull(ack.epoch)
-                    epoch = ack.epoch
-            moved, mark = new_mark - mark, new_mark
-            if moved <= 0:
-                # A gap sends us back, which is fine a few times; more is a hub bug.
-                stalls += 1
-                if stalls > _MAX_STALLS:
-                    raise bad_answer(f"the hub does not let batch {header.batch_id} through")
+                    unstored = (reply.ack, header)
+                continue
             else:
-                stalls = 0
-                _count(summary, moved, is_duplicate, found)
-                if progress is not None:
-                    progress("push", summary.acknowledged, max(total, summary.acknowledged))
-            if not is_confirmed:  # the next batch starts wherever the mark now is
-                in_flight = send(store.sync.outbox_batch(max_batch_bytes))
+                tally.store_ack(reply.ack, header)
+            # The next batch starts wherever the mark now is.
+            in_flight = send(store.sync.outbox_batch(max_batch_bytes))
