@@ -300,8 +300,14 @@ def push_outbox(
     when the hub claims more than this store made.
     """
     total = store.sync.pending_count()
-    tally = _Tally(store, summary, progress, total, store.sync.pushed_seq(), "")
-    tally.epoch = store.sync.pull_position().epoch
+    tally = _Tally(
+        store,
+        summary,
+        progress,
+        total,
+        mark=store.sync.pushed_seq(),
+        epoch=store.sync.pull_position().epoch,
+    )
     if progress is not None:
         progress("push", 0, total)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldreg-push") as pool:
