@@ -84,7 +84,7 @@ def run_sync(
     enrolment = store.sync.read_enrolment()
     if enrolment is None:
         raise NotEnrolled()
-    if store.sync.status().is_revoked:
+    if store.sync.is_revoked():
         raise DeviceRevoked()
     link = Link(store.device_id, enrolment)
     summary = SyncSummary()

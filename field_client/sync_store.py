@@ -211,6 +211,12 @@ class SyncStore:
         with self._conn.begin():
             self._put_meta({"revoked_at": str(self._wall_ms())})
 
+    def is_revoked(self) -> bool:
+        """Whether the hub revoked this device (`mark_revoked`): `status().is_revoked`
+        without counting verdicts over the whole change log."""
+        with self._conn.begin():
+            return "revoked_at" in self._meta()
+
     # -- push ------------------------------------------------------------------------------
     def outbox_edits(
         self, max_batch_bytes: int, *, chunk_rows: int = _OUTBOX_CHUNK_ROWS

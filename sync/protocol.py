@@ -248,6 +248,27 @@ class PushBatch:
         return seq
 
 
+_quote = json.encoder.encode_basestring  # a JSON string as `_CANONICAL` writes it
+
+
+def _edit_bytes(edit: Edit) -> bytes:
+    """`dumps(edit.to_json())` without building and sorting the dict: the keys
+    are written in their sorted order, the values by the same encoder. A
+    quarter less time (measured on `bench hub_sync`'s records); the device
+    encodes every edit it pushes, the first batch while the hub waits."""
+    text = "{"
+    if edit.bases:
+        text += f'"b":{_CANONICAL.encode({p: v.to_json() for p, v in edit.bases.items()})},'
+    text += f'"d":{_quote(edit.version.device_id)},"f":{_CANONICAL.encode(edit.fields)}'
+    if edit.hub_seq is not None:
+        text += f',"h":{int.__repr__(edit.hub_seq)}'
+    text += f',"o":{_quote(edit.operator)}'
+    if edit.first_seq is not None:
+        text += f',"q":{int.__repr__(edit.first_seq)}'
+    text += f',"r":{_quote(edit.record_id)},"s":{_quote(edit.version.stamp.encode())}}}'
+    return text.encode()
+
+
 def _encoded_batches(
     edits: Iterable[Edit], max_bytes: int
 ) -> Iterator[tuple[list[Edit], list[bytes]]]:
@@ -255,7 +276,7 @@ def _encoded_batches(
     parts: list[bytes] = []
     size = _BODY_OVERHEAD
     for edit in edits:
-        part = dumps(edit.to_json())
+        part = _edit_bytes(edit)
         if batch and size + len(part) + 1 > max_bytes:
             yield batch, parts
             batch, parts, size = [], [], _BODY_OVERHEAD

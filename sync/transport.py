@@ -12,7 +12,7 @@ envelopes and keeps no state.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -108,6 +108,16 @@ def _problem(status: int, content: bytes) -> HubProblem:
     return HubProblem(status, code, detail, extra)
 
 
+def _when_sent(on_sent: Callable[[], None]) -> Callable[[str, Mapping[str, Any]], None]:
+    """An httpcore `trace` callback that calls `on_sent()` when a request's body is written."""
+
+    def trace(event: str, info: Mapping[str, Any]) -> None:
+        if event.endswith(".send_request_body.complete"):
+            on_sent()
+
+    return trace
+
+
 def request_timeout(connect_s: float, read_s: float, request_bytes: int) -> httpx.Timeout:
     """Timeouts for a request of `request_bytes`: connect `connect_s`; read, write and
     pool `read_s` plus the time the request takes at `MIN_UPLINK_BYTES_PER_S`."""
@@ -153,8 +163,14 @@ class HubClient:
         request.extensions["timeout"] = self._timeout_for(request.content).as_dict()
         return self._json(request)
 
-    def push(self, envelope: bytes) -> bytes:
-        """`POST /api/v1/sync/push` a sealed batch; return the sealed acknowledgement (unopened)."""
+    def push(self, envelope: bytes, *, on_sent: Callable[[], None] | None = None) -> bytes:
+        """`POST /api/v1/sync/push` a sealed batch; return the sealed acknowledgement (unopened).
+
+        `on_sent()` is called, on the calling thread, once the whole request is
+        written to the connection and the wait for the answer begins; only
+        transports that report it call it (httpx's own, through httpcore's
+        `trace` extension), and never after a failure to send.
+        """
         request = self._http.build_request(
             "POST",
             PUSH_PATH,
@@ -162,6 +178,8 @@ class HubClient:
             headers={"content-type": _OCTETS},
             timeout=self._timeout_for(envelope),
         )
+        if on_sent is not None:
+            request.extensions["trace"] = _when_sent(on_sent)
         return self._octets(request)
 
     def pull(self, query: str, headers: Mapping[str, str]) -> bytes:

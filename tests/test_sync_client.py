@@ -9,7 +9,8 @@ import dataclasses
 import gc
 import json
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
+from field_client import sync_push
 from field_client.db import SCHEMA_VERSION, NewerStore, decode_versions
 from field_client.enrolment import AlreadyEnrolled, EnrolmentRefused, enrol
 from field_client.store import Store, UnreadableRecord
@@ -84,6 +86,8 @@ class FakeHub:
     pulls: int = 0
     drop_push: dict[int, str] = field(default_factory=dict)  # push number -> before|after
     answer_keys: KeyPairs | None = None  # sign answers with other keys (a forger)
+    partial: dict[int, int] = field(default_factory=dict)  # push number -> edits it applies
+    before_answer: Callable[[int], None] | None = None  # called with the push number
 
     def info(self) -> dict[str, Any]:
         public = self.keys.public()
@@ -172,8 +176,9 @@ class FakeHub:
             return problem(409, "envelope.replayed", "applied", high_water=device.high_water)
         else:
             edits = [Edit.from_json(e) for e in json.loads(opened.body)["edits"]]
+            edits = edits[: self.partial.get(len(self.pushes), len(edits))]
             superseded, conflicts = self._apply(edits)
-            device.high_water = header.seq_last
+            device.high_water = edits[-1].last_seq or 0
             ack = {
                 "batch_id": header.batch_id,
                 "duplicate": False,
@@ -186,6 +191,8 @@ class FakeHub:
             }
             device.batches[header.batch_id] = (opened.body_sha256, ack)
         answer = octets(self._seal("ack", header.sender, header, ack))
+        if self.before_answer is not None:
+            self.before_answer(len(self.pushes))
         if drop == "after":
             raise httpx.ReadError("connection reset by peer")
         return answer
@@ -776,6 +783,44 @@ def test_dropped_connection_resends_only_the_batch_in_flight(
     assert store.status().pending_outbox == 0
 
 
+def test_an_ack_for_part_of_a_batch_drops_the_batch_sealed_to_follow_it(
+    store: Store, hub: FakeHub, client: HubClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub applies only the first edit of the 2nd batch: the batch read and
+    sealed to follow it is never sent; the next starts right after what the
+    hub holds, with no gap and nothing sent twice."""
+    enrolled(store, hub, client)
+    store.register([create(names={"given": f"Person{i}"}) for i in range(8)])
+    total = store.status().pending_outbox
+    hub.partial = {2: 1}
+    # The 2nd answer waits until the 3rd batch is sealed and handed over (as on a
+    # real link, where the hub is slower than the device), so it would go out.
+    handed_over = threading.Semaphore(0)
+    hand_over = sync_push._Courier.hand_over
+
+    def counted(courier: sync_push._Courier, sealed: Any) -> None:
+        hand_over(courier, sealed)
+        handed_over.release()
+
+    def answer_late(push: int) -> None:
+        if push == 2:
+            assert handed_over.acquire(timeout=30) and handed_over.acquire(timeout=30)
+
+    monkeypatch.setattr(sync_push._Courier, "hand_over", counted)
+    hub.before_answer = answer_late
+    summary = run_sync(store, client, max_batch_bytes=3000)
+    first, cut, *rest = hub.pushes
+    kept = hub.devices[store.device_id].batches[cut.batch_id][1]["high_water"]
+    assert first.seq_last < kept < cut.seq_last
+    assert rest[0].seq_first == kept + 1  # not cut.seq_last + 1: that batch was dropped
+    assert [b.seq_first for b in rest[1:]] == [b.seq_last + 1 for b in rest[:-1]]
+    assert rest[-1].seq_last == total
+    assert pushed_seqs(hub, store.device_id) == list(range(1, total + 1))  # each once
+    assert summary.acknowledged == total and summary.duplicates == 0
+    assert summary.sent_batches == len(hub.pushes)
+    assert store.status().pending_outbox == 0
+
+
 def test_gap_rewinds_to_where_the_hub_stands(store: Store, hub: FakeHub, client: HubClient) -> None:
     enrolled(store, hub, client)
     store.register([create(names={"given": f"Person{i}"}) for i in range(3)])
@@ -842,9 +887,10 @@ def test_revoked_device_is_marked_and_keeps_its_data(
     enrolled(store, hub, client)
     store.register([create()])
     hub.devices[store.device_id].is_revoked = True
+    assert not store.sync.is_revoked()
     with pytest.raises(DeviceRevoked, match="ordered it wiped"):
         run_sync(store, client)
-    assert store.status().sync.is_revoked
+    assert store.sync.is_revoked() and store.status().sync.is_revoked
     assert store.status().records == 1
     pushes = len(hub.pushes)
     with pytest.raises(DeviceRevoked):
