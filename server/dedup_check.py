@@ -34,7 +34,8 @@ from schemas.matching import (
     profile_from_json,
     profile_to_json,
 )
-from server.models import BlockKey, DedupPending, DuplicatePair, RecordRow
+from server.bulk import insert_rows
+from server.models import BlockKey, DedupPending, DuplicatePair, MatchProfile, RecordRow
 from server.records import HubRecord, load_records
 from server.sealing import RecordCipher, SealError
 
@@ -54,13 +55,16 @@ __all__ = [
     "queue_pairs",
     "queue_records",
     "score_gathered",
+    "store_profiles",
     "take_pending",
+    "unprofiled_ids",
 ]
 
 block_keys = BlockKey.__table__  # type: ignore[attr-defined]
 records = RecordRow.__table__  # type: ignore[attr-defined]
 pairs = DuplicatePair.__table__  # type: ignore[attr-defined]
 pending = DedupPending.__table__  # type: ignore[attr-defined]
+profiles = MatchProfile.__table__  # type: ignore[attr-defined]
 MERGED_INTO = "merged_into"
 _CHUNK = 500  # ids per IN (...) list: well inside SQLite's and PostgreSQL's limits
 
@@ -245,23 +249,27 @@ def _known_pairs(conn: sa.Connection, ids: Iterable[str]) -> set[tuple[str, str]
 def _candidate_entries(
     conn: sa.Connection, ids: Iterable[str], master_key: bytes, cache: ProfileCache
 ) -> dict[str, _Entry]:
-    """Profiles of `ids`: from the cache, else from the sealed profile stored with
-    the record, where the record has not changed since; else unsealed and
-    profiled (and stored). Each is cached."""
+    """Profiles of `ids`: from the cache, else from the sealed profile stored for
+    the record (`match_profiles`), where the record has not changed since; else
+    unsealed and profiled (and stored). Each is cached."""
     out: dict[str, _Entry] = {}
     stale: list[str] = []
     for chunk in _chunks(ids):
-        stmt = sa.select(
-            records.c.id,
-            records.c.last_hub_seq,
-            records.c.site,
-            records.c.wrapped_key,
-            records.c.profile_seq,
-            records.c.match_profile,
-        ).where(records.c.id.in_(chunk))
+        stmt = (
+            sa.select(
+                records.c.id,
+                records.c.last_hub_seq,
+                records.c.site,
+                records.c.wrapped_key,
+                profiles.c.profile_seq,
+                profiles.c.sealed,
+            )
+            .select_from(records.outerjoin(profiles, profiles.c.record_id == records.c.id))
+            .where(records.c.id.in_(chunk))
+        )
         for row in conn.execute(stmt):
             entry = cache.get(row.id, row.last_hub_seq)
-            if entry is None and row.profile_seq == row.last_hub_seq and row.match_profile:
+            if entry is None and row.profile_seq == row.last_hub_seq:
                 entry = _stored_entry(row, master_key)
                 if entry is not None:
                     cache.put(row.id, entry)
@@ -278,7 +286,7 @@ def _candidate_entries(
 def _stored_entry(row: Any, master_key: bytes) -> _Entry | None:
     try:
         version, merged, data = RecordCipher(master_key, row.id, row.wrapped_key).open(
-            row.match_profile, "profile"
+            row.sealed, "profile"
         )
         if version != PROFILE_VERSION:
             return None  # made by another version of `profile`: make it again
@@ -288,29 +296,44 @@ def _stored_entry(row: Any, master_key: bytes) -> _Entry | None:
 
 
 def _profiled(conn: sa.Connection, recs: Mapping[str, HubRecord]) -> dict[str, _Entry]:
-    """Profile `recs` (unsealed already) and keep each profile sealed beside its
-    record, under the record's own cipher, for the checks to come."""
+    """Profile `recs` (unsealed already) and store each profile sealed under the
+    record's own cipher, for the checks to come."""
     entries = {rid: _entry(rec) for rid, rec in recs.items()}
     rows = [
-        {
-            "rid": rid,
-            "seq": entry.seq,
-            "blob": recs[rid].cipher.seal(
+        (
+            rid,
+            entry.seq,
+            recs[rid].cipher.seal(
                 [PROFILE_VERSION, entry.merged, profile_to_json(entry.profile)], "profile"
             ),
-        }
+        )
         for rid, entry in entries.items()
     ]
-    if rows:
-        conn.execute(
-            sa.update(records)
-            .where(
-                records.c.id == sa.bindparam("rid"), records.c.last_hub_seq == sa.bindparam("seq")
-            )
-            .values(match_profile=sa.bindparam("blob"), profile_seq=sa.bindparam("seq")),
-            rows,
-        )
+    for chunk in _chunks(entries):
+        conn.execute(sa.delete(profiles).where(profiles.c.record_id.in_(chunk)))
+    insert_rows(conn, profiles, ("record_id", "profile_seq", "sealed"), rows)
     return entries
+
+
+def unprofiled_ids(conn: sa.Connection) -> list[str]:
+    """Records with no current stored profile (never checked, or changed since):
+    after an upgrade, every record until its next check or a `dedup scan`."""
+    stmt = (
+        sa.select(records.c.id)
+        .select_from(records.outerjoin(profiles, profiles.c.record_id == records.c.id))
+        .where(
+            sa.or_(
+                profiles.c.profile_seq.is_(None), profiles.c.profile_seq != records.c.last_hub_seq
+            )
+        )
+        .order_by(records.c.id)
+    )
+    return list(conn.execute(stmt).scalars())
+
+
+def store_profiles(conn: sa.Connection, record_ids: Iterable[str], *, master_key: bytes) -> int:
+    """Unseal, profile and store the profiles of `record_ids`; return how many."""
+    return len(_profiled(conn, load_records(conn, record_ids, master_key)))
 
 
 @dataclass(frozen=True)
