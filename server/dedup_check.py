@@ -369,7 +369,7 @@ class Gathered:
     """What scoring a set of records against their candidates needs (`gather`)."""
 
     mine: dict[str, _Entry]  # the records checked
-    others: dict[str, _Entry]  # their candidates, and the records themselves
+    others: dict[str, _Entry]  # their candidates not known yet, and the records themselves
     candidates: dict[str, set[str]]  # record -> candidates it shares a usable key with
     key_counts: dict[str, dict[str, int]]  # record -> {its key: records filed under it}
     known: set[tuple[str, str]]  # pairs already in the queue, decided or not
@@ -411,9 +411,14 @@ def gather(
             rid
         }
     known = _known_pairs(conn, found)
-    others = _candidate_entries(
-        conn, {o for cands in found.values() for o in cands} - set(mine), master_key, cache
-    )
+    # A candidate only in pairs known already is not scored: its profile is not read.
+    wanted = {
+        o
+        for rid, cands in found.items()
+        for o in cands
+        if o not in mine and ((rid, o) if rid < o else (o, rid)) not in known
+    }
+    others = _candidate_entries(conn, wanted, master_key, cache)
     others.update(mine)
     counts = {rid: {keys_of[rid][h]: sizes[h] for h in keys_of[rid] if h in sizes} for rid in found}
     return Gathered(mine, others, found, counts, known)
