@@ -5,8 +5,10 @@ Blocking keys are stored as HMACs under a key derived from the master key,
 like the name index: equal keys meet, the table alone says nothing about
 anyone. A check works on a whole set of records at once (a push batch, a scan
 chunk): one query for the block sizes, one for the candidates, one for the
-pairs already known, one unsealing of the candidates not in the profile cache.
-Scoring is `schemas.matching` (pure).
+pairs already known, one for the candidates' stored match profiles
+(`match_profiles`, each sealed under its record's own key), and one unsealing
+of the records whose profile is missing or stale. Scoring is
+`schemas.matching` (pure).
 """
 
 from __future__ import annotations
