@@ -5,8 +5,10 @@ Blocking keys are stored as HMACs under a key derived from the master key,
 like the name index: equal keys meet, the table alone says nothing about
 anyone. A check works on a whole set of records at once (a push batch, a scan
 chunk): one query for the block sizes, one for the candidates, one for the
-pairs already known, one unsealing of the candidates not in the profile cache.
-Scoring is `schemas.matching` (pure).
+pairs already known, one for the candidates' stored match profiles
+(`match_profiles`, each sealed under its record's own key), and one unsealing
+of the records whose profile is missing or stale. Scoring is
+`schemas.matching` (pure).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic_core import from_json
 
 from schemas.fields import unflatten
 from schemas.matching import (
@@ -35,7 +38,7 @@ from schemas.matching import (
     profile_to_json,
 )
 from server.bulk import insert_rows
-from server.models import BlockKey, DedupPending, DuplicatePair, RecordRow
+from server.models import BlockKey, DedupPending, DuplicatePair, MatchProfile, RecordRow
 from server.records import HubRecord, load_records
 from server.sealing import RecordCipher, SealError
 
@@ -55,13 +58,16 @@ __all__ = [
     "queue_pairs",
     "queue_records",
     "score_gathered",
+    "store_profiles",
     "take_pending",
+    "unprofiled_ids",
 ]
 
 block_keys = BlockKey.__table__  # type: ignore[attr-defined]
 records = RecordRow.__table__  # type: ignore[attr-defined]
 pairs = DuplicatePair.__table__  # type: ignore[attr-defined]
 pending = DedupPending.__table__  # type: ignore[attr-defined]
+profiles = MatchProfile.__table__  # type: ignore[attr-defined]
 MERGED_INTO = "merged_into"
 _CHUNK = 500  # ids per IN (...) list: well inside SQLite's and PostgreSQL's limits
 
@@ -99,19 +105,31 @@ class ProfileCache:
         self._lock = threading.Lock()  # the checker thread and request threads share it
 
     def get(self, record_id: str, seq: int) -> _Entry | None:
+        return self.get_many({record_id: seq}).get(record_id)
+
+    def get_many(self, seqs: Mapping[str, int]) -> dict[str, _Entry]:
+        """The entries valid for `seqs` ({record: its last_hub_seq}) that are held."""
+        out: dict[str, _Entry] = {}
+        if self.size <= 0:
+            return out
         with self._lock:
-            entry = self._entries.get(record_id)
-            if entry is None or entry.seq != seq:
-                return None
-            self._entries.move_to_end(record_id)
-            return entry
+            for record_id, seq in seqs.items():
+                entry = self._entries.get(record_id)
+                if entry is not None and entry.seq == seq:
+                    self._entries.move_to_end(record_id)
+                    out[record_id] = entry
+        return out
 
     def put(self, record_id: str, entry: _Entry) -> None:
-        if self.size <= 0:
+        self.put_many({record_id: entry})
+
+    def put_many(self, entries: Mapping[str, _Entry]) -> None:
+        if self.size <= 0 or not entries:
             return
         with self._lock:
-            self._entries[record_id] = entry
-            self._entries.move_to_end(record_id)
+            for record_id, entry in entries.items():
+                self._entries[record_id] = entry
+                self._entries.move_to_end(record_id)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
 
@@ -255,72 +273,106 @@ def _known_pairs(conn: sa.Connection, ids: Iterable[str]) -> set[tuple[str, str]
 def _candidate_entries(
     conn: sa.Connection, ids: Iterable[str], master_key: bytes, cache: ProfileCache
 ) -> dict[str, _Entry]:
-    """Profiles of `ids`: from the cache, else from the sealed profile stored with
-    the record, where the record has not changed since; else unsealed and
-    profiled (and stored). Each is cached."""
+    """Profiles of `ids`: from the cache, else from the sealed profile stored for
+    the record (`match_profiles`), where the record has not changed since; else
+    unsealed and profiled (and stored). Each is cached.
+
+    A check at a large hub reads hundreds of candidates here, so the loop is
+    kept lean: plain tuples, one cache lock per chunk."""
     out: dict[str, _Entry] = {}
     stale: list[str] = []
     for chunk in _chunks(ids):
-        stmt = sa.select(
-            records.c.id,
-            records.c.last_hub_seq,
-            records.c.site,
-            records.c.wrapped_key,
-            records.c.profile_seq,
-            records.c.match_profile,
-        ).where(records.c.id.in_(chunk))
-        for row in conn.execute(stmt):
-            entry = cache.get(row.id, row.last_hub_seq)
-            if entry is None and row.profile_seq == row.last_hub_seq and row.match_profile:
-                entry = _stored_entry(row, master_key)
-                if entry is not None:
-                    cache.put(row.id, entry)
+        rows = _candidate_rows(conn, chunk)
+        out.update(cache.get_many({row[0]: row[1] for row in rows}))
+        opened: dict[str, _Entry] = {}
+        for rid, seq, site, wrapped, profile_seq, sealed in rows:
+            if rid in out:
+                continue
+            entry = None
+            if profile_seq == seq:
+                entry = _stored_entry(rid, seq, site, wrapped, sealed, master_key)
             if entry is None:
-                stale.append(row.id)
+                stale.append(rid)
             else:
-                out[row.id] = entry
+                opened[rid] = entry
+        cache.put_many(opened)
+        out.update(opened)
     made = _profiled(conn, load_records(conn, stale, master_key))
-    for rid, entry in made.items():
-        cache.put(rid, entry)
+    cache.put_many(made)
     return {**out, **made}
 
 
-def _stored_entry(row: Any, master_key: bytes) -> _Entry | None:
+def _candidate_rows(conn: sa.Connection, chunk: list[str]) -> list[tuple[Any, ...]]:
+    """(id, last_hub_seq, site, wrapped_key, profile_seq, sealed profile) of each
+    record in `chunk`. Straight through the driver: SQLAlchemy's expanding of
+    the id list and its rows would cost a quarter of this."""
+    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    sql = (
+        "SELECT r.id, r.last_hub_seq, r.site, r.wrapped_key, p.profile_seq, p.sealed"
+        f" FROM {records.name} r LEFT JOIN {profiles.name} p ON p.record_id = r.id"
+        f" WHERE r.id IN ({', '.join([mark] * len(chunk))})"
+    )
+    cursor = conn.connection.cursor()  # this transaction's connection
     try:
-        version, merged, data = RecordCipher(master_key, row.id, row.wrapped_key).open(
-            row.match_profile, "profile"
+        cursor.execute(sql, chunk)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+def _stored_entry(
+    rid: str, seq: int, site: str | None, wrapped: bytes, sealed: bytes, master_key: bytes
+) -> _Entry | None:
+    try:
+        version, merged, data = from_json(
+            RecordCipher(master_key, rid, wrapped).open_json(sealed, "profile")
         )
         if version != PROFILE_VERSION:
             return None  # made by another version of `profile`: make it again
-        return _Entry(row.last_hub_seq, row.site or "", bool(merged), profile_from_json(data))
+        return _Entry(seq, site or "", bool(merged), profile_from_json(data))
     except (SealError, ValueError, TypeError):
         return None  # unreadable: profile it again
 
 
 def _profiled(conn: sa.Connection, recs: Mapping[str, HubRecord]) -> dict[str, _Entry]:
-    """Profile `recs` (unsealed already) and keep each profile sealed beside its
-    record, under the record's own cipher, for the checks to come."""
+    """Profile `recs` (unsealed already) and store each profile sealed under the
+    record's own cipher, for the checks to come."""
     entries = {rid: _entry(rec) for rid, rec in recs.items()}
     rows = [
-        {
-            "rid": rid,
-            "seq": entry.seq,
-            "blob": recs[rid].cipher.seal(
+        (
+            rid,
+            entry.seq,
+            recs[rid].cipher.seal(
                 [PROFILE_VERSION, entry.merged, profile_to_json(entry.profile)], "profile"
             ),
-        }
+        )
         for rid, entry in entries.items()
     ]
-    if rows:
-        conn.execute(
-            sa.update(records)
-            .where(
-                records.c.id == sa.bindparam("rid"), records.c.last_hub_seq == sa.bindparam("seq")
-            )
-            .values(match_profile=sa.bindparam("blob"), profile_seq=sa.bindparam("seq")),
-            rows,
-        )
+    for chunk in _chunks(entries):
+        conn.execute(sa.delete(profiles).where(profiles.c.record_id.in_(chunk)))
+    insert_rows(conn, profiles, ("record_id", "profile_seq", "sealed"), rows)
     return entries
+
+
+def unprofiled_ids(conn: sa.Connection) -> list[str]:
+    """Records with no current stored profile (never checked, or changed since):
+    after an upgrade, every record until its next check or a `dedup scan`."""
+    stmt = (
+        sa.select(records.c.id)
+        .select_from(records.outerjoin(profiles, profiles.c.record_id == records.c.id))
+        .where(
+            sa.or_(
+                profiles.c.profile_seq.is_(None), profiles.c.profile_seq != records.c.last_hub_seq
+            )
+        )
+        .order_by(records.c.id)
+    )
+    return list(conn.execute(stmt).scalars())
+
+
+def store_profiles(conn: sa.Connection, record_ids: Iterable[str], *, master_key: bytes) -> int:
+    """Unseal, profile and store the profiles of `record_ids`; return how many."""
+    return len(_profiled(conn, load_records(conn, record_ids, master_key)))
 
 
 @dataclass(frozen=True)
@@ -328,7 +380,7 @@ class Gathered:
     """What scoring a set of records against their candidates needs (`gather`)."""
 
     mine: dict[str, _Entry]  # the records checked
-    others: dict[str, _Entry]  # their candidates, and the records themselves
+    others: dict[str, _Entry]  # their candidates not known yet, and the records themselves
     candidates: dict[str, set[str]]  # record -> candidates it shares a usable key with
     key_counts: dict[str, dict[str, int]]  # record -> {its key: records filed under it}
     known: set[tuple[str, str]]  # pairs already in the queue, decided or not
@@ -370,9 +422,14 @@ def gather(
             rid
         }
     known = _known_pairs(conn, found)
-    others = _candidate_entries(
-        conn, {o for cands in found.values() for o in cands} - set(mine), master_key, cache
-    )
+    # A candidate only in pairs known already is not scored: its profile is not read.
+    wanted = {
+        o
+        for rid, cands in found.items()
+        for o in cands
+        if o not in mine and ((rid, o) if rid < o else (o, rid)) not in known
+    }
+    others = _candidate_entries(conn, wanted, master_key, cache)
     others.update(mine)
     counts = {rid: {keys_of[rid][h]: sizes[h] for h in keys_of[rid] if h in sizes} for rid in found}
     return Gathered(mine, others, found, counts, known)

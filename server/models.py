@@ -25,6 +25,7 @@ __all__ = [
     "DuplicatePair",
     "EnrolCode",
     "HubMeta",
+    "MatchProfile",
     "NameKey",
     "QuarantineRow",
     "RecordRow",
@@ -156,12 +157,6 @@ class RecordRow(SQLModel, table=True):
     state: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     last_hub_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
     updated_at: datetime
-    # The duplicate check's profile of the record (sealed like `state`), valid
-    # while `profile_seq` equals `last_hub_seq` (server/dedup_check.py).
-    match_profile: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
-    profile_seq: int = Field(
-        default=-1, sa_column=Column(BigInteger, nullable=False, default=-1, server_default="-1")
-    )
 
 
 class NameKey(SQLModel, table=True):
@@ -179,6 +174,21 @@ class BlockKey(SQLModel, table=True):
     __tablename__ = "block_keys"
     key_hash: str = Field(primary_key=True, max_length=32)
     record_id: str = Field(primary_key=True, max_length=36, index=True)
+
+
+class MatchProfile(SQLModel, table=True):
+    """The duplicate check's profile of a record, sealed under the record's own
+    data key (like its `state`: erasing the record's key erases this too), valid
+    while `profile_seq` equals the record's `last_hub_seq` (server/dedup_check.py).
+
+    A narrow table of its own: a check reads the profiles of a few hundred
+    candidates, and here they lie a dozen to a page instead of one a page of
+    `records`."""
+
+    __tablename__ = "match_profiles"
+    record_id: str = Field(primary_key=True, max_length=36)
+    profile_seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    sealed: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
 class DedupPending(SQLModel, table=True):

@@ -348,10 +348,11 @@ def test_a_profile_stored_by_another_version_of_the_matcher_is_made_again(
         blob = RecordCipher(hub.secrets.master_key, first.record_id, wrapped).seal(
             [PROFILE_VERSION - 1, False, profile_to_json(stranger)], "profile"
         )
-        conn.execute(
-            sa.text("UPDATE records SET match_profile = :b WHERE id = :r"),
+        stored = conn.execute(
+            sa.text("UPDATE match_profiles SET sealed = :b WHERE record_id = :r"),
             {"b": blob, "r": first.record_id},
         )
+        assert stored.rowcount == 1
     fresh = Hub(hub.settings)  # a restarted process: nothing in its memory
     try:
         again = registration(camp, names, "1990-05-01", "EP9988776")
