@@ -118,8 +118,13 @@ def edit_size(sealed_json: bytes, edit: Edit) -> int:
     """The length of `dumps(edit.to_json())` for an edit read from a sealed change
     whose JSON text is `sealed_json`, without encoding the edit again.
 
-    The sealed text holds the fields and bases as `json.dumps` wrote them; key
-    order aside (which does not change a length) that is how the edit writes them.
+    The sealed text holds the fields and bases as `server.sealing.compact_json`
+    wrote them (`server.ingest`): key order aside, which does not change a
+    length, that is how the edit writes them. The one difference is a float
+    written shorter (`1e-5` for `1e-05`), which no field of this schema holds
+    (an older device's retired field might): the size is then a byte or two
+    over, which a page's byte bound can take. Changes logged before the hub
+    sealed with `compact_json` hold `json.dumps`'s text: exact.
     """
     texts = (edit.record_id, edit.version.stamp.encode(), edit.version.device_id, edit.operator)
     added = sum(len(_JSON.encode(text).encode()) for text in texts) + len(str(edit.hub_seq))

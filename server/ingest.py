@@ -31,6 +31,7 @@ from server.models import (
 )
 from server.problems import Problem
 from server.records import HubRecord, load_records, save_records
+from server.sealing import compact_json
 from sync.envelope import Header
 from sync.hlc import Clock
 from sync.merge import Decision, FieldState, Outcome, merge_field
@@ -377,7 +378,7 @@ def _merge_edit(
     rec.is_dirty = True
     pending.spans.append((first_seq, first_seq + len(edit.fields) - 1))
     # JSON writes the (path, value) pairs as [path, value] lists.
-    sealed = rec.cipher.seal({"f": edit.fields, "b": based}, "change")
+    sealed = rec.cipher.seal_json(compact_json({"f": edit.fields, "b": based}), "change")
     pending.log_rows.append(
         (
             rec.id,
