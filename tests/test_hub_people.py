@@ -247,9 +247,15 @@ def test_logout_and_disable_end_sessions(world: World) -> None:
 
 
 def test_the_audit_log_records_reads_and_writes(world: World) -> None:
-    world.get(f"/api/v1/records/{world.rec_a.record_id}", "opa", headers={"X-Request-ID": "req-42"})
+    viewed = world.get(
+        f"/api/v1/records/{world.rec_a.record_id}", "opa", headers={"X-Request-ID": "req-42"}
+    )
+    assert viewed.headers["x-request-id"] == "req-42"  # echoed on the answer
     entries = world.get("/api/v1/audit", "aud", params={"action": "records.view"}).json()
     assert entries[0]["actor"] == "user:opa" and entries[0]["request_id"] == "req-42"
+    again = world.get(f"/api/v1/records/{world.rec_a.record_id}", "opa")
+    made_up = again.headers["x-request-id"]
+    assert len(made_up) == 32 and made_up != "req-42"  # none given: the hub makes one
     assert entries[0]["target"] == f"record:{world.rec_a.record_id}"
     actions = {
         e["action"] for e in world.get("/api/v1/audit", "aud", params={"limit": 1000}).json()
