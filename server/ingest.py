@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from schemas.fields import KNOWN_PATHS, is_path_shaped, other_path_error
 from schemas.record import SCHEMA_VERSION
-from server.bulk import insert_rows
+from server.bulk import insert_rows, mark, rows_in
 from server.db import write_lock
 from server.field_checks import edit_field_error
 from server.models import (
@@ -291,15 +291,12 @@ def parked_edits(conn: sa.Connection, record_ids: Iterable[str]) -> list[Any]:
     """Quarantined edits that waited for these records to be registered
     (`record.unknown`): what a device sent again after a hub restore before the
     registration's own device did. Oldest first."""
-    ids = sorted(set(record_ids))
-    if not ids:
-        return []
-    stmt = (
-        sa.select(quarantine)
-        .where(quarantine.c.reason == _UNKNOWN, quarantine.c.record_id.in_(ids))
-        .order_by(quarantine.c.id)
+    sql = (
+        "SELECT id, device_id, batch_id, record_id, payload FROM quarantine"
+        f" WHERE reason = {mark(conn)} AND record_id IN ({{marks}})"
     )
-    return list(conn.execute(stmt))
+    rows = rows_in(conn, sql, sorted(set(record_ids)), before=(_UNKNOWN,))
+    return sorted(rows, key=lambda row: row.id)
 
 
 def apply_parked(conn: sa.Connection, ctx: PushContext, record_id: str) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from schemas.record import DateOfBirth, age_band
-from server.bulk import insert_rows, update_rows
+from server.bulk import insert_rows, rows_in, update_rows
 from server.models import RecordRow
 from server.sealing import RecordCipher, compact_json, new_record_cipher
 from sync.changes import Version
@@ -154,22 +154,13 @@ def load_records(
     conn: sa.Connection, ids: Iterable[str], master_key: bytes
 ) -> dict[str, HubRecord]:
     """The stored records among `ids`, unsealed (missing ids are simply absent)."""
-    wanted = list(set(ids))
+    sql = "SELECT id, wrapped_key, state, last_hub_seq FROM records WHERE id IN ({marks})"
     out: dict[str, HubRecord] = {}
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start : start + 500]
-        stmt = sa.select(
-            records.c.id, records.c.wrapped_key, records.c.state, records.c.last_hub_seq
+    for rid, wrapped_key, state, last_hub_seq in rows_in(conn, sql, list(set(ids))):
+        cipher = RecordCipher(master_key, rid, wrapped_key)
+        out[rid] = HubRecord(
+            rid, wrapped_key, cipher, cipher.open(state, "state"), last_hub_seq=last_hub_seq
         )
-        for row in conn.execute(stmt.where(records.c.id.in_(chunk))):
-            cipher = RecordCipher(master_key, row.id, row.wrapped_key)
-            out[row.id] = HubRecord(
-                row.id,
-                row.wrapped_key,
-                cipher,
-                cipher.open(row.state, "state"),
-                last_hub_seq=row.last_hub_seq,
-            )
     return out
 
 
