@@ -23,7 +23,7 @@ from schemas.matching import OPERATING_THRESHOLD
 from server import admin, dedup_check, duplicates
 from server.cli_common import DataDir, audit_cli, err, fail, open_hub, out
 from server.dedup_file import InputError, Pair, Parsed, find_pairs, parse, write_pairs
-from server.dedup_scan import scan
+from server.dedup_scan import ScanStopped, scan
 
 __all__ = ["PROGRESS_FROM_RECORDS", "dedup_app", "dedup_file", "register"]
 
@@ -92,15 +92,23 @@ def dedup_scan(
         console=err,
     ) as bar:
         task = bar.add_task("scan", total=len(ids))
-        queued = scan(
-            hub.engine,
-            ids,
-            master_key=hub.secrets.master_key,
-            cache=hub.profiles,
-            chunk=chunk,
-            workers=workers or min(4, os.cpu_count() or 1),
-            progress=lambda checked: bar.advance(task, checked),
-        )
+        try:
+            queued = scan(
+                hub.engine,
+                ids,
+                master_key=hub.secrets.master_key,
+                cache=hub.profiles,
+                chunk=chunk,
+                workers=workers or min(4, os.cpu_count() or 1),
+                progress=lambda checked: bar.advance(task, checked),
+            )
+        except ScanStopped as exc:
+            bar.stop()
+            fail(
+                f"the scan stopped: {exc}; the pairs it found so far are queued,"
+                " run it again to check the rest (--workers 1 uses less memory)",
+                code=1,
+            )
     with hub.engine.begin() as conn:
         audit_cli(hub, conn, "duplicates.scan", f"records:{len(ids)}", detail={"queued": queued})
     out.print(f"checked {len(ids)} record(s); {queued} new possible duplicate pair(s) queued")

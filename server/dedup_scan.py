@@ -15,7 +15,10 @@ from __future__ import annotations
 import bisect
 import contextlib
 import multiprocessing
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,9 +27,31 @@ import sqlalchemy as sa
 from server import dedup_check
 from server.db import make_engine, write_lock
 
-__all__ = ["scan"]
+__all__ = ["TURN_TIMEOUT_S", "ScanStopped", "scan"]
 
 _WRITE_EVERY = 4  # chunks whose pairs are queued in one transaction
+TURN_TIMEOUT_S = 300.0
+"""The longest this process waits for its turn at the database: a worker holds
+it for one chunk (seconds); one that died holding it never gives it back."""
+
+
+class ScanStopped(RuntimeError):
+    """A scan stopped before the end: a worker process died (out of memory,
+    killed) or stopped answering. Pairs queued before it stay queued; a scan
+    run again finds the rest (known pairs are not queued twice)."""
+
+
+@contextlib.contextmanager
+def _turn_taken(turn: Any) -> Iterator[None]:
+    if not turn.acquire(timeout=TURN_TIMEOUT_S):
+        raise ScanStopped(
+            f"a scoring process held the database for {TURN_TIMEOUT_S:.0f} s: did it stop?"
+        )
+    try:
+        yield
+    finally:
+        turn.release()
+
 
 _Checked = tuple[int, list[dedup_check.FoundPair], dict[str, int]]
 
@@ -74,7 +99,7 @@ class _Job:
         return len(part), dedup_check.score_gathered(gathered), seqs
 
     def queue(self, found: list[dedup_check.FoundPair], seqs: dict[str, int]) -> int:
-        with self.turn, self.engine.begin() as conn:
+        with _turn_taken(self.turn), self.engine.begin() as conn:
             write_lock(conn)
             queued = dedup_check.queue_pairs(conn, found, now=datetime.now(UTC))
             dedup_check.clear_checked(conn, seqs)
@@ -104,14 +129,17 @@ def scan(
 ) -> int:
     """Check `record_ids` for possible duplicates, `chunk` records at a time, in
     `workers` processes (1: this one, with `cache`); return how many pairs were
-    queued. `progress` is called with how many records each chunk checked."""
+    queued. `progress` is called with how many records each chunk checked.
+
+    Raises `ScanStopped` when a worker process dies or stops answering; what
+    was queued until then stays queued."""
     if chunk < 1 or workers < 1:
         raise ValueError(f"chunk {chunk} and workers {workers}: each must be at least 1")
     ids = sorted(set(record_ids))
     starts = range(0, len(ids), chunk)
     in_memory = engine.url.database in (None, "", ":memory:")
     if workers == 1 or len(starts) <= 1 or in_memory:
-        job = _Job(engine, ids, chunk, master_key, cache, contextlib.nullcontext())
+        job = _Job(engine, ids, chunk, master_key, cache, threading.Lock())
         return _queue_all(job, map(job.check, starts), progress)
     context = multiprocessing.get_context("spawn")  # nothing of this process's engine is shared
     # The processes take turns at the database: waiting on this lock costs nothing,
@@ -119,9 +147,20 @@ def scan(
     turn = context.Lock()
     url = engine.url.render_as_string(hide_password=False)
     setup = (url, ids, chunk, master_key, cache.size, turn)
-    with context.Pool(min(workers, len(starts)), _start_worker, setup) as pool:
+    # concurrent.futures, not multiprocessing.Pool: when a worker dies, a Pool
+    # starts another and waits forever for the lost chunk; this raises.
+    with ProcessPoolExecutor(
+        min(workers, len(starts)), mp_context=context, initializer=_start_worker, initargs=setup
+    ) as pool:
         job = _Job(engine, ids, chunk, master_key, cache, turn)
-        return _queue_all(job, pool.imap_unordered(_check_in_worker, starts), progress)
+        futures = [pool.submit(_check_in_worker, start) for start in starts]
+        try:
+            return _queue_all(job, (f.result() for f in as_completed(futures)), progress)
+        except BrokenProcessPool as exc:
+            raise ScanStopped(f"a scoring process died ({exc})") from None
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 def _queue_all(job: _Job, results: Iterator[_Checked], progress: Callable[[int], None]) -> int:

@@ -3,6 +3,9 @@ person decides, and merges travel to devices and can be undone."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -422,6 +425,55 @@ def test_a_scan_in_two_processes_queues_the_pairs_a_serial_scan_does(
             assert found[1] == found[2] == expected
         finally:
             hub.engine.dispose()
+
+
+def test_a_scan_whose_worker_dies_stops_with_a_reason_and_keeps_what_it_queued(
+    tmp_path: Path,
+) -> None:
+    docs = [
+        (str(uuid.UUID(int=i + 1)), item.doc, item.site)
+        for i, item in enumerate(generate(150, seed=5))
+    ]
+    hub = Hub(init_hub(tmp_path / "hub"))
+    try:
+        populate(hub, docs)
+        with hub.engine.begin() as conn:
+            ids = dedup_check.all_record_ids(conn)
+        killed: list[int] = []
+
+        def kill_a_worker(_checked: int) -> None:
+            # After the first chunk: one of the scoring processes is killed (as
+            # the kernel's out-of-memory killer would).
+            if not killed:
+                victim = multiprocessing.active_children()[0]
+                os.kill(victim.pid or 0, signal.SIGKILL)
+                killed.append(victim.pid or 0)
+
+        started = time.monotonic()
+        with pytest.raises(dedup_scan.ScanStopped, match="died"):
+            dedup_scan.scan(
+                hub.engine,
+                ids,
+                master_key=hub.secrets.master_key,
+                cache=dedup_check.ProfileCache(),
+                chunk=5,
+                workers=2,
+                progress=kill_a_worker,
+            )
+        assert killed and time.monotonic() - started < 120  # it stops; it does not hang
+        # The hub is usable and a scan run again finds every pair, once.
+        assert (
+            dedup_scan.scan(
+                hub.engine, ids, master_key=hub.secrets.master_key, cache=dedup_check.ProfileCache()
+            )
+            >= 0
+        )
+        with hub.engine.begin() as conn:
+            rows = conn.execute(sa.text("SELECT record_a, record_b FROM duplicates")).all()
+        assert {(a, b) for a, b in rows} == set(_blocked_pairs(docs))
+        assert len(rows) == len({(a, b) for a, b in rows})
+    finally:
+        hub.engine.dispose()
 
 
 @pytest.mark.parametrize("backend", database_backends())
