@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -35,7 +36,7 @@ CONSENT = {
     "recorded_by": "team",
 }
 
-DEVICE_A_PEOPLE = [
+DEVICE_A_PEOPLE: list[dict[str, object]] = [
     {
         "names": {"given": "Mohamed", "family": "Abdel Rahman", "given_original": "محمد"},
         "sex": "male",
@@ -76,7 +77,7 @@ DEVICE_A_PEOPLE = [
         "situation": {"scenario": "trapped", "needs": ["evacuation", "food"]},
     },
 ]
-DEVICE_B_PEOPLE = [
+DEVICE_B_PEOPLE: list[dict[str, object]] = [
     # The same man as device A's Hossain Miah, spelled by another team: the hub
     # queues the pair for an operator (`fieldreg-hub dedup list`).
     {
@@ -148,7 +149,7 @@ def code_from(output: str) -> str:
     return next(w for w in output.split() if w.count("-") == 3 and len(w) == 27)
 
 
-def register(home: Path, people: list[dict[str, object]]) -> list[str]:
+def register(home: Path, people: Sequence[Mapping[str, object]]) -> list[str]:
     lines = "\n".join(json.dumps({**p, "consent": CONSENT}, ensure_ascii=False) for p in people)
     run("fieldreg", "register", "--json", "-", home=home, stdin=lines)
     listed = run("fieldreg", "list", "--json", home=home)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -39,7 +40,7 @@ def assert_problem(answer: httpx.Response, status: int) -> dict[str, object]:
     return body
 
 
-BAD_REQUESTS = {
+BAD_REQUESTS: dict[tuple[str, str], list[tuple[dict[str, Any], int]]] = {
     ("POST", "/api/v1/enrol"): [
         ({"content": b"not json", "headers": {"content-type": "application/json"}}, 422),
         ({"json": {"code": "x"}}, 422),

@@ -426,6 +426,7 @@ def test_a_stored_profile_reads_back_equal_and_garbage_is_refused() -> None:
     for item in generate(300, seed=7):
         made = profile(item.doc)
         assert profile_from_json(json.loads(json.dumps(profile_to_json(made)))) == made
+    garbage: Any
     for garbage in (None, [], [1, 2], {"names": []}, "profile"):
         with pytest.raises(ValueError):
             profile_from_json(garbage)

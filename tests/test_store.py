@@ -59,7 +59,7 @@ def test_failure_between_record_and_outbox_leaves_neither(store: Store, tmp_path
             raise OSError("disk unplugged")
         return real_execute(sql, *args, **kwargs)
 
-    store._conn.exec_driver_sql = failing_execute  # type: ignore[method-assign]
+    store._conn.exec_driver_sql = failing_execute  # type: ignore[method-assign,assignment]
     with pytest.raises(OSError):
         store.register([create()])
     store._conn.exec_driver_sql = real_execute  # type: ignore[method-assign]

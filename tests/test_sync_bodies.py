@@ -226,6 +226,7 @@ def test_pull_page_round_trips(
 def test_released_edits_are_optional_in_a_page_and_checked_when_present() -> None:
     good = PullPage([], "c", False, "e").to_json()
     assert "released" not in good and PullPage.from_json(good).released == ()
+    bad: Any
     for bad in (
         {},
         [[1, 2]],
@@ -242,6 +243,7 @@ def test_released_edits_are_optional_in_a_page_and_checked_when_present() -> Non
 
 def test_a_malformed_pull_page_is_refused() -> None:
     good = PullPage([], "c", False, "e").to_json()
+    change: dict[str, Any]
     for change in ({"edits": {}}, {"cursor": 3}, {"more": "yes"}, {"epoch": ""}):
         with pytest.raises(ProtocolError) as caught:
             PullPage.from_json({**good, **change})
