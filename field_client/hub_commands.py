@@ -133,6 +133,8 @@ def _summary_line(summary: SyncSummary) -> str:
     )
     if s.quarantined:
         line += f"; quarantined by the hub: {s.quarantined}"
+    if s.released:
+        line += f"; held by the hub before, now applied: {s.released}"
     return line
 
 

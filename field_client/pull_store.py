@@ -76,6 +76,7 @@ class PullResult:
     superseded: int  # a later value stays current; the pulled one is kept in history
     duplicates: int  # this very version was here already
     new_records: int
+    released: int = 0  # own changes the hub had quarantined (record.unknown) and applied since
 
 
 def _record_columns(

@@ -67,6 +67,7 @@ class SyncSummary:
     conflicts: int = 0  # own changes that opened a conflict at the hub
     superseded: int = 0  # own changes that lost to a later write
     quarantined: int = 0
+    released: int = 0  # own changes the hub had quarantined and has applied since
 
     def add(self, other: SyncSummary) -> None:
         for f in fields(self):

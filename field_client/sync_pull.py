@@ -99,10 +99,11 @@ def pull_pages(
                 if page.cursor == position.cursor and not page.edits:
                     raise bad_answer("the hub says there is more but does not move the cursor")
                 next_page = fetch(page.cursor)  # fetched while this page is merged
-            store.sync.apply_pull(
+            merged = store.sync.apply_pull(
                 page.edits, cursor=page.cursor, epoch=page.epoch, released=page.released
             )
             summary.received_edits += len(page.edits)
+            summary.released += merged.released
             high_water = page.high_water if page.high_water is not None else high_water
             if progress is not None:
                 progress("pull", summary.received_edits, None)

@@ -20,7 +20,7 @@ import base64
 import json
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -365,7 +365,7 @@ class SyncStore:
         recorded_at = self._iso_now()
         with self._conn.begin():
             result = merge_page(self._conn, self._clock, edits, recorded_at=recorded_at)
-            release_own(self._conn, released)
+            result = replace(result, released=release_own(self._conn, released))
             self._put_meta(
                 {
                     "hlc": self._clock.last.encode(),

@@ -246,14 +246,15 @@ def test_an_edit_parked_after_a_restore_is_released_and_its_device_hears_of_it(
             assert count(live, "quarantine") == 0
             assert hub_state(live)[amal]["phone"] == "+218 91 222 3333"
             heard = sync(b, url)
-            assert heard.acknowledged == 0
+            assert heard.acknowledged == 0 and heard.released == 2
             status = b.status().sync
             assert status.quarantined == 0 and status.lost_edits == 0  # both applied
             assert device_state(a) == device_state(b) == hub_state(live)
             # Told once: a later pull page does not list it again.
             with live.engine.connect() as conn:
                 released = conn.execute(sa.text("SELECT count(*) FROM released_edits")).scalar()
-            assert released == 1 and sync(b, url).received_edits == 0
+            later = sync(b, url)
+            assert released == 1 and later.received_edits == 0 and later.released == 0
 
 
 def test_a_released_edit_takes_the_hubs_verdict_on_each_field(tmp_path: Path) -> None:
@@ -266,17 +267,18 @@ def test_a_released_edit_takes_the_hubs_verdict_on_each_field(tmp_path: Path) ->
         verdicts[last] = "quarantined:field.invalid: sex: not a sex"  # held for another reason
         store.sync.mark_pushed(last, verdicts)
         assert store.status().sync.quarantined == last
-        store.sync.apply_pull(
+        result = store.sync.apply_pull(
             [],
             cursor="",
             epoch="e",
             released=(Released(1, last, {"names.given": "superseded", "sex": "conflict"}),),
         )
+        assert result.released == last - 1  # each still held for record.unknown
         status = store.status().sync
         assert status.quarantined == 1  # the one held for another reason stays held
         assert status.lost_edits == 2  # names.given superseded, sex in conflict
         again = store.sync.apply_pull([], cursor="", epoch="e", released=(Released(1, last),))
-        assert again.applied == 0 and store.status().sync.lost_edits == 2  # told twice: same
+        assert again.released == 0 and store.status().sync.lost_edits == 2  # told twice: same
 
 
 def test_a_new_epoch_alone_sends_nothing_again(place: HubPlace, tmp_path: Path) -> None:
