@@ -351,9 +351,10 @@ def check_exactly_once(hub: Hub, devs: list[SimDevice]) -> None:
             )
         ).all()
         batches = conn.execute(sa.text("SELECT count(*) FROM batches")).scalar_one()
-        high_water: dict[str, int] = dict(
-            conn.execute(sa.text("SELECT id, high_water FROM devices")).tuples().all()
-        )
+        high_water: dict[str, int] = {
+            device: mark
+            for device, mark in conn.execute(sa.text("SELECT id, high_water FROM devices"))
+        }
         quarantined = conn.execute(sa.text("SELECT count(*) FROM quarantine")).scalar_one()
     in_log = Counter({(device, seq): n for device, seq, n in logged})
     duplicated = [key for key, n in in_log.items() if n > 1]
