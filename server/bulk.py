@@ -85,16 +85,25 @@ def update_rows(
 
 def rows_in(
     conn: sa.Connection, sql: str, ids: Sequence[str], *, before: Sequence[Any] = ()
-) -> list[Any]:
-    """Rows of `sql`, whose `{marks}` stands for the placeholders of an IN list,
-    for `ids` in chunks of `IN_CHUNK`; `before` are the values of placeholders
-    written before it (`?` on SQLite, `%s` on PostgreSQL: `mark(conn)`). Only
-    for columns that need no conversion on the way in (ids, codes)."""
-    rows: list[Any] = []
-    for start in range(0, len(ids), IN_CHUNK):
-        part = ids[start : start + IN_CHUNK]
-        marks = ", ".join(_marks(conn, len(part)))
-        rows.extend(conn.exec_driver_sql(sql.format(marks=marks), (*before, *part)).all())
+) -> list[tuple[Any, ...]]:
+    """Rows (plain tuples) of `sql`, whose `{marks}` stands for the placeholders
+    of an IN list, for `ids` in chunks of `IN_CHUNK`; `before` are the values of
+    placeholders written before it (`mark(conn)`). Only for columns that need no
+    conversion on the way in or out (ids, codes, numbers, bytes).
+
+    On the transaction's own DBAPI cursor: a duplicate check at a hub of a
+    million records reads hundreds of candidates this way, and SQLAlchemy's
+    result rows cost a tenth of a check more."""
+    rows: list[tuple[Any, ...]] = []
+    cursor = conn.connection.cursor()
+    try:
+        for start in range(0, len(ids), IN_CHUNK):
+            part = ids[start : start + IN_CHUNK]
+            marks = ", ".join(_marks(conn, len(part)))
+            cursor.execute(sql.format(marks=marks), (*before, *part))
+            rows.extend(cursor.fetchall())
+    finally:
+        cursor.close()
     return rows
 
 

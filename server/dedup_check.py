@@ -37,7 +37,7 @@ from schemas.matching import (
     profile_from_json,
     profile_to_json,
 )
-from server.bulk import insert_rows
+from server.bulk import IN_CHUNK, insert_rows, rows_in
 from server.models import BlockKey, DedupPending, DuplicatePair, MatchProfile, RecordRow
 from server.records import HubRecord, load_records
 from server.sealing import RecordCipher, SealError
@@ -69,7 +69,6 @@ pairs = DuplicatePair.__table__  # type: ignore[attr-defined]
 pending = DedupPending.__table__  # type: ignore[attr-defined]
 profiles = MatchProfile.__table__  # type: ignore[attr-defined]
 MERGED_INTO = "merged_into"
-_CHUNK = 500  # ids per IN (...) list: well inside SQLite's and PostgreSQL's limits
 
 
 class BlockIndex:
@@ -147,8 +146,8 @@ def _entry(rec: HubRecord) -> _Entry:
 
 def _chunks(items: Iterable[str]) -> Iterable[list[str]]:
     wanted = sorted(set(items))
-    for start in range(0, len(wanted), _CHUNK):
-        yield wanted[start : start + _CHUNK]
+    for start in range(0, len(wanted), IN_CHUNK):
+        yield wanted[start : start + IN_CHUNK]
 
 
 def index_records(
@@ -302,22 +301,15 @@ def _candidate_entries(
     return {**out, **made}
 
 
-def _candidate_rows(conn: sa.Connection, chunk: list[str]) -> list[tuple[Any, ...]]:
+def _candidate_rows(conn: sa.Connection, chunk: list[str]) -> list[Any]:
     """(id, last_hub_seq, site, wrapped_key, profile_seq, sealed profile) of each
-    record in `chunk`. Straight through the driver: SQLAlchemy's expanding of
-    the id list and its rows would cost a quarter of this."""
-    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    record in `chunk`, straight through the driver (`bulk.rows_in`)."""
     sql = (
         "SELECT r.id, r.last_hub_seq, r.site, r.wrapped_key, p.profile_seq, p.sealed"
         f" FROM {records.name} r LEFT JOIN {profiles.name} p ON p.record_id = r.id"
-        f" WHERE r.id IN ({', '.join([mark] * len(chunk))})"
+        " WHERE r.id IN ({marks})"
     )
-    cursor = conn.connection.cursor()  # this transaction's connection
-    try:
-        cursor.execute(sql, chunk)
-        return list(cursor.fetchall())
-    finally:
-        cursor.close()
+    return rows_in(conn, sql, chunk)
 
 
 def _stored_entry(

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -287,7 +287,17 @@ def _apply_edits(conn: sa.Connection, ctx: PushContext, edits: list[Edit]) -> _P
     return pending
 
 
-def parked_edits(conn: sa.Connection, record_ids: Iterable[str]) -> list[Any]:
+class ParkedEdit(NamedTuple):
+    """A quarantine row holding an edit that waits for its record (`parked_edits`)."""
+
+    id: int
+    device_id: str
+    batch_id: str | None
+    record_id: str
+    payload: bytes
+
+
+def parked_edits(conn: sa.Connection, record_ids: Iterable[str]) -> list[ParkedEdit]:
     """Quarantined edits that waited for these records to be registered
     (`record.unknown`): what a device sent again after a hub restore before the
     registration's own device did. Oldest first."""
@@ -296,7 +306,7 @@ def parked_edits(conn: sa.Connection, record_ids: Iterable[str]) -> list[Any]:
         f" WHERE reason = {mark(conn)} AND record_id IN ({{marks}})"
     )
     rows = rows_in(conn, sql, sorted(set(record_ids)), before=(_UNKNOWN,))
-    return sorted(rows, key=lambda row: row.id)
+    return sorted((ParkedEdit(*row) for row in rows), key=lambda row: row.id)
 
 
 def apply_parked(conn: sa.Connection, ctx: PushContext, record_id: str) -> int:
