@@ -407,14 +407,18 @@ def _compare_tokens(
     return min(agreement, 10.0), max(penalty, -8.0), outcome, tuple(notes), close
 
 
-def _names(a: Profile, b: Profile, counts: Mapping[str, int] | None) -> _Compared:
+def _names(
+    a: Profile, b: Profile, counts: Mapping[str, int] | None, explain: bool = True
+) -> _Compared:
     if not a.names or not b.names:
         return "missing", 0.0, "no name on one side"
     found = [(*_compare_forms(fa, fb), fa, fb) for fa in a.names for fb in b.names]
-    agreement, penalty, outcome, told, close, fa, fb = max(
-        found, key=lambda f: (f[0] + f[1], -f[4], sorted((f[5].tokens, f[6].tokens)))
+    agreement, penalty, outcome, told, close, fa, fb = (
+        found[0]
+        if len(found) == 1
+        else max(found, key=lambda f: (f[0] + f[1], -f[4], sorted((f[5].tokens, f[6].tokens))))
     )  # the best reading of both names; ties broken the same way whichever comes first
-    notes = list(told)
+    carriers = 0
     shared = [counts.get(k, 2) for k in a.keys & b.keys if k[0] == "n"] if counts else []
     if shared and outcome != "disagree":
         # Term frequency: the other records carrying this name pair hold, on the
@@ -422,7 +426,9 @@ def _names(a: Profile, b: Profile, counts: Mapping[str, int] | None) -> _Compare
         # who merely shares the name; the fewer carriers, the surer the match.
         carriers = max(2, min(shared))
         agreement = _BIAS - math.log((carriers - 1) / 2.0) - 2.0 * close
-        notes = [*notes, f"name pair carried by {carriers} records"]
+    if not explain:
+        return outcome, agreement + penalty, ""
+    notes = [*told, *[f"name pair carried by {carriers} records"] * bool(carriers)]
     skeletons = [n.removeprefix("same skeleton ") for n in notes if n.startswith("same skel")]
     notes = [n for n in notes if not n.startswith("same skel")]
     notes = [f"same skeleton {', '.join(skeletons)}"] * bool(skeletons) + notes
@@ -436,13 +442,14 @@ _NAMES_MOST = max(10.0, _BIAS - math.log(1 / 2.0))
 positive. `pair_score` relies on it (tests/test_matching.py checks it holds)."""
 
 
-def _birth_dates(a: Profile, b: Profile) -> _Compared:
+def _birth_dates(a: Profile, b: Profile, explain: bool = True) -> _Compared:
     x, y = a.birth, b.birth
     if x is None or y is None:
         return "missing", 0.0, "date of birth missing on one side"
-    shown, gap = f"{x} vs {y}", abs(x.year - y.year)
+    gap = abs(x.year - y.year)
+    shown = f"{x} vs {y}" if explain else ""
     slack = YEAR_TOLERANCE[x.precision] + YEAR_TOLERANCE[y.precision]
-    far = f"{shown} ({gap} years apart)"
+    far = f"{shown} ({gap} years apart)" if explain else ""
     if gap > slack + 4:  # no slip of the pen and no estimate is that far off
         return "disagree", -8.0, far
     if x.precision == y.precision == "exact":
@@ -455,37 +462,37 @@ def _birth_dates(a: Profile, b: Profile) -> _Compared:
     tolerance = max(YEAR_TOLERANCE[x.precision], YEAR_TOLERANCE[y.precision])
     vague = "estimated" in (x.precision, y.precision)
     if gap == 0:
-        return "agree", 2.0 if vague else 3.5, shown + " (same year)"
+        return "agree", 2.0 if vague else 3.5, shown + " (same year)" * explain
     if gap <= tolerance:
-        return "agree", 1.0 if vague else 2.0, shown + f" (within {tolerance} year(s))"
+        return "agree", 1.0 if vague else 2.0, shown + f" (within {tolerance} year(s))" * explain
     if gap <= slack + 1:
         return "partial", 0.0, shown + " (near)"
     return "disagree", -2.5 if vague else -4.0, far
 
 
-def _sex(a: Profile, b: Profile) -> _Compared:
+def _sex(a: Profile, b: Profile, explain: bool = True) -> _Compared:
     if a.sex is None or b.sex is None:
         return "missing", 0.0, "sex not recorded on one side"
     if a.sex == b.sex:
-        return "agree", 0.1, f"both {a.sex}"  # the names already told the sex
+        return "agree", 0.1, f"both {a.sex}" if explain else ""  # the names told the sex
     if "other" in (a.sex, b.sex):
         return "partial", 0.0, f"{a.sex} vs {b.sex}"
     return "disagree", -5.0, f"{a.sex} vs {b.sex}"
 
 
-def _nationalities(a: Profile, b: Profile) -> _Compared:
+def _nationalities(a: Profile, b: Profile, explain: bool = True) -> _Compared:
     if not a.nationalities or not b.nationalities:
         return "missing", 0.0, "nationality missing on one side"
-    if shared := a.nationalities & b.nationalities:
-        return "agree", 0.2, "both " + ", ".join(sorted(shared))  # so did the names, mostly
-    return (
-        "disagree",
-        -2.5,
-        f"{', '.join(sorted(a.nationalities))} vs " + ", ".join(sorted(b.nationalities)),
-    )
+    if a.nationalities.isdisjoint(b.nationalities):
+        if not explain:
+            return "disagree", -2.5, ""
+        x, y = (", ".join(sorted(n)) for n in (a.nationalities, b.nationalities))
+        return "disagree", -2.5, f"{x} vs {y}"
+    shared = a.nationalities & b.nationalities if explain else ()
+    return "agree", 0.2, "both " + ", ".join(sorted(shared))  # so did the names, mostly
 
 
-def _documents(a: Profile, b: Profile) -> _Compared:
+def _documents(a: Profile, b: Profile, explain: bool = True) -> _Compared:
     if not a.documents or not b.documents:
         return "missing", 0.0, "no document number on one side"
     if same := sorted({d[0] for d in a.documents} & {d[0] for d in b.documents}):
@@ -503,7 +510,7 @@ def _documents(a: Profile, b: Profile) -> _Compared:
     return max(found, key=lambda f: (f[1], f[2]), default=("missing", 0.0, "different kinds"))
 
 
-def _phones(a: Profile, b: Profile) -> _Compared:
+def _phones(a: Profile, b: Profile, explain: bool = True) -> _Compared:
     if a.phone is None or b.phone is None:
         return "missing", 0.0, "phone missing on one side"
     if a.phone == b.phone:  # shared within a household: moderate evidence only
@@ -511,17 +518,17 @@ def _phones(a: Profile, b: Profile) -> _Compared:
     return "disagree", -0.7, "different numbers (phones change)"
 
 
-def _places(a: Profile, b: Profile) -> _Compared:
+def _places(a: Profile, b: Profile, explain: bool = True) -> _Compared:
     if a.place is None or b.place is None:
         return "missing", 0.0, "place of birth missing on one side"
     similarity = fuzz.token_set_ratio(a.place, b.place)
-    shown = f"'{a.place}' vs '{b.place}'"
+    shown = f"'{a.place}' vs '{b.place}'" if explain else ""
     if similarity >= 85:
         return "agree", 1.5, shown
     return ("partial", 0.0, shown) if similarity >= 60 else ("disagree", -0.7, shown)
 
 
-def _households(a: Profile, b: Profile) -> _Compared:
+def _households(a: Profile, b: Profile, explain: bool = True) -> _Compared:
     if a.household is None or b.household is None or a.household[0] != b.household[0]:
         return "missing", 0.0, "not registered in one household"
     roles = f"{a.household[1]}, {b.household[1]}"
@@ -531,6 +538,8 @@ def _households(a: Profile, b: Profile) -> _Compared:
     return "disagree", -15.0, f"members of one household ({roles})"
 
 
+# Each compares one field of two profiles; with `explain=False` (`pair_score`) it
+# leaves out the detail text, the larger part of its cost.
 _FIELDS = (
     ("date_of_birth", _birth_dates),
     ("sex", _sex),
@@ -574,11 +583,21 @@ def pair_score(
     pairs at a threshold. When the other fields rule a pair out even with the most
     names can add (`_NAMES_MOST`), the names are not compared at all."""
     pa, pb = _as_profile(a), _as_profile(b)
-    fields = [(field, *compare(pa, pb)) for field, compare in _FIELDS]
-    if _chance([*fields, ("names", "agree", _NAMES_MOST, "")]) < at_least:
-        return None  # _chance never falls as the total rises: the score is lower still
-    value = _chance([("names", *_names(pa, pb, key_counts)), *fields])
+    weights = [compare(pa, pb, False)[1] for _, compare in _FIELDS]
+    if sum(weights) + _NAMES_MOST < _least_total(at_least):
+        return None  # the chance never falls as the total rises: the score is lower still
+    weights.append(_names(pa, pb, key_counts, False)[1])
+    value = _logistic(math.fsum(weights))
     return value if value >= at_least else None
+
+
+@lru_cache(maxsize=16)
+def _least_total(at_least: float) -> float:
+    """A total of weights below which `_chance` is surely below `at_least`: the
+    logit of `at_least`, less what rounding to 4 places and summing in another
+    order could move (`pair_score` skips the names of a pair below it)."""
+    lowest = at_least - 0.00006  # _chance rounds half up to 4 places at most this much
+    return -math.inf if lowest <= 0 else _BIAS + math.log(lowest / (1 - lowest)) - 1e-9
 
 
 def _compare(
@@ -591,5 +610,9 @@ def _compare(
 
 
 def _chance(compared: list[tuple[str, Outcome, float, str]]) -> float:
-    total = math.fsum(weight for _, _, weight, _ in compared)
+    return _logistic(math.fsum(weight for _, _, weight, _ in compared))
+
+
+def _logistic(total: float) -> float:
+    """The chance of "one person" for a total of log-odds (exact sums: `math.fsum`)."""
     return round(1.0 / (1.0 + math.exp(_BIAS - total)), 4)

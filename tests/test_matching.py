@@ -376,7 +376,8 @@ def test_pair_score_is_the_score_or_none_below_its_threshold(bench_set: Any) -> 
             full = score(profiles[a], profiles[b], key_counts=key_counts)
             names = field(full, "names").weight
             assert names <= matching._NAMES_MOST  # what pair_score's shortcut relies on
-            for at_least in (0.0, REVIEW_THRESHOLD, OPERATING_THRESHOLD):
+            # a pair's own score as the threshold: the edge the shortcut's margin guards
+            for at_least in (0.0, REVIEW_THRESHOLD, OPERATING_THRESHOLD, full.score):
                 expected = full.score if full.score >= at_least else None
                 got = pair_score(profiles[a], profiles[b], key_counts=key_counts, at_least=at_least)
                 assert got == expected, (a, b, at_least)
