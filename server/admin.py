@@ -49,7 +49,11 @@ class InitResult:
 def initialise(settings: HubSettings, *, admin: str, admin_password: str | None) -> InitResult:
     """Create keys, master key, database and the first admin. Refuses an existing hub."""
     secrets = HubSecrets.create(settings.data_dir)
-    engine = make_engine(settings.resolved_database_url(), busy_timeout_s=settings.busy_timeout_s)
+    engine = make_engine(
+        settings.resolved_database_url(),
+        busy_timeout_s=settings.busy_timeout_s,
+        mmap_mb=settings.sqlite_mmap_mb,
+    )
     old_umask = os.umask(0o077)  # the SQLite file and its WAL: owner only
     try:
         migrate(engine)

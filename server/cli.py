@@ -107,7 +107,11 @@ def serve(
 def migrate_cmd(data_dir: DataDir = None) -> None:
     """Bring the database schema to the latest version."""
     settings = settings_for(data_dir)
-    engine = make_engine(settings.resolved_database_url(), busy_timeout_s=settings.busy_timeout_s)
+    engine = make_engine(
+        settings.resolved_database_url(),
+        busy_timeout_s=settings.busy_timeout_s,
+        mmap_mb=settings.sqlite_mmap_mb,
+    )
     migrate(engine)
     out.print("database schema is up to date")
 

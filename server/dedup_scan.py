@@ -109,8 +109,19 @@ class _Job:
 _job: list[_Job] = []  # in a worker process: its scan
 
 
-def _start_worker(url: str, ids: list[str], chunk: int, key: bytes, cache: int, turn: Any) -> None:
-    _job.append(_Job(make_engine(url), ids, chunk, key, dedup_check.ProfileCache(cache), turn))
+def _start_worker(
+    url: str, options: dict[str, Any], ids: list[str], chunk: int, key: bytes, cache: int, turn: Any
+) -> None:
+    engine = make_engine(url, **options)
+    _job.append(_Job(engine, ids, chunk, key, dedup_check.ProfileCache(cache), turn))
+
+
+def _sqlite_options(engine: sa.Engine) -> dict[str, Any]:
+    """The lock wait and memory map of an SQLite engine, for the workers' own."""
+    with engine.connect() as conn:
+        timeout_ms = conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
+        mmap_bytes = conn.exec_driver_sql("PRAGMA mmap_size").scalar_one()
+    return {"busy_timeout_s": timeout_ms / 1000, "mmap_mb": mmap_bytes // 2**20}
 
 
 def _check_in_worker(start: int) -> _Checked:
@@ -146,7 +157,8 @@ def scan(
     # where SQLite's own busy handler would sleep and poll.
     turn = context.Lock()
     url = engine.url.render_as_string(hide_password=False)
-    setup = (url, ids, chunk, master_key, cache.size, turn)
+    options = _sqlite_options(engine) if engine.dialect.name == "sqlite" else {}
+    setup = (url, options, ids, chunk, master_key, cache.size, turn)
     # concurrent.futures, not multiprocessing.Pool: when a worker dies, a Pool
     # starts another and waits forever for the lost chunk; this raises.
     with ProcessPoolExecutor(

@@ -80,7 +80,9 @@ class Hub:
         self.settings = settings
         self.secrets = HubSecrets.load(settings.data_dir)
         self.engine = engine or make_engine(
-            settings.resolved_database_url(), busy_timeout_s=settings.busy_timeout_s
+            settings.resolved_database_url(),
+            busy_timeout_s=settings.busy_timeout_s,
+            mmap_mb=settings.sqlite_mmap_mb,
         )
         self._wall_ms = wall_ms
         with self.engine.begin() as conn:

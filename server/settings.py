@@ -36,6 +36,13 @@ class HubSettings(BaseSettings):
         description="Seconds a transaction waits for a database lock before giving up"
         " (503 database.unavailable over HTTP; one line and exit code 1 at the CLI).",
     )
+    sqlite_mmap_mb: int = Field(
+        default=2048,
+        ge=0,
+        description="SQLite only: MiB of the database file read through a memory map"
+        " (0: off; SQLite stops at 2 GiB). A duplicate check at a million records reads"
+        " hundreds of scattered rows, a quarter faster mapped than copied in.",
+    )
     profile_cache: int = Field(
         default=50_000,
         ge=0,

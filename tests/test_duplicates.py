@@ -427,6 +427,22 @@ def test_a_scan_in_two_processes_queues_the_pairs_a_serial_scan_does(
             hub.engine.dispose()
 
 
+def test_the_hub_and_a_scans_workers_open_sqlite_as_the_settings_say(tmp_path: Path) -> None:
+    settings = init_hub(tmp_path / "hub").model_copy(
+        update={"sqlite_mmap_mb": 64, "busy_timeout_s": 7.0}
+    )
+    for mmap_mb in (64, 0):
+        hub = Hub(settings.model_copy(update={"sqlite_mmap_mb": mmap_mb}))
+        try:
+            with hub.engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA mmap_size").scalar_one() == mmap_mb * 2**20
+            # what a scan's worker processes open their own engines with
+            options = dedup_scan._sqlite_options(hub.engine)
+            assert options == {"busy_timeout_s": 7.0, "mmap_mb": mmap_mb}
+        finally:
+            hub.engine.dispose()
+
+
 def test_a_scan_whose_worker_dies_stops_with_a_reason_and_keeps_what_it_queued(
     tmp_path: Path,
 ) -> None:
