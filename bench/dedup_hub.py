@@ -66,6 +66,7 @@ def populate(hub: Hub, docs: list[tuple[str, dict[str, Any], str]], *, chunk: in
         with hub.engine.begin() as conn:
             save_records(conn, recs.values(), now=now)
             dedup_check.index_records(conn, recs, index=hub.block_index)
+            dedup_check.mark_index_current(conn)  # as a hub that checked them would be
     return time.perf_counter() - start
 
 

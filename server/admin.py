@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from schemas.ids import uuid7
+from server import dedup_check
 from server import devices as device_store
 from server.db import make_engine, migrate
 from server.keystore import HubSecrets
@@ -66,6 +67,7 @@ def initialise(settings: HubSettings, *, admin: str, admin_password: str | None)
             raise FileExistsError("this database already holds a hub")
         device_store.set_meta(conn, "epoch", uuid7().hex)
         device_store.set_meta(conn, "hlc", "0" * 18)
+        dedup_check.mark_index_current(conn)  # no record filed yet, by any matcher
         conn.execute(
             sa.insert(users).values(
                 name=admin,

@@ -38,6 +38,7 @@ from schemas.matching import (
     profile_to_json,
 )
 from server.bulk import IN_CHUNK, insert_rows, rows_in
+from server.devices import get_meta, set_meta
 from server.models import BlockKey, DedupPending, DuplicatePair, MatchProfile, RecordRow
 from server.records import HubRecord, load_records
 from server.sealing import RecordCipher, SealError
@@ -54,9 +55,12 @@ __all__ = [
     "clear_pending",
     "count_pending",
     "gather",
+    "index_is_current",
     "index_records",
+    "mark_index_current",
     "queue_pairs",
     "queue_records",
+    "reindex_records",
     "score_gathered",
     "store_profiles",
     "take_pending",
@@ -157,6 +161,30 @@ def index_records(
     return {record: {hash: key}}."""
     entries = _profiled(conn, recs)
     return _index(conn, {rid: e.profile for rid, e in entries.items()}, index)
+
+
+def reindex_records(
+    conn: sa.Connection, record_ids: Iterable[str], *, index: BlockIndex, master_key: bytes
+) -> int:
+    """Unseal `record_ids`, profile them and refile their blocking keys; return how many."""
+    return len(index_records(conn, load_records(conn, record_ids, master_key), index=index))
+
+
+_INDEX_VERSION = "block_index_version"  # hub_meta: the PROFILE_VERSION the index was filed by
+
+
+def index_is_current(conn: sa.Connection) -> bool:
+    """Whether every record is filed under the keys of this matcher's version.
+
+    Not after an upgrade that changed `PROFILE_VERSION` (or from before the
+    version was kept): until each record is filed again, a check misses the
+    candidates whose keys changed. `dedup scan` refiles them all first."""
+    return get_meta(conn, _INDEX_VERSION) == str(PROFILE_VERSION)
+
+
+def mark_index_current(conn: sa.Connection) -> None:
+    """Record that every record is filed by this matcher (a new hub, a refiling)."""
+    set_meta(conn, _INDEX_VERSION, str(PROFILE_VERSION))
 
 
 def _index(

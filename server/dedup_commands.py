@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from schemas.matching import OPERATING_THRESHOLD
 from server import admin, dedup_check, duplicates
@@ -85,13 +92,22 @@ def dedup_scan(
     with hub.engine.connect() as conn:
         ids = dedup_check.all_record_ids(conn)
     with Progress(
-        TextColumn("scanning"),
+        TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         console=err,
     ) as bar:
-        task = bar.add_task("scan", total=len(ids))
+        task = bar.add_task("scanning", total=len(ids))
+        refiled: list[TaskID] = []
+
+        def refiling(done: int, total: int) -> None:
+            # Only after an upgrade that changed the matcher: every record is
+            # filed under its new blocking keys before the scan proper.
+            if not refiled:
+                refiled.append(bar.add_task("refiling blocking keys", total=total))
+            bar.update(refiled[0], completed=done)
+
         try:
             queued = scan(
                 hub.engine,
@@ -101,6 +117,7 @@ def dedup_scan(
                 chunk=chunk,
                 workers=workers or min(4, os.cpu_count() or 1),
                 progress=lambda checked: bar.advance(task, checked),
+                refiling=refiling,
             )
         except ScanStopped as exc:
             bar.stop()

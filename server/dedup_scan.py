@@ -137,16 +137,22 @@ def scan(
     chunk: int = 500,
     workers: int = 1,
     progress: Callable[[int], None] = lambda checked: None,
+    refiling: Callable[[int, int], None] = lambda done, total: None,
 ) -> int:
     """Check `record_ids` for possible duplicates, `chunk` records at a time, in
     `workers` processes (1: this one, with `cache`); return how many pairs were
     queued. `progress` is called with how many records each chunk checked.
+
+    When the blocking index was filed by another version of the matcher, every
+    record is refiled first (`refiling` is told how many of how many): a chunk
+    finds its candidates through the keys of records it has not checked yet.
 
     Raises `ScanStopped` when a worker process dies or stops answering; what
     was queued until then stays queued."""
     if chunk < 1 or workers < 1:
         raise ValueError(f"chunk {chunk} and workers {workers}: each must be at least 1")
     ids = sorted(set(record_ids))
+    _refile_if_stale(engine, master_key, chunk, refiling)
     starts = range(0, len(ids), chunk)
     in_memory = engine.url.database in (None, "", ":memory:")
     if workers == 1 or len(starts) <= 1 or in_memory:
@@ -173,6 +179,26 @@ def scan(
         finally:
             for future in futures:
                 future.cancel()
+
+
+def _refile_if_stale(
+    engine: sa.Engine, master_key: bytes, chunk: int, refiling: Callable[[int, int], None]
+) -> None:
+    with engine.connect() as conn:
+        if dedup_check.index_is_current(conn):
+            return
+        ids = dedup_check.all_record_ids(conn)
+    index = dedup_check.BlockIndex(master_key)
+    for start in range(0, len(ids), chunk):
+        with engine.begin() as conn:
+            write_lock(conn)
+            dedup_check.reindex_records(
+                conn, ids[start : start + chunk], index=index, master_key=master_key
+            )
+        refiling(min(start + chunk, len(ids)), len(ids))
+    with engine.begin() as conn:
+        # Records stored meanwhile were filed by their own checks, with this matcher.
+        dedup_check.mark_index_current(conn)
 
 
 def _queue_all(job: _Job, results: Iterator[_Checked], progress: Callable[[int], None]) -> int:

@@ -385,14 +385,19 @@ def _blocked_pairs(docs: list[tuple[str, dict[str, Any], str]]) -> dict[tuple[st
     return expected
 
 
+def _scan_docs() -> list[tuple[str, dict[str, Any], str]]:
+    """150 persons' registrations (with duplicates), ids in a stable order."""
+    return [
+        (str(uuid.UUID(int=i + 1)), item.doc, item.site)
+        for i, item in enumerate(generate(150, seed=5))
+    ]
+
+
 @pytest.mark.parametrize("backend", database_backends())
 def test_a_scan_in_two_processes_queues_the_pairs_a_serial_scan_does(
     backend: str, tmp_path: Path
 ) -> None:
-    docs = [
-        (str(uuid.UUID(int=i + 1)), item.doc, item.site)
-        for i, item in enumerate(generate(150, seed=5))
-    ]
+    docs = _scan_docs()
     expected = _blocked_pairs(docs)
     assert len(expected) >= 10  # enough duplicates for the test to mean something
     with fresh_database(backend) as url:
@@ -427,6 +432,69 @@ def test_a_scan_in_two_processes_queues_the_pairs_a_serial_scan_does(
             hub.engine.dispose()
 
 
+def test_a_scan_after_the_matcher_changed_refiles_every_record_before_checking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = _scan_docs()
+    expected = _blocked_pairs(docs)
+    hub = Hub(init_hub(tmp_path / "hub"))
+    try:
+        populate(hub, docs)
+        with hub.engine.begin() as conn:
+            ids = dedup_check.all_record_ids(conn)
+            # An upgrade whose matcher (PROFILE_VERSION 2) files records under other
+            # keys: those filed by the old one meet nothing, as if there were none.
+            conn.execute(sa.text("DELETE FROM block_keys"))
+        monkeypatch.setattr(dedup_check, "PROFILE_VERSION", 2)
+
+        def scan(refiling: Any = lambda done, total: None) -> None:
+            dedup_scan.scan(
+                hub.engine,
+                ids,
+                master_key=hub.secrets.master_key,
+                cache=dedup_check.ProfileCache(),
+                chunk=5,
+                refiling=refiling,
+            )
+
+        def queued() -> set[tuple[str, str]]:
+            with hub.engine.begin() as conn:
+                rows = conn.execute(sa.text("SELECT record_a, record_b FROM duplicates")).all()
+            return {(a, b) for a, b in rows}
+
+        # What a scan would miss if it trusted the old keys: a chunk's candidates
+        # in later chunks are not filed yet.
+        with hub.engine.begin() as conn:
+            dedup_check.mark_index_current(conn)
+        scan()
+        assert queued() < set(expected)
+        with hub.engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM duplicates"))
+            stale = "UPDATE hub_meta SET value = '1' WHERE key = 'block_index_version'"
+            conn.execute(sa.text(stale))
+            assert not dedup_check.index_is_current(conn)
+        told: list[tuple[int, int]] = []
+        scan(lambda done, total: told.append((done, total)))
+        assert queued() == set(expected)
+        assert told[-1] == (len(ids), len(ids)) and len(told) == -(-len(ids) // 5)
+        with hub.engine.begin() as conn:
+            assert dedup_check.index_is_current(conn)
+        told.clear()
+        scan(lambda done, total: told.append((done, total)))
+        assert not told  # refiled once, not on every scan
+    finally:
+        hub.engine.dispose()
+
+
+def test_a_new_hub_s_index_is_current(tmp_path: Path) -> None:
+    hub = Hub(init_hub(tmp_path / "hub"))
+    try:
+        with hub.engine.begin() as conn:
+            assert dedup_check.index_is_current(conn)
+    finally:
+        hub.engine.dispose()
+
+
 def test_the_hub_and_a_scans_workers_open_sqlite_as_the_settings_say(tmp_path: Path) -> None:
     settings = init_hub(tmp_path / "hub").model_copy(
         update={"sqlite_mmap_mb": 64, "busy_timeout_s": 7.0}
@@ -446,10 +514,7 @@ def test_the_hub_and_a_scans_workers_open_sqlite_as_the_settings_say(tmp_path: P
 def test_a_scan_whose_worker_dies_stops_with_a_reason_and_keeps_what_it_queued(
     tmp_path: Path,
 ) -> None:
-    docs = [
-        (str(uuid.UUID(int=i + 1)), item.doc, item.site)
-        for i, item in enumerate(generate(150, seed=5))
-    ]
+    docs = _scan_docs()
     hub = Hub(init_hub(tmp_path / "hub"))
     try:
         populate(hub, docs)
