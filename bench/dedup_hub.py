@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from bench.dedup_data import generate
 from schemas.fields import FIELD_PATHS, flatten_doc
-from server import dedup_check, dedup_scan
+from server import dedup_check, dedup_scan, match_profiles
 from server.admin import initialise
 from server.db import migrate
 from server.hub import Hub
@@ -133,10 +133,10 @@ def _populated(
                     sa.or_(pairs.c.record_a.in_(probes), pairs.c.record_b.in_(probes))
                 )
             )
-            stale = dedup_check.unprofiled_ids(conn)
+            stale = match_profiles.unprofiled_ids(conn)
         for start in range(0, len(stale), 2_000):
             with hub.engine.begin() as conn:
-                dedup_check.store_profiles(
+                match_profiles.store_profiles(
                     conn, stale[start : start + 2_000], master_key=hub.secrets.master_key
                 )
         return hub, 0.0

@@ -11,14 +11,21 @@ Compiling an `IN` of hundreds of bound ids is likewise a millisecond a batch;
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 
-__all__ = ["IN_CHUNK", "insert_rows", "mark", "rows_in", "update_rows"]
+__all__ = ["IN_CHUNK", "chunks", "insert_rows", "mark", "rows_in", "update_rows"]
 
 IN_CHUNK = 500  # ids per IN (...): well inside SQLite's and PostgreSQL's limits
+
+
+def chunks(items: Iterable[str]) -> Iterator[list[str]]:
+    """The distinct `items`, sorted, in lists of at most `IN_CHUNK` (for `IN (...)`)."""
+    wanted = sorted(set(items))
+    for start in range(0, len(wanted), IN_CHUNK):
+        yield wanted[start : start + IN_CHUNK]
 
 
 def _marks(conn: sa.Connection, count: int) -> list[str]:

@@ -5,50 +5,39 @@ Blocking keys are stored as HMACs under a key derived from the master key,
 like the name index: equal keys meet, the table alone says nothing about
 anyone. A check works on a whole set of records at once (a push batch, a scan
 chunk): one query for the block sizes, one for the candidates, one for the
-pairs already known, one for the candidates' stored match profiles
-(`match_profiles`, each sealed under its record's own key), and one unsealing
-of the records whose profile is missing or stale. Scoring is
-`schemas.matching` (pure).
+pairs already known, and the candidates' profiles (`server.match_profiles`:
+one query, and one unsealing of the records whose profile is missing or
+stale). Scoring is `schemas.matching` (pure).
 """
 
 from __future__ import annotations
 
 import hmac
-import threading
-from collections import OrderedDict
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from pydantic_core import from_json
 
-from schemas.fields import unflatten
 from schemas.matching import (
     MAX_BLOCK,
     PROFILE_VERSION,
     REVIEW_THRESHOLD,
     Profile,
     pair_score,
-    profile,
-    profile_from_json,
-    profile_to_json,
 )
-from server.bulk import IN_CHUNK, insert_rows, rows_in
+from server.bulk import chunks, insert_rows
 from server.devices import get_meta, set_meta
-from server.models import BlockKey, DedupPending, DuplicatePair, MatchProfile, RecordRow
+from server.match_profiles import Entry, ProfileCache, read_entries, store_entries
+from server.models import BlockKey, DedupPending, DuplicatePair, RecordRow
 from server.records import HubRecord, load_records
-from server.sealing import RecordCipher, SealError
 
 __all__ = [
-    "MERGED_INTO",
     "BlockIndex",
     "FoundPair",
     "Gathered",
-    "ProfileCache",
     "all_record_ids",
     "check_records",
     "clear_checked",
@@ -62,17 +51,13 @@ __all__ = [
     "queue_records",
     "reindex_records",
     "score_gathered",
-    "store_profiles",
     "take_pending",
-    "unprofiled_ids",
 ]
 
 block_keys = BlockKey.__table__  # type: ignore[attr-defined]
 records = RecordRow.__table__  # type: ignore[attr-defined]
 pairs = DuplicatePair.__table__  # type: ignore[attr-defined]
 pending = DedupPending.__table__  # type: ignore[attr-defined]
-profiles = MatchProfile.__table__  # type: ignore[attr-defined]
-MERGED_INTO = "merged_into"
 
 
 class BlockIndex:
@@ -86,80 +71,12 @@ class BlockIndex:
         return hmac.digest(self._key, key.encode(), "sha256").hex()[:32]
 
 
-class _Entry:
-    __slots__ = ("merged", "profile", "seq", "site")
-
-    def __init__(self, seq: int, site: str, merged: bool, profile: Profile) -> None:
-        self.seq, self.site, self.merged, self.profile = seq, site, merged, profile
-
-
-class ProfileCache:
-    """Match profiles of recently checked records, in this process's memory only.
-
-    An entry is valid for the record's `last_hub_seq`: every change to a record
-    gives it a new one, so a stale profile is never used. Bounded (least
-    recently used out); `size=0` turns it off. Profiles hold normalised names,
-    like any record the hub unseals to work on; they never leave the process.
-    """
-
-    def __init__(self, size: int = 50_000) -> None:
-        self.size = size
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._lock = threading.Lock()  # the checker thread and request threads share it
-
-    def get(self, record_id: str, seq: int) -> _Entry | None:
-        return self.get_many({record_id: seq}).get(record_id)
-
-    def get_many(self, seqs: Mapping[str, int]) -> dict[str, _Entry]:
-        """The entries valid for `seqs` ({record: its last_hub_seq}) that are held."""
-        out: dict[str, _Entry] = {}
-        if self.size <= 0:
-            return out
-        with self._lock:
-            for record_id, seq in seqs.items():
-                entry = self._entries.get(record_id)
-                if entry is not None and entry.seq == seq:
-                    self._entries.move_to_end(record_id)
-                    out[record_id] = entry
-        return out
-
-    def put(self, record_id: str, entry: _Entry) -> None:
-        self.put_many({record_id: entry})
-
-    def put_many(self, entries: Mapping[str, _Entry]) -> None:
-        if self.size <= 0 or not entries:
-            return
-        with self._lock:
-            for record_id, entry in entries.items():
-                self._entries[record_id] = entry
-                self._entries.move_to_end(record_id)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, record_id: object) -> bool:
-        return record_id in self._entries
-
-
-def _entry(rec: HubRecord) -> _Entry:
-    doc = unflatten({p: f["v"] for p, f in rec.fields.items()})
-    return _Entry(rec.last_hub_seq, rec.site or "", bool(rec.value(MERGED_INTO)), profile(doc))
-
-
-def _chunks(items: Iterable[str]) -> Iterable[list[str]]:
-    wanted = sorted(set(items))
-    for start in range(0, len(wanted), IN_CHUNK):
-        yield wanted[start : start + IN_CHUNK]
-
-
 def index_records(
     conn: sa.Connection, recs: Mapping[str, HubRecord], *, index: BlockIndex
 ) -> dict[str, dict[str, str]]:
     """Replace the blocking-index entries of `recs` and store their profiles;
     return {record: {hash: key}}."""
-    entries = _profiled(conn, recs)
+    entries = store_entries(conn, recs)
     return _index(conn, {rid: e.profile for rid, e in entries.items()}, index)
 
 
@@ -192,7 +109,7 @@ def _index(
 ) -> dict[str, dict[str, str]]:
     keys_of = {rid: {index.blind(k): k for k in prof.keys} for rid, prof in profiles.items()}
     filed: dict[str, set[str]] = {}
-    for chunk in _chunks(profiles):
+    for chunk in chunks(profiles):
         stmt = sa.select(block_keys.c.record_id, block_keys.c.key_hash).where(
             block_keys.c.record_id.in_(chunk)
         )
@@ -201,7 +118,7 @@ def _index(
     # A record filed under its keys already is left alone: a check of unchanged
     # records writes nothing (and on SQLite its commit waits for no disk).
     changed = [rid for rid, keys in keys_of.items() if filed.get(rid, set()) != keys.keys()]
-    for chunk in _chunks(rid for rid in changed if rid in filed):
+    for chunk in chunks(rid for rid in changed if rid in filed):
         conn.execute(sa.delete(block_keys).where(block_keys.c.record_id.in_(chunk)))
     rows = [{"key_hash": h, "record_id": rid} for rid in changed for h in keys_of[rid]]
     if rows:
@@ -222,7 +139,7 @@ def queue_records(
     cannot be queued already, so there is nothing of theirs to replace.
     """
     ids = sorted(set(record_ids))
-    for chunk in _chunks([rid for rid in ids if rid not in new]):
+    for chunk in chunks([rid for rid in ids if rid not in new]):
         conn.execute(sa.delete(pending).where(pending.c.record_id.in_(chunk)))
     insert_rows(conn, pending, ("record_id", "queued_at"), [(rid, now) for rid in ids])
 
@@ -239,7 +156,7 @@ def take_pending(conn: sa.Connection, limit: int) -> list[str]:
 
 def clear_pending(conn: sa.Connection, record_ids: Iterable[str]) -> None:
     """Records checked: off the queue."""
-    for chunk in _chunks(record_ids):
+    for chunk in chunks(record_ids):
         conn.execute(sa.delete(pending).where(pending.c.record_id.in_(chunk)))
 
 
@@ -247,7 +164,7 @@ def clear_checked(conn: sa.Connection, seqs: Mapping[str, int]) -> None:
     """Records checked at these `last_hub_seq`s: off the queue, unless one has
     changed since (it stays queued, to be checked again as it is now)."""
     unchanged: list[str] = []
-    for chunk in _chunks(seqs):
+    for chunk in chunks(seqs):
         stmt = sa.select(records.c.id, records.c.last_hub_seq).where(records.c.id.in_(chunk))
         unchanged += [rid for rid, seq in conn.execute(stmt) if seqs[rid] == seq]
     clear_pending(conn, unchanged)
@@ -269,7 +186,7 @@ def _blocks(
     which, for the blocks of 2 to `MAX_BLOCK` records (a larger one is too common
     to use)."""
     sizes: dict[str, int] = {}
-    for chunk in _chunks(hashes):
+    for chunk in chunks(hashes):
         stmt = (
             sa.select(block_keys.c.key_hash, sa.func.count())
             .where(block_keys.c.key_hash.in_(chunk))
@@ -278,7 +195,7 @@ def _blocks(
         sizes.update((h, int(n)) for h, n in conn.execute(stmt))
     members: dict[str, list[str]] = {}
     # A key only one record carries is the asking record's own: no candidate there.
-    for chunk in _chunks(h for h, n in sizes.items() if 1 < n <= MAX_BLOCK):
+    for chunk in chunks(h for h, n in sizes.items() if 1 < n <= MAX_BLOCK):
         stmt = sa.select(block_keys.c.key_hash, block_keys.c.record_id).where(
             block_keys.c.key_hash.in_(chunk)
         )
@@ -289,7 +206,7 @@ def _blocks(
 
 def _known_pairs(conn: sa.Connection, ids: Iterable[str]) -> set[tuple[str, str]]:
     known: set[tuple[str, str]] = set()
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         stmt = sa.select(pairs.c.record_a, pairs.c.record_b).where(
             sa.or_(pairs.c.record_a.in_(chunk), pairs.c.record_b.in_(chunk))
         )
@@ -297,110 +214,12 @@ def _known_pairs(conn: sa.Connection, ids: Iterable[str]) -> set[tuple[str, str]
     return known
 
 
-def _candidate_entries(
-    conn: sa.Connection, ids: Iterable[str], master_key: bytes, cache: ProfileCache
-) -> dict[str, _Entry]:
-    """Profiles of `ids`: from the cache, else from the sealed profile stored for
-    the record (`match_profiles`), where the record has not changed since; else
-    unsealed and profiled (and stored). Each is cached.
-
-    A check at a large hub reads hundreds of candidates here, so the loop is
-    kept lean: plain tuples, one cache lock per chunk."""
-    out: dict[str, _Entry] = {}
-    stale: list[str] = []
-    for chunk in _chunks(ids):
-        rows = _candidate_rows(conn, chunk)
-        out.update(cache.get_many({row[0]: row[1] for row in rows}))
-        opened: dict[str, _Entry] = {}
-        for rid, seq, site, wrapped, profile_seq, sealed in rows:
-            if rid in out:
-                continue
-            entry = None
-            if profile_seq == seq:
-                entry = _stored_entry(rid, seq, site, wrapped, sealed, master_key)
-            if entry is None:
-                stale.append(rid)
-            else:
-                opened[rid] = entry
-        cache.put_many(opened)
-        out.update(opened)
-    made = _profiled(conn, load_records(conn, stale, master_key))
-    cache.put_many(made)
-    return {**out, **made}
-
-
-def _candidate_rows(conn: sa.Connection, chunk: list[str]) -> list[Any]:
-    """(id, last_hub_seq, site, wrapped_key, profile_seq, sealed profile) of each
-    record in `chunk`, straight through the driver (`bulk.rows_in`)."""
-    sql = (
-        "SELECT r.id, r.last_hub_seq, r.site, r.wrapped_key, p.profile_seq, p.sealed"
-        f" FROM {records.name} r LEFT JOIN {profiles.name} p ON p.record_id = r.id"
-        " WHERE r.id IN ({marks})"
-    )
-    return rows_in(conn, sql, chunk)
-
-
-def _stored_entry(
-    rid: str, seq: int, site: str | None, wrapped: bytes, sealed: bytes, master_key: bytes
-) -> _Entry | None:
-    try:
-        version, merged, data = from_json(
-            RecordCipher(master_key, rid, wrapped).open_json(sealed, "profile")
-        )
-        if version != PROFILE_VERSION:
-            return None  # made by another version of `profile`: make it again
-        return _Entry(seq, site or "", bool(merged), profile_from_json(data))
-    except (SealError, ValueError, TypeError):
-        return None  # unreadable: profile it again
-
-
-def _profiled(conn: sa.Connection, recs: Mapping[str, HubRecord]) -> dict[str, _Entry]:
-    """Profile `recs` (unsealed already) and store each profile sealed under the
-    record's own cipher, for the checks to come."""
-    entries = {rid: _entry(rec) for rid, rec in recs.items()}
-    rows = [
-        (
-            rid,
-            entry.seq,
-            recs[rid].cipher.seal(
-                [PROFILE_VERSION, entry.merged, profile_to_json(entry.profile)], "profile"
-            ),
-        )
-        for rid, entry in entries.items()
-    ]
-    for chunk in _chunks(entries):
-        conn.execute(sa.delete(profiles).where(profiles.c.record_id.in_(chunk)))
-    insert_rows(conn, profiles, ("record_id", "profile_seq", "sealed"), rows)
-    return entries
-
-
-def unprofiled_ids(conn: sa.Connection) -> list[str]:
-    """Records with no current stored profile (never checked, or changed since):
-    after an upgrade, every record until its next check or a `dedup scan`."""
-    stmt = (
-        sa.select(records.c.id)
-        .select_from(records.outerjoin(profiles, profiles.c.record_id == records.c.id))
-        .where(
-            sa.or_(
-                profiles.c.profile_seq.is_(None), profiles.c.profile_seq != records.c.last_hub_seq
-            )
-        )
-        .order_by(records.c.id)
-    )
-    return list(conn.execute(stmt).scalars())
-
-
-def store_profiles(conn: sa.Connection, record_ids: Iterable[str], *, master_key: bytes) -> int:
-    """Unseal, profile and store the profiles of `record_ids`; return how many."""
-    return len(_profiled(conn, load_records(conn, record_ids, master_key)))
-
-
 @dataclass(frozen=True)
 class Gathered:
     """What scoring a set of records against their candidates needs (`gather`)."""
 
-    mine: dict[str, _Entry]  # the records checked
-    others: dict[str, _Entry]  # their candidates not known yet, and the records themselves
+    mine: dict[str, Entry]  # the records checked
+    others: dict[str, Entry]  # their candidates not known yet, and the records themselves
     candidates: dict[str, set[str]]  # record -> candidates it shares a usable key with
     key_counts: dict[str, dict[str, int]]  # record -> {its key: records filed under it}
     known: set[tuple[str, str]]  # pairs already in the queue, decided or not
@@ -429,7 +248,7 @@ def gather(
     """(Re)index `record_ids`, store their profiles, and read what scoring them
     needs: their candidates (not those in `skip`), profiles and known pairs."""
     cache = cache if cache is not None else ProfileCache(0)
-    mine = _candidate_entries(conn, set(record_ids), master_key, cache)
+    mine = read_entries(conn, set(record_ids), master_key, cache)
     if not mine:
         return Gathered({}, {}, {}, {}, set())
     keys_of = _index(conn, {rid: e.profile for rid, e in mine.items()}, index)
@@ -449,7 +268,7 @@ def gather(
         for o in cands
         if o not in mine and ((rid, o) if rid < o else (o, rid)) not in known
     }
-    others = _candidate_entries(conn, wanted, master_key, cache)
+    others = read_entries(conn, wanted, master_key, cache)
     others.update(mine)
     counts = {rid: {keys_of[rid][h]: sizes[h] for h in keys_of[rid] if h in sizes} for rid in found}
     return Gathered(mine, others, found, counts, known)

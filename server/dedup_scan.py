@@ -24,7 +24,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from server import dedup_check
+from server import dedup_check, match_profiles
 from server.db import make_engine, write_lock
 
 __all__ = ["TURN_TIMEOUT_S", "ScanStopped", "scan"]
@@ -76,7 +76,7 @@ class _Job:
         ids: Sequence[str],
         chunk: int,
         master_key: bytes,
-        cache: dedup_check.ProfileCache,
+        cache: match_profiles.ProfileCache,
         turn: contextlib.AbstractContextManager[Any],
     ) -> None:
         self.engine, self.ids, self.chunk, self.cache, self.turn = engine, ids, chunk, cache, turn
@@ -113,7 +113,7 @@ def _start_worker(
     url: str, options: dict[str, Any], ids: list[str], chunk: int, key: bytes, cache: int, turn: Any
 ) -> None:
     engine = make_engine(url, **options)
-    _job.append(_Job(engine, ids, chunk, key, dedup_check.ProfileCache(cache), turn))
+    _job.append(_Job(engine, ids, chunk, key, match_profiles.ProfileCache(cache), turn))
 
 
 def _sqlite_options(engine: sa.Engine) -> dict[str, Any]:
@@ -133,7 +133,7 @@ def scan(
     record_ids: Sequence[str],
     *,
     master_key: bytes,
-    cache: dedup_check.ProfileCache,
+    cache: match_profiles.ProfileCache,
     chunk: int = 500,
     workers: int = 1,
     progress: Callable[[int], None] = lambda checked: None,

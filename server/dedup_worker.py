@@ -26,7 +26,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from server import dedup_check
+from server import dedup_check, match_profiles
 from server.db import write_lock
 
 __all__ = ["DuplicateChecker"]
@@ -44,7 +44,7 @@ class DuplicateChecker:
         *,
         index: dedup_check.BlockIndex,
         master_key: bytes,
-        cache: dedup_check.ProfileCache,
+        cache: match_profiles.ProfileCache,
         now: Callable[[], datetime],
         idle_s: float = IDLE_S,
         max_hold_s: float = MAX_HOLD_S,

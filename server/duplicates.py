@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from schemas.fields import unflatten
 from schemas.matching import REVIEW_THRESHOLD, Match, profile, score
 from server.db import write_lock
-from server.dedup_check import MERGED_INTO
 from server.hub_edits import hub_edit
+from server.match_profiles import MERGED_INTO
 from server.models import DuplicatePair, as_utc
 from server.problems import Problem
 from server.records import HubRecord, load_records, save_records

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from schemas.record import MIN_SCHEMA_VERSION, SCHEMA_VERSION
 from server import audit as audit_log
-from server import dedup_check, name_index
+from server import dedup_check, match_profiles, name_index
 from server import devices as device_store
 from server.db import make_engine
 from server.dedup_worker import DuplicateChecker
@@ -97,7 +97,7 @@ class Hub:
         self.audit_enabled = True  # benchmarks turn it off to measure what auditing costs
         self.name_index = IndexKey(self.secrets.master_key)
         self.block_index = dedup_check.BlockIndex(self.secrets.master_key)
-        self.profiles = dedup_check.ProfileCache(settings.profile_cache)
+        self.profiles = match_profiles.ProfileCache(settings.profile_cache)
         self.checker = DuplicateChecker(
             self.engine,
             index=self.block_index,

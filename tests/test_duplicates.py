@@ -31,7 +31,7 @@ from schemas.matching import (
     score,
 )
 from schemas.record import SCHEMA_VERSION
-from server import accounts, dedup_check, dedup_scan
+from server import accounts, dedup_check, dedup_scan, match_profiles
 from server.accounts import Role
 from server.dedup_worker import DuplicateChecker
 from server.hub import Hub
@@ -302,7 +302,7 @@ def test_the_background_check_waits_while_pushes_arrive_but_not_for_ever() -> No
         sa.create_engine("sqlite://"),
         index=dedup_check.BlockIndex(b"k" * 32),
         master_key=b"k" * 32,
-        cache=dedup_check.ProfileCache(0),
+        cache=match_profiles.ProfileCache(0),
         now=lambda: datetime.now(UTC),
         idle_s=0.5,
         max_hold_s=10.0,
@@ -415,7 +415,7 @@ def test_a_scan_in_two_processes_queues_the_pairs_a_serial_scan_does(
                     hub.engine,
                     ids,
                     master_key=hub.secrets.master_key,
-                    cache=dedup_check.ProfileCache(),
+                    cache=match_profiles.ProfileCache(),
                     chunk=5,
                     workers=workers,
                     progress=shown.append,
@@ -452,7 +452,7 @@ def test_a_scan_after_the_matcher_changed_refiles_every_record_before_checking(
                 hub.engine,
                 ids,
                 master_key=hub.secrets.master_key,
-                cache=dedup_check.ProfileCache(),
+                cache=match_profiles.ProfileCache(),
                 chunk=5,
                 refiling=refiling,
             )
@@ -536,7 +536,7 @@ def test_a_scan_whose_worker_dies_stops_with_a_reason_and_keeps_what_it_queued(
                 hub.engine,
                 ids,
                 master_key=hub.secrets.master_key,
-                cache=dedup_check.ProfileCache(),
+                cache=match_profiles.ProfileCache(),
                 chunk=5,
                 workers=2,
                 progress=kill_a_worker,
@@ -545,7 +545,10 @@ def test_a_scan_whose_worker_dies_stops_with_a_reason_and_keeps_what_it_queued(
         # The hub is usable and a scan run again finds every pair, once.
         assert (
             dedup_scan.scan(
-                hub.engine, ids, master_key=hub.secrets.master_key, cache=dedup_check.ProfileCache()
+                hub.engine,
+                ids,
+                master_key=hub.secrets.master_key,
+                cache=match_profiles.ProfileCache(),
             )
             >= 0
         )

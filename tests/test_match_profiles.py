@@ -15,7 +15,7 @@ from alembic.config import Config
 
 from bench.dedup_data import generate
 from bench.dedup_hub import populate
-from server import db, dedup_check
+from server import db, dedup_check, match_profiles
 from server.hub import Hub
 from tests.hubkit import database_backends, fresh_database, init_hub
 
@@ -42,7 +42,7 @@ def _check_all(hub: Hub, ids: list[str]) -> None:
                 index=hub.block_index,
                 master_key=hub.secrets.master_key,
                 now=datetime.now(UTC),
-                cache=dedup_check.ProfileCache(0),
+                cache=match_profiles.ProfileCache(0),
             )
 
 
@@ -60,7 +60,7 @@ def test_a_hub_upgraded_from_0005_makes_its_profiles_again_and_finds_the_same_pa
             populate(hub, docs)  # stores every record's profile
             with hub.engine.begin() as conn:
                 ids = dedup_check.all_record_ids(conn)
-                assert dedup_check.unprofiled_ids(conn) == []
+                assert match_profiles.unprofiled_ids(conn) == []
             _check_all(hub, ids)
             from_store = _pairs(hub)
             assert len(from_store) >= 5  # enough duplicates for the test to mean something
@@ -74,13 +74,13 @@ def test_a_hub_upgraded_from_0005_makes_its_profiles_again_and_finds_the_same_pa
             with hub.engine.begin() as conn:
                 command.upgrade(_alembic(conn), "head")
             with hub.engine.begin() as conn:
-                assert dedup_check.unprofiled_ids(conn) == ids
+                assert match_profiles.unprofiled_ids(conn) == ids
                 columns = {c["name"] for c in sa.inspect(conn).get_columns("records")}
                 assert not columns & {"match_profile", "profile_seq"}
             _check_all(hub, ids)  # each record is profiled again when first met
             assert _pairs(hub) == from_store
             with hub.engine.begin() as conn:
-                assert dedup_check.unprofiled_ids(conn) == []
+                assert match_profiles.unprofiled_ids(conn) == []
         finally:
             hub.engine.dispose()
 
@@ -102,11 +102,11 @@ def test_a_changed_record_needs_a_new_profile_and_store_profiles_makes_it(
                 conn.execute(
                     sa.text("UPDATE records SET last_hub_seq = 7 WHERE id = :r"), {"r": changed}
                 )
-                assert dedup_check.unprofiled_ids(conn) == [changed]
-                made = dedup_check.store_profiles(
+                assert match_profiles.unprofiled_ids(conn) == [changed]
+                made = match_profiles.store_profiles(
                     conn, [changed], master_key=hub.secrets.master_key
                 )
                 assert made == 1
-                assert dedup_check.unprofiled_ids(conn) == []
+                assert match_profiles.unprofiled_ids(conn) == []
         finally:
             hub.engine.dispose()
