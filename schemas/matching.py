@@ -406,6 +406,32 @@ def _compare_tokens(
     return min(agreement, 10.0), max(penalty, -8.0), outcome, tuple(notes), close
 
 
+def _name_carriers(a: Profile, b: Profile, counts: Mapping[str, int] | None) -> int:
+    """How many records carry the rarest name-pair key `a` and `b` share (at least
+    2), or 0 when they share none or there are no `counts`."""
+    if not counts:
+        return 0
+    shared = [counts.get(k, 2) for k in a.keys & b.keys if k[0] == "n"]
+    return max(2, min(shared)) if shared else 0
+
+
+def _carried_weight(carriers: int) -> float:
+    # Term frequency: the other records carrying this name pair hold, on the
+    # bench, about two more registrations of the same person for every one
+    # who merely shares the name; the fewer carriers, the surer the match.
+    return _BIAS - math.log((carriers - 1) / 2.0)
+
+
+def _names_most(a: Profile, b: Profile, counts: Mapping[str, int] | None) -> float:
+    """The most `_names(a, b, counts)` can weigh, found without comparing the
+    names: its agreement is a shared name-pair key's weight by its carriers
+    (never below 0, the most names that disagree outright weigh), else capped
+    at 10; its penalty is never positive. `pair_score` relies on it
+    (tests/test_matching.py checks it holds)."""
+    carriers = _name_carriers(a, b, counts)
+    return max(0.0, _carried_weight(carriers)) if carriers else 10.0
+
+
 def _names(
     a: Profile, b: Profile, counts: Mapping[str, int] | None, explain: bool = True
 ) -> _Compared:
@@ -418,13 +444,10 @@ def _names(
         else max(found, key=lambda f: (f[0] + f[1], -f[4], sorted((f[5].tokens, f[6].tokens))))
     )  # the best reading of both names; ties broken the same way whichever comes first
     carriers = 0
-    shared = [counts.get(k, 2) for k in a.keys & b.keys if k[0] == "n"] if counts else []
+    shared = _name_carriers(a, b, counts)
     if shared and outcome != "disagree":
-        # Term frequency: the other records carrying this name pair hold, on the
-        # bench, about two more registrations of the same person for every one
-        # who merely shares the name; the fewer carriers, the surer the match.
-        carriers = max(2, min(shared))
-        agreement = _BIAS - math.log((carriers - 1) / 2.0) - 2.0 * close
+        carriers = shared
+        agreement = _carried_weight(carriers) - 2.0 * close
     if not explain:
         return outcome, agreement + penalty, ""
     notes = [*told, *[f"name pair carried by {carriers} records"] * bool(carriers)]
@@ -433,12 +456,6 @@ def _names(
     notes = [f"same skeleton {', '.join(skeletons)}"] * bool(skeletons) + notes
     detail = f"'{fa.text}' ~ '{fb.text}' ({'; '.join(notes) or 'same spelling'})"
     return outcome, agreement + penalty, detail
-
-
-_NAMES_MOST = max(10.0, _BIAS - math.log(1 / 2.0))
-"""The most `_names` can weigh: agreement is capped at 10 or, weighed by key counts
-(2 carriers at least), `_BIAS - log((carriers - 1) / 2)`; the penalty is never
-positive. `pair_score` relies on it (tests/test_matching.py checks it holds)."""
 
 
 def _birth_dates(a: Profile, b: Profile, explain: bool = True) -> _Compared:
@@ -580,10 +597,10 @@ def pair_score(
     """`score(a, b, key_counts=key_counts).score` without building the explanation,
     or None if that is below `at_least`: cheaper, for a caller that only keeps
     pairs at a threshold. When the other fields rule a pair out even with the most
-    names can add (`_NAMES_MOST`), the names are not compared at all."""
+    names of this pair can add (`_names_most`), the names are not compared at all."""
     pa, pb = _as_profile(a), _as_profile(b)
     weights = [compare(pa, pb, False)[1] for _, compare in _FIELDS]
-    if sum(weights) + _NAMES_MOST < _least_total(at_least):
+    if sum(weights) + _names_most(pa, pb, key_counts) < _least_total(at_least):
         return None  # the chance never falls as the total rises: the score is lower still
     weights.append(_names(pa, pb, key_counts, False)[1])
     value = _logistic(math.fsum(weights))

@@ -370,21 +370,27 @@ def test_true_duplicates_share_a_blocking_key(bench_set: Any) -> None:
 def test_pair_score_is_the_score_or_none_below_its_threshold(bench_set: Any) -> None:
     _, scored = bench_set
     profiles, counts = scored.profiles, scored.key_counts
-    skipped_names = 0
+    skipped_names = by_carriers = 0
     for a, b in scored.scores:
         for key_counts in (counts, None):
             full = score(profiles[a], profiles[b], key_counts=key_counts)
             names = field(full, "names").weight
-            assert names <= matching._NAMES_MOST  # what pair_score's shortcut relies on
+            most_names = matching._names_most(profiles[a], profiles[b], key_counts)
+            assert names <= most_names  # what pair_score's shortcut relies on
             # a pair's own score as the threshold: the edge the shortcut's margin guards
             for at_least in (0.0, REVIEW_THRESHOLD, OPERATING_THRESHOLD, full.score):
                 expected = full.score if full.score >= at_least else None
                 got = pair_score(profiles[a], profiles[b], key_counts=key_counts, at_least=at_least)
                 assert got == expected, (a, b, at_least)
             fields = [(i.field, i.outcome, i.weight, i.detail) for i in full.explanation[1:]]
-            most = matching._chance([*fields, ("names", "agree", matching._NAMES_MOST, "")])
+            most = matching._chance([*fields, ("names", "agree", most_names, "")])
             skipped_names += most < REVIEW_THRESHOLD
+            # common names: ruled out by their carriers, though 10 would have let them in
+            by_carriers += (
+                most < REVIEW_THRESHOLD <= matching._chance([*fields, ("names", "agree", 10.0, "")])
+            )
     assert skipped_names  # the shortcut was taken, and still gave the score's answer
+    assert by_carriers
 
 
 def test_bench_quality_meets_the_issue_targets(bench_set: Any) -> None:
