@@ -72,9 +72,10 @@ records = sa.Table(
 
 # Append-only log of every field change this device made: each row has its
 # device_seq; those above the pushed high-water mark form the outbox.
-# `outcome` is the hub's verdict on the change (NULL until the hub
-# acknowledged it): 'applied', 'superseded', 'conflict' or
-# 'quarantined:<reason>'.
+# `outcome` is the hub's verdict on a change it did not simply apply:
+# 'superseded', 'conflict' or 'quarantined:<reason>' ('applied' once a
+# quarantined change is released). NULL at or below the pushed mark means
+# applied; above it, not acknowledged yet.
 changes = sa.Table(
     "changes",
     SCHEMA,

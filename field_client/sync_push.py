@@ -1,19 +1,15 @@
 """Pushing the outbox: sealed batches, one in flight, the mark moved only by the hub.
 
-While the hub works on one batch the device reads and seals the next one
-and hands it to the courier (the worker thread that talks to the hub). When
-the acknowledgement confirms the whole batch (the usual case) the courier
-sends that next batch at once, before the main thread even hears of the
-answer; the acknowledgement is stored while the hub works on that batch,
-once the batch after it is read, sealed and handed over too. An answer that
-confirms less drops the sealed batch, and the next one is read from
-wherever the mark then is. The batch that follows a confirmed one is the
-same whether it was read before or after the mark moved, so ids and digests
-are those a plain send-wait-store loop would give (only its header's
-`sent_at_ms` is a little earlier). A lost connection re-sends only the
-batch in flight (its predecessor's answer is stored before that batch's
-answer is awaited); a crash before an answer is stored re-sends that batch
-and the one in flight, and the hub answers both as duplicates."""
+While the hub works on one batch the device reads and seals the next one.
+When the answer comes, it is stored first (the mark and each change's
+verdict, in one transaction), and only then does the next batch go out: if
+the acknowledgement confirmed the whole batch, the one already sealed, else
+one read from wherever the mark then is. The batch that follows a confirmed
+one is the same whether it was read before or after the mark moved, so ids
+and digests are those a plain send-wait-store loop would give (only its
+header's `sent_at_ms` is a little earlier). Whatever stops a push (a lost
+connection, Ctrl-C, the process killed), the next run re-sends at most the
+one batch that was in flight."""
 
 from __future__ import annotations
 
@@ -38,12 +34,11 @@ _SENT_WAIT_S = 0.05  # the longest the main thread waits for a request to be wri
 
 @dataclass(frozen=True)
 class Verdicts:
-    """What to store for one acknowledged batch: every device seq in `applied`
-    applied, except those in `others` (seq → verdict); and how many changes of
-    the batch the hub listed as superseded, conflicts and quarantined (a
-    change may be listed twice: superseded, and a conflict)."""
+    """What to store for one acknowledged batch: the verdict on each change the
+    hub did not simply apply (seq → verdict); and how many changes of the batch
+    it listed as superseded, conflicts and quarantined (a change may be listed
+    twice: superseded, and a conflict)."""
 
-    applied: range
     others: dict[int, str]
     superseded: int = 0
     conflicts: int = 0
@@ -68,7 +63,6 @@ def verdicts(ack: Ack, batch: Header) -> Verdicts:
     others.update(dict.fromkeys(conflicts, "conflict"))
     others.update({s: f"quarantined:{reasons[s]}" for s in quarantined})
     return Verdicts(
-        range(batch.seq_first, min(batch.seq_last, ack.high_water) + 1),
         others,
         superseded=len(superseded),
         conflicts=len(conflicts),
@@ -122,12 +116,10 @@ def _seal(link: Link, batch: PushBatch, wall_ms: Callable[[], int]) -> _Sealed:
 @dataclass(frozen=True)
 class _Reply:
     """The hub's answer to one batch: its acknowledgement, opened and checked
-    against the batch, or its refusal; and the batch that followed, when the
-    courier sent it on this answer."""
+    against the batch, or its refusal."""
 
     ack: Ack | None
     refusal: HubProblem | None
-    follow: _InFlight | None = None
 
 
 @dataclass(frozen=True)
@@ -145,56 +137,27 @@ class _InFlight:
 
 
 class _Courier:
-    """Carries sealed batches to the hub on one worker thread, one at a time.
-
-    `start` sends a batch. `hand_over` gives the courier the batch that
-    follows the one in flight: the worker sends it the moment the answer it
-    waits for confirms the whole batch in flight, before the main thread hears
-    of that answer, so the hub waits for no thread switch and no sealing. A
-    batch handed over too late (the answer came first), or after an answer
-    that confirms less, is not sent: the caller decides what goes next.
-    """
+    """Carries sealed batches to the hub on one worker thread, one at a time, so
+    the main thread can read and seal the next batch meanwhile."""
 
     def __init__(self, pool: ThreadPoolExecutor, client: HubClient, link: Link) -> None:
         self._pool = pool
         self._client = client
         self._link = link
-        self._lock = threading.Lock()
-        self._waiting = False  # a batch is in flight and its answer has not come
-        self._next: _Sealed | None = None
 
     def start(self, sealed: _Sealed) -> _InFlight:
-        with self._lock:
-            self._waiting, self._next = True, None
         sent = threading.Event()
         return _InFlight(sealed, self._pool.submit(self._exchange, sealed, sent), sent)
 
-    def hand_over(self, sealed: _Sealed) -> None:
-        with self._lock:
-            if self._waiting:
-                self._next = sealed
-
-    def _take_next(self) -> _Sealed | None:
-        with self._lock:
-            following, self._waiting, self._next = self._next, False, None
-        return following
-
     def _exchange(self, sealed: _Sealed, sent: threading.Event) -> _Reply:
         try:
-            try:
-                answer = self._client.push(sealed.envelope, on_sent=sent.set)
-            except HubProblem as problem:
-                return _Reply(None, problem)
-            finally:
-                sent.set()
-            ack_header, body = open_answer(answer, self._link, kind="ack")
-            ack = _parse_ack(body, ack_header, sealed.header)
+            answer = self._client.push(sealed.envelope, on_sent=sent.set)
+        except HubProblem as problem:
+            return _Reply(None, problem)
         finally:
-            following = self._take_next()
-        if following is None or ack.high_water != sealed.header.seq_last:
-            return _Reply(ack, None)
-        # The whole batch is in: what follows goes out now (the worker takes it next).
-        return _Reply(ack, None, self.start(following))
+            sent.set()
+        ack_header, body = open_answer(answer, self._link, kind="ack")
+        return _Reply(_parse_ack(body, ack_header, sealed.header), None)
 
 
 def _reset(store: Store, seq: int) -> None:
@@ -230,7 +193,7 @@ def _after_refusal(
 
 def _store_ack(store: Store, ack: Ack, found: Verdicts) -> int:
     try:
-        return store.sync.mark_pushed(ack.high_water, found.others, applied=found.applied)
+        return store.sync.mark_pushed(ack.high_water, found.others)
     except HubAheadOfStore as exc:
         raise SyncError("device.behind_hub", str(exc)) from None
 
@@ -317,40 +280,23 @@ def push_outbox(
             return None if batch is None else courier.start(_seal(link, batch, wall_ms))
 
         in_flight = send(store.sync.outbox_batch(max_batch_bytes))
-        unstored: tuple[Ack, Header] | None = None  # the answer to the batch before
         while in_flight is not None:
             in_flight.wait_sent()
             header = in_flight.sealed.header
             summary.sent_batches += 1
             summary.sent_changes += header.seq_last - header.seq_first + 1
-            try:
-                # Read and seal the next batch while the hub works on this one,
-                # then store the answer to the one before (it need not hold up the next).
-                batch = store.sync.outbox_batch(max_batch_bytes, after_seq=header.seq_last)
-                following = None if batch is None else _seal(link, batch, wall_ms)
-                if following is not None:
-                    courier.hand_over(following)
-            finally:
-                if unstored is not None:
-                    tally.store_ack(*unstored)
-                    unstored = None
+            # Read and seal the next batch while the hub works on this one.
+            batch = store.sync.outbox_batch(max_batch_bytes, after_seq=header.seq_last)
+            following = None if batch is None else _seal(link, batch, wall_ms)
             reply = in_flight.reply.result()
             if reply.ack is None:
                 assert reply.refusal is not None
                 new_mark, is_duplicate = _after_refusal(store, reply.refusal, on_revoked)
                 tally.moved_to(new_mark, header, is_duplicate)
-            elif reply.ack.high_water == header.seq_last:
-                # The whole batch is in: what follows it is on its way (or goes now),
-                # and this answer is stored before the next one is awaited.
-                in_flight = reply.follow
-                if in_flight is None and following is not None:
-                    in_flight = courier.start(following)
-                if in_flight is None:
-                    tally.store_ack(reply.ack, header)
-                else:
-                    unstored = (reply.ack, header)
-                continue
             else:
-                tally.store_ack(reply.ack, header)
+                tally.store_ack(reply.ack, header)  # before anything else is sent
+                if reply.ack.high_water == header.seq_last:
+                    in_flight = None if following is None else courier.start(following)
+                    continue
             # The next batch starts wherever the mark now is.
             in_flight = send(store.sync.outbox_batch(max_batch_bytes))

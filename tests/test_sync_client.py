@@ -9,7 +9,6 @@ import dataclasses
 import gc
 import json
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -783,6 +782,46 @@ def test_dropped_connection_resends_only_the_batch_in_flight(
     assert store.status().pending_outbox == 0
 
 
+class _Killed(BaseException):
+    """The process dying: nothing catches it."""
+
+
+def test_a_sync_killed_before_an_answer_is_stored_resends_only_that_batch(
+    store: Store, hub: FakeHub, client: HubClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device dies as it stores the hub's answer to the 2nd batch: the hub
+    has applied that batch, but the next batch was not sent yet, so the next
+    run re-sends the 2nd batch alone (answered as a duplicate) and goes on."""
+    enrolled(store, hub, client)
+    store.register([create(names={"given": f"Person{i}"}) for i in range(9)])
+    total = store.status().pending_outbox
+    stored = store.sync.mark_pushed
+    calls = 0
+
+    def dies_on_the_second(*args: Any, **kwargs: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise _Killed
+        return stored(*args, **kwargs)
+
+    monkeypatch.setattr(store.sync, "mark_pushed", dies_on_the_second)
+    with pytest.raises(_Killed):
+        run_sync(store, client, max_batch_bytes=3000)
+    monkeypatch.undo()
+    first, unstored = hub.pushes  # nothing went out after the answer it died storing
+    assert store.sync.pushed_seq() == first.seq_last
+    summary = run_sync(store, client, max_batch_bytes=3000)
+    resent = [
+        h.batch_id for h in hub.pushes[2:] if h.batch_id in {first.batch_id, unstored.batch_id}
+    ]
+    assert resent == [unstored.batch_id]
+    assert summary.duplicates == unstored.seq_last - unstored.seq_first + 1
+    assert len(hub.pushes) >= 4  # the run went on past the re-sent batch
+    assert pushed_seqs(hub, store.device_id) == list(range(1, total + 1))  # each applied once
+    assert store.status().pending_outbox == 0
+
+
 def test_an_ack_for_part_of_a_batch_drops_the_batch_sealed_to_follow_it(
     store: Store, hub: FakeHub, client: HubClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -793,22 +832,19 @@ def test_an_ack_for_part_of_a_batch_drops_the_batch_sealed_to_follow_it(
     store.register([create(names={"given": f"Person{i}"}) for i in range(8)])
     total = store.status().pending_outbox
     hub.partial = {2: 1}
-    # The 2nd answer waits until the 3rd batch is sealed and handed over (as on a
-    # real link, where the hub is slower than the device), so it would go out.
-    handed_over = threading.Semaphore(0)
-    hand_over = sync_push._Courier.hand_over
+    sealed = []
+    seal = sync_push._seal
 
-    def counted(courier: sync_push._Courier, sealed: Any) -> None:
-        hand_over(courier, sealed)
-        handed_over.release()
+    def counted(*args: Any) -> Any:
+        sealed.append(seal(*args))
+        return sealed[-1]
 
-    def answer_late(push: int) -> None:
-        if push == 2:
-            assert handed_over.acquire(timeout=30) and handed_over.acquire(timeout=30)
-
-    monkeypatch.setattr(sync_push._Courier, "hand_over", counted)
-    hub.before_answer = answer_late
+    monkeypatch.setattr(sync_push, "_seal", counted)
     summary = run_sync(store, client, max_batch_bytes=3000)
+    # The 3rd batch was sealed while the hub worked on the 2nd (the device reads
+    # ahead), then dropped: the batch after the cut is another one.
+    assert sealed[2].header.seq_first == hub.pushes[1].seq_last + 1
+    assert sealed[2].header.batch_id not in {h.batch_id for h in hub.pushes}
     first, cut, *rest = hub.pushes
     kept = hub.devices[store.device_id].batches[cut.batch_id][1]["high_water"]
     assert first.seq_last < kept < cut.seq_last
