@@ -5,7 +5,8 @@ executemany of the same rows, bytes on the wire per record, and pull.
 Beside the wall-clock rates it reports the CPU seconds the device and the hub
 spent in each phase: the device keeps one batch in flight while it works on
 the next, so on an idle machine with two cores a phase takes about the larger
-of the two, and on a busy one the CPU figures are the steadier guide."""
+of the two (plus, per batch, the device storing the answer before it sends the
+next), and on a busy one the CPU figures are the steadier guide."""
 
 from __future__ import annotations
 

@@ -74,8 +74,9 @@ records = sa.Table(
 # device_seq; those above the pushed high-water mark form the outbox.
 # `outcome` is the hub's verdict on a change it did not simply apply:
 # 'superseded', 'conflict' or 'quarantined:<reason>' ('applied' once a
-# quarantined change is released). NULL at or below the pushed mark means
-# applied; above it, not acknowledged yet.
+# quarantined change is released). NULL at or below the pushed mark: applied
+# (or taken under another batch id, `envelope.replayed`, whose verdicts this
+# device never heard); above it, not acknowledged yet.
 changes = sa.Table(
     "changes",
     SCHEMA,

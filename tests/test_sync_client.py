@@ -9,7 +9,7 @@ import dataclasses
 import gc
 import json
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,6 @@ class FakeHub:
     drop_push: dict[int, str] = field(default_factory=dict)  # push number -> before|after
     answer_keys: KeyPairs | None = None  # sign answers with other keys (a forger)
     partial: dict[int, int] = field(default_factory=dict)  # push number -> edits it applies
-    before_answer: Callable[[int], None] | None = None  # called with the push number
 
     def info(self) -> dict[str, Any]:
         public = self.keys.public()
@@ -190,8 +189,6 @@ class FakeHub:
             }
             device.batches[header.batch_id] = (opened.body_sha256, ack)
         answer = octets(self._seal("ack", header.sender, header, ack))
-        if self.before_answer is not None:
-            self.before_answer(len(self.pushes))
         if drop == "after":
             raise httpx.ReadError("connection reset by peer")
         return answer
