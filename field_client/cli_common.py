@@ -1,6 +1,10 @@
 """What every `fieldreg` command shares: the Typer app, the consoles, the
 `--data-dir` option, the passphrase prompt and opening the store with one-line
-errors (exit code 2) instead of tracebacks."""
+errors (exit code 2) instead of tracebacks.
+
+A command that opens or makes a store itself (`init`, `passphrase`) gets the
+same one line for a store that cannot be used (`STORE_UNUSABLE`) from the
+app: no traceback even where the command does not catch it."""
 
 from __future__ import annotations
 
@@ -9,16 +13,50 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
-from field_client.store import NotFound, Store, UnreadableRecord
-from field_client.unlock import WrongPassphrase
+from field_client.db import DatabaseLocked, MissingDatabase, NewerStore
+from field_client.store import NotFound, Store, UnfinishedStore, UnreadableRecord, UnusableDataDir
+from field_client.unlock import DamagedKeyFile, WrongPassphrase
 from schemas.validation import InvalidRecord
 
-__all__ = ["DEFAULT_DIR", "DataDir", "app", "err", "fail", "opened", "out", "passphrase_of"]
+__all__ = [
+    "DEFAULT_DIR",
+    "STORE_UNUSABLE",
+    "DataDir",
+    "app",
+    "err",
+    "fail",
+    "opened",
+    "out",
+    "passphrase_of",
+]
+
+# A store that cannot be made or opened as it is: what is wrong is in the message.
+STORE_UNUSABLE = (
+    DamagedKeyFile,
+    DatabaseLocked,
+    MissingDatabase,
+    NewerStore,
+    UnfinishedStore,
+    UnusableDataDir,
+    WrongPassphrase,
+)
+
+
+class _Commands(TyperGroup):
+    """The commands, reporting `STORE_UNUSABLE` in one line (exit 2)."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's own vendored click.Context
+        try:
+            return super().invoke(ctx)
+        except STORE_UNUSABLE as exc:
+            fail(str(exc))
+
 
 app = typer.Typer(
     name="fieldreg",
@@ -26,6 +64,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Commands,
 )
 out = Console()
 err = Console(stderr=True)
@@ -63,9 +102,7 @@ def passphrase_of(
 def opened(data_dir: Path) -> Iterator[Store]:
     try:
         store = Store.open(data_dir, passphrase_of())
-    except WrongPassphrase as exc:
-        fail(str(exc))
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, DatabaseLocked) as exc:
         fail(str(exc))
     try:
         yield store

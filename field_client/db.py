@@ -5,7 +5,8 @@ gives SQLCipher a raw 256-bit key in a connect event (the `pysqlcipher`
 dialect only accepts a passphrase in the URL, which would put a secret in a
 string that SQLAlchemy may log and would add SQLCipher's own PBKDF2 on top of
 our Argon2id). The key is checked before any other statement runs, so a wrong
-key never writes to the file.
+key never writes to the file. Opening an existing store never creates a file:
+a missing or empty database is refused (`MissingDatabase`), not made anew.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from itertools import groupby
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import sqlalchemy as sa
 import sqlcipher3.dbapi2 as sqlcipher
@@ -29,6 +31,7 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "DatabaseLocked",
+    "MissingDatabase",
     "NewerStore",
     "changes",
     "connect_engine",
@@ -130,21 +133,24 @@ class DatabaseLocked(RuntimeError):
     """The key does not open this database file (or the file is not a store)."""
 
 
+class MissingDatabase(FileNotFoundError):
+    """The store's database file is missing or empty: nothing was created."""
+
+
 class NewerStore(ValueError):
     """The store was made or updated by a newer fieldreg than this one."""
 
 
-def _pragmas(dbapi_conn: Any, key_hex: str | None) -> None:
+def _pragmas(dbapi_conn: Any, key_hex: str | None, *, empty_ok: bool) -> None:
     # Let SQLAlchemy's `begin` event decide how a transaction starts.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     try:
         if key_hex is not None:
             cur.execute(f"PRAGMA key = \"x'{key_hex}'\"")
-        try:
-            cur.execute("SELECT count(*) FROM sqlite_master").fetchall()
-        except sqlcipher.DatabaseError:
-            raise DatabaseLocked("the key does not open this store") from None
+        objects = _count_objects(cur)
+        if not objects and not empty_ok:
+            raise MissingDatabase("the database file is empty")
         cur.execute("PRAGMA journal_mode = WAL")
         cur.execute("PRAGMA synchronous = FULL")  # losing a write loses a person
         cur.execute("PRAGMA secure_delete = ON")
@@ -154,18 +160,44 @@ def _pragmas(dbapi_conn: Any, key_hex: str | None) -> None:
         cur.close()
 
 
-def connect_engine(path: Path, key: bytes | None) -> sa.Engine:
-    """Open (creating if absent) the store at `path` under `key`.
+def _count_objects(cur: Any) -> int:
+    """The number of tables and indexes: the first read, so it checks the key.
 
+    SQLCipher's own log of a failed check (three lines on stderr) is silenced
+    for it: `DatabaseLocked` says it in one.
+    """
+    [(level,)] = cur.execute("PRAGMA cipher_log_level").fetchall()
+    cur.execute("PRAGMA cipher_log_level = NONE")
+    try:
+        [(objects,)] = cur.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    except sqlcipher.DatabaseError:
+        raise DatabaseLocked("the key does not open this store") from None
+    finally:
+        cur.execute(f"PRAGMA cipher_log_level = {level}")
+    return int(objects)
+
+
+def connect_engine(path: Path, key: bytes | None, *, create: bool = False) -> sa.Engine:
+    """Open the store at `path` under `key`; `create=True` makes a new one.
+
+    Without `create`, a missing or empty file raises `MissingDatabase` and
+    nothing is created: SQLite opens it read-write, never creating it.
     `key=None` opens the same schema without SQLCipher encryption; it exists
     only so benchmarks can measure what encryption costs.
     """
     key_hex = key.hex() if key is not None else None
-    engine = sa.create_engine(f"sqlite:///{path}", module=sqlcipher, poolclass=sa.pool.NullPool)
+    if not create and not path.is_file():
+        raise MissingDatabase(f"{path} is missing")
+    url = sa.engine.URL.create(
+        "sqlite",
+        database=f"file:{quote(str(path))}",
+        query={"mode": "rwc" if create else "rw", "uri": "true"},
+    )
+    engine = sa.create_engine(url, module=sqlcipher, poolclass=sa.pool.NullPool)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        _pragmas(dbapi_conn, key_hex)
+        _pragmas(dbapi_conn, key_hex, empty_ok=create)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:

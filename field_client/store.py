@@ -44,7 +44,9 @@ __all__ = [
     "Store",
     "StoreExists",
     "StoreStatus",
+    "UnfinishedStore",
     "UnreadableRecord",
+    "UnusableDataDir",
     "display_name",
 ]
 
@@ -60,6 +62,14 @@ class NotFound(LookupError):
 
 class StoreExists(FileExistsError):
     """`init` on a directory that already holds a store."""
+
+
+class UnfinishedStore(ValueError):
+    """A database whose `init` stopped before it wrote the device's identity."""
+
+
+class UnusableDataDir(OSError):
+    """`init` cannot make a store at that path (a file, no permission): nothing made."""
 
 
 class UnreadableRecord(ValueError):
@@ -194,6 +204,29 @@ def _bootstrap(engine: sa.Engine, *, site: str, operator: str) -> None:
         )
 
 
+def _make_data_dir(data_dir: Path) -> None:
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UnusableDataDir(f"{data_dir} is a file, not a directory: choose another --data-dir")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise _unusable(data_dir, exc) from None
+
+
+def _unusable(data_dir: Path, exc: OSError) -> UnusableDataDir:
+    reason = (exc.strerror or str(exc)).lower()
+    return UnusableDataDir(
+        f"cannot make a store in {data_dir} ({reason}): choose another --data-dir"
+    )
+
+
+def _missing_database(db_path: Path, state: str) -> db.MissingDatabase:
+    return db.MissingDatabase(
+        f"{db_path} is {state}: the store cannot be opened without its database;"
+        " put it back from a backup (nothing was changed)"
+    )
+
+
 class Store:
     """An unlocked device store. Use `Store.init` or `Store.open`; `close()` when done."""
 
@@ -202,6 +235,13 @@ class Store:
         self._engine = engine
         self._conn = engine.connect()
         meta = self._meta()
+        if "device_id" not in meta:
+            self.close()
+            raise UnfinishedStore(
+                f"the store in {data_dir} was never finished (`fieldreg init` stopped"
+                f" part-way) and holds no one: remove its {DB_NAME}* and {KEY_NAME} files"
+                " and run `fieldreg init` again"
+            )
         self.device_id = meta["device_id"]
         self.site = meta["site"]
         self.operator = meta.get("operator", "")
@@ -231,13 +271,17 @@ class Store:
                 "registered_at": "2000-01-01T00:00:00Z",
             },
         )
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_data_dir(data_dir)
         if (data_dir / KEY_NAME).exists() or (data_dir / DB_NAME).exists():
             raise StoreExists(f"{data_dir} already holds a store")
         data_key = os.urandom(32)
+        key_file = new_key_file(passphrase, data_key, memory_kib=kdf_memory_kib)
         with db.private_umask():
-            new_key_file(passphrase, data_key, memory_kib=kdf_memory_kib).save(data_dir / KEY_NAME)
-            engine = db.connect_engine(data_dir / DB_NAME, data_key)
+            try:
+                key_file.save(data_dir / KEY_NAME)
+            except OSError as exc:
+                raise _unusable(data_dir, exc) from None
+            engine = db.connect_engine(data_dir / DB_NAME, data_key, create=True)
         _bootstrap(engine, site=site, operator=operator)
         return cls(data_dir, engine, wall_ms=wall_ms)
 
@@ -248,7 +292,7 @@ class Store:
         Never used for people's data: nothing in the CLI reaches it.
         """
         data_dir.mkdir(parents=True, exist_ok=True)
-        engine = db.connect_engine(data_dir / DB_NAME, None)
+        engine = db.connect_engine(data_dir / DB_NAME, None, create=True)
         _bootstrap(engine, site=site, operator=operator)
         return cls(data_dir, engine, wall_ms=system_ms)
 
@@ -256,13 +300,29 @@ class Store:
     def open(
         cls, data_dir: Path, passphrase: str, *, wall_ms: Callable[[], int] = system_ms
     ) -> Store:
-        """Unlock the store; raises `WrongPassphrase` (nothing touched) or FileNotFoundError."""
+        """Unlock the store; nothing is touched or created when it does not open.
+
+        Raises `WrongPassphrase`, `DamagedKeyFile`, FileNotFoundError (no store,
+        or `db.MissingDatabase`: the database file is missing or empty),
+        `db.DatabaseLocked` (the key does not open the database) or `db.NewerStore`.
+        """
         key_path = data_dir / KEY_NAME
         if not key_path.exists():
             raise FileNotFoundError(f"no store in {data_dir}: run `fieldreg init` first")
+        db_path = data_dir / DB_NAME
+        if not db_path.is_file():
+            raise _missing_database(db_path, "missing")
         data_key = KeyFile.load(key_path).unwrap(passphrase)
-        with db.private_umask():
-            engine = db.connect_engine(data_dir / DB_NAME, data_key)
+        try:
+            with db.private_umask():
+                engine = db.connect_engine(db_path, data_key)
+        except db.MissingDatabase:
+            raise _missing_database(db_path, "empty" if db_path.exists() else "missing") from None
+        except db.DatabaseLocked:
+            raise db.DatabaseLocked(
+                f"{db_path}: the key does not open this store: the database is damaged or"
+                f" not the one of {KEY_NAME}; put both back from one backup (nothing was changed)"
+            ) from None
         return cls(data_dir, engine, wall_ms=wall_ms)
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 __all__ = [
+    "DamagedKeyFile",
     "KeyFile",
     "WeakPassphrase",
     "WrongPassphrase",
@@ -31,6 +32,11 @@ __all__ = [
 MIN_CHARS = 12
 MIN_WORDS = 4
 _AAD = b"fieldreg/store-key/v1"
+# What a key file may ask of Argon2id: past these it is damaged, and honouring
+# it could take all the device's memory or hours.
+_MAX_MEMORY_KIB = 4 * 1024 * 1024
+_MAX_ITERATIONS = 64
+_MAX_LANES = 64
 
 
 class WeakPassphrase(ValueError):
@@ -39,6 +45,10 @@ class WeakPassphrase(ValueError):
 
 class WrongPassphrase(ValueError):
     """The passphrase does not unlock this store."""
+
+
+class DamagedKeyFile(ValueError):
+    """`store.key` is not a key file this version can read."""
 
 
 def check_passphrase_strength(passphrase: str) -> None:
@@ -104,12 +114,12 @@ class KeyFile:
 
     @classmethod
     def load(cls, path: Path) -> KeyFile:
-        """Read a key file; raise ValueError naming the file when it is damaged."""
+        """Read a key file; raise `DamagedKeyFile` naming the file when it is damaged."""
         try:
             data = json.loads(path.read_text())
-            if data.get("format") != "fieldreg-store-key/1":
+            if not isinstance(data, dict) or data.get("format") != "fieldreg-store-key/1":
                 raise ValueError("unknown format")
-            return cls(
+            key_file = cls(
                 salt=base64.b64decode(data["salt"]),
                 nonce=base64.b64decode(data["nonce"]),
                 wrapped_key=base64.b64decode(data["wrapped_key"]),
@@ -117,8 +127,19 @@ class KeyFile:
                 lanes=int(data["lanes"]),
                 memory_kib=int(data["memory_kib"]),
             )
+            key_file._check()
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: not a fieldreg key file ({exc})") from None
+            raise DamagedKeyFile(f"{path}: not a fieldreg key file ({exc})") from None
+        return key_file
+
+    def _check(self) -> None:
+        """Raise ValueError unless Argon2id and AES-GCM can use these values."""
+        if len(self.salt) < 8 or len(self.nonce) != 12 or len(self.wrapped_key) != 48:
+            raise ValueError("salt, nonce or wrapped key of the wrong length")
+        if not (1 <= self.iterations <= _MAX_ITERATIONS and 1 <= self.lanes <= _MAX_LANES):
+            raise ValueError("iterations or lanes out of range")
+        if not 8 * self.lanes <= self.memory_kib <= _MAX_MEMORY_KIB:
+            raise ValueError("memory_kib out of range")
 
     def save(self, path: Path) -> None:
         """Write atomically (temp file, fsync, rename) with mode 0600."""
