@@ -101,6 +101,7 @@ def passphrase_of(
 @contextmanager
 def opened(data_dir: Path) -> Iterator[Store]:
     try:
+        Store.check_present(data_dir)  # before asking for a passphrase
         store = Store.open(data_dir, passphrase_of())
     except (FileNotFoundError, ValueError, DatabaseLocked) as exc:
         fail(str(exc))

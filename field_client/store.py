@@ -306,12 +306,8 @@ class Store:
         or `db.MissingDatabase`: the database file is missing or empty),
         `db.DatabaseLocked` (the key does not open the database) or `db.NewerStore`.
         """
-        key_path = data_dir / KEY_NAME
-        if not key_path.exists():
-            raise FileNotFoundError(f"no store in {data_dir}: run `fieldreg init` first")
-        db_path = data_dir / DB_NAME
-        if not db_path.is_file():
-            raise _missing_database(db_path, "missing")
+        cls.check_present(data_dir)
+        key_path, db_path = data_dir / KEY_NAME, data_dir / DB_NAME
         data_key = KeyFile.load(key_path).unwrap(passphrase)
         try:
             with db.private_umask():
@@ -324,6 +320,15 @@ class Store:
                 f" not the one of {KEY_NAME}; put both back from one backup (nothing was changed)"
             ) from None
         return cls(data_dir, engine, wall_ms=wall_ms)
+
+    @staticmethod
+    def check_present(data_dir: Path) -> None:
+        """Raise FileNotFoundError unless `data_dir` holds a key file and a database:
+        callers check this before asking for a passphrase."""
+        if not (data_dir / KEY_NAME).exists():
+            raise FileNotFoundError(f"no store in {data_dir}: run `fieldreg init` first")
+        if not (data_dir / DB_NAME).is_file():
+            raise _missing_database(data_dir / DB_NAME, "missing")
 
     def close(self) -> None:
         self._conn.close()
