@@ -20,7 +20,14 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from field_client.db import DatabaseLocked, MissingDatabase, NewerStore
-from field_client.store import NotFound, Store, UnfinishedStore, UnreadableRecord, UnusableDataDir
+from field_client.store import (
+    NoStore,
+    NotFound,
+    Store,
+    UnfinishedStore,
+    UnreadableRecord,
+    UnusableDataDir,
+)
 from field_client.unlock import DamagedKeyFile, WrongPassphrase
 from schemas.validation import InvalidRecord
 
@@ -42,6 +49,7 @@ STORE_UNUSABLE = (
     DatabaseLocked,
     MissingDatabase,
     NewerStore,
+    NoStore,
     UnfinishedStore,
     UnusableDataDir,
     WrongPassphrase,

@@ -37,6 +37,7 @@ from sync.hlc import Clock, Stamp, system_ms
 
 __all__ = [
     "HistoryEntry",
+    "NoStore",
     "NotFound",
     "PossibleDuplicate",
     "RecordSummary",
@@ -58,6 +59,10 @@ _SEARCH_CANDIDATES = 200
 
 class NotFound(LookupError):
     """No record with that id (or id prefix) in this store."""
+
+
+class NoStore(FileNotFoundError):
+    """No key file in the directory: no store was made there."""
 
 
 class StoreExists(FileExistsError):
@@ -323,10 +328,10 @@ class Store:
 
     @staticmethod
     def check_present(data_dir: Path) -> None:
-        """Raise FileNotFoundError unless `data_dir` holds a key file and a database:
-        callers check this before asking for a passphrase."""
+        """Raise `NoStore` or `db.MissingDatabase` (both FileNotFoundError) unless
+        `data_dir` holds a key file and a database: check before asking for a passphrase."""
         if not (data_dir / KEY_NAME).exists():
-            raise FileNotFoundError(f"no store in {data_dir}: run `fieldreg init` first")
+            raise NoStore(f"no store in {data_dir}: run `fieldreg init` first")
         if not (data_dir / DB_NAME).is_file():
             raise _missing_database(data_dir / DB_NAME, "missing")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from field_client import db
-from field_client.store import Store, UnfinishedStore, UnusableDataDir
+from field_client.store import NoStore, Store, UnfinishedStore, UnusableDataDir
 from field_client.unlock import DamagedKeyFile, KeyFile, new_key_file
 from tests.conftest import PASSPHRASE
 from tests.conftest import run_cli as run
@@ -154,3 +154,5 @@ def test_no_store_is_said_before_asking_for_a_passphrase(tmp_path: Path) -> None
     result = run(tmp_path / "nowhere", "status", env={"FIELDREG_PASSPHRASE": ""})
     one_line_error(result, "no store in", "fieldreg init")
     assert not (tmp_path / "nowhere").exists()
+    with pytest.raises(NoStore):
+        Store.check_present(tmp_path / "nowhere")
