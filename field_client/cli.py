@@ -42,6 +42,7 @@ from field_client.store import (
     Store,
     StoreExists,
     display_name,
+    operator_name,
 )
 from field_client.unlock import WeakPassphrase, WrongPassphrase
 from schemas.enums import Need, Scenario
@@ -105,6 +106,7 @@ def register(
     data_dir: DataDir = DEFAULT_DIR,
 ) -> None:
     """Register people: interactively, or from JSON."""
+    operator = _checked_operator(operator)
     items: list[RegistrationCreate]
     if json_file is not None:
         try:
@@ -125,10 +127,11 @@ def register(
     elif not sys.stdin.isatty():
         fail("not a terminal: use --json FILE (or --json - for stdin)")
     with opened(data_dir) as store:
+        # Before any question: the store's own operator may be one the hub refuses.
+        operator = operator_name(store.operator if operator is None else operator)
         if json_file is None:
             raw = prompt_record(
-                lambda q, d: Prompt.ask(q, default=d, console=out),
-                operator=operator or store.operator,
+                lambda q, d: Prompt.ask(q, default=d, console=out), operator=operator
             )
             items = [_review_duplicates(store, validate(RegistrationCreate, raw), ask=True)]
         elif check_duplicates:
@@ -149,6 +152,16 @@ def register(
             )
         else:
             out.print(f"registered {len(saved)} people")
+
+
+def _checked_operator(operator: str | None) -> str | None:
+    """`--operator` trimmed, or a one-line error (exit 2) if the hub would refuse it."""
+    if operator is None:
+        return None
+    try:
+        return operator_name(operator)
+    except InvalidRecord as exc:
+        fail(f"--operator: {exc.errors[0].reason}")
 
 
 def _review_duplicates(store: Store, item: RegistrationCreate, *, ask: bool) -> RegistrationCreate:
@@ -285,6 +298,7 @@ def edit(
     data_dir: DataDir = DEFAULT_DIR,
 ) -> None:
     """Change fields of a record (each change is kept in its history)."""
+    operator = _checked_operator(operator)
     values: dict[str, Any] = {}
     for item in assignments:
         path, sep, text = item.partition("=")

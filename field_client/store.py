@@ -34,6 +34,7 @@ from schemas.record import Registration, RegistrationContext, RegistrationCreate
 from schemas.validation import FieldError, InvalidRecord, validate
 from sync.changes import FieldChange, Version
 from sync.hlc import Clock, Stamp, system_ms
+from sync.protocol import MAX_TEXT
 
 __all__ = [
     "HistoryEntry",
@@ -49,6 +50,7 @@ __all__ = [
     "UnreadableRecord",
     "UnusableDataDir",
     "display_name",
+    "operator_name",
 ]
 
 DB_NAME = "store.db"
@@ -159,6 +161,33 @@ def _all_names(doc: Mapping[str, Any]) -> list[str]:
     aliases = names.get("aliases") if isinstance(names, dict) else None
     extra = [a for a in aliases if isinstance(a, str)] if isinstance(aliases, list) else []
     return _names(doc, "given", "family", "given_original", "family_original") + extra
+
+
+def operator_name(value: str) -> str:
+    """The operator as the change log keeps it: trimmed, 1 to `MAX_TEXT` characters
+    of text, what the hub accepts as an edit's author (`o`).
+
+    Raises `InvalidRecord`: a name the hub would refuse must never reach the
+    outbox, where it would block every later sync.
+    """
+    name = value.strip()
+    if not name or len(name) > MAX_TEXT:
+        raise InvalidRecord(
+            [
+                FieldError(
+                    "operator",
+                    f"give a name of 1 to {MAX_TEXT} characters (this one has {len(name)}"
+                    " without the spaces around it)",
+                )
+            ]
+        )
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        raise InvalidRecord(
+            [FieldError("operator", "not valid text (bytes that are not UTF-8): retype it")]
+        ) from None
+    return name
 
 
 def _read_doc(row: Any) -> tuple[Registration, dict[str, Any]]:
@@ -399,9 +428,10 @@ class Store:
         """Save new registrations and their outbox entries in one transaction.
 
         An item whose `id` is already stored is refused (`InvalidRecord`), and
-        then nothing of the batch is written.
+        then nothing of the batch is written, as for an `operator` that
+        `operator_name` refuses (None: the store's operator).
         """
-        operator = operator or self.operator
+        operator = operator_name(self.operator if operator is None else operator)
         now = datetime.fromtimestamp(self._clock.now().wall_ms / 1000, UTC)
         saved: list[Registration] = []
         record_rows: list[dict[str, Any]] = []
@@ -460,9 +490,11 @@ class Store:
     ) -> Registration:
         """Apply `{field path: value}` to a record; validate the whole result first.
 
-        Returns the record as stored. Unchanged values record nothing.
+        Returns the record as stored. Unchanged values record nothing. An
+        `operator` that `operator_name` refuses (None: the store's operator)
+        raises `InvalidRecord` and writes nothing.
         """
-        operator = operator or self.operator
+        operator = operator_name(self.operator if operator is None else operator)
         bad = [FieldError(p, "cannot be edited") for p in values if p in READ_ONLY_FIELDS]
         if bad:
             raise InvalidRecord(bad)

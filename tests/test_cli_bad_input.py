@@ -1,0 +1,105 @@
+"""`fieldreg` given bad input: a one-line error, exit code 2, nothing written.
+
+Found by an exploratory test of the device CLI; each test fails without its fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from field_client.store import Store
+from schemas.record import RegistrationCreate
+from schemas.validation import InvalidRecord
+from sync.protocol import Edit, group_changes
+from tests.conftest import PASSPHRASE, sample_record
+from tests.conftest import run_cli as run
+
+LONG = "x" * 201
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    data = tmp_path / "device"
+    result = run(data, "init", "--site", "ras-jedir", "--operator", "Amina")
+    assert result.returncode == 0, result.stderr
+    return data
+
+
+def _registered(home: Path) -> str:
+    result = run(home, "register", "--json", "-", input=json.dumps(sample_record()))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()[1]
+
+
+def _status(home: Path) -> str:
+    result = run(home, "status")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _refused(result: object, *words: str) -> None:
+    returncode, stderr = result.returncode, result.stderr  # type: ignore[attr-defined]
+    assert returncode == 2, stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) <= 2, stderr
+    for word in words:
+        assert word in stderr, stderr
+
+
+# -- 1, 2: an operator the hub would refuse never reaches the outbox -----------------------
+
+
+@pytest.mark.parametrize("operator", [LONG, "   ", ""])
+def test_edit_refuses_an_operator_the_hub_would_refuse(home: Path, operator: str) -> None:
+    rid = _registered(home)
+    before = _status(home)
+    result = run(home, "edit", rid, "--set", "occupation=baker", "--operator", operator)
+    _refused(result, "--operator", "1 to 200 characters")
+    assert _status(home) == before
+    assert json.loads(run(home, "show", rid, "--json").stdout)["occupation"] == "mason"
+
+
+@pytest.mark.parametrize("operator", [LONG, "   "])
+def test_register_refuses_an_operator_the_hub_would_refuse(
+    home: Path, tmp_path: Path, operator: str
+) -> None:
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps(sample_record()))
+    _refused(run(home, "register", "--json", str(ok), "--operator", operator), "--operator")
+    assert "records    0" in _status(home)
+
+
+def test_operator_is_kept_trimmed(home: Path) -> None:
+    rid = _registered(home)
+    padded = " " + "y" * 200 + " "  # 202 characters: the hub takes only 200
+    result = run(home, "edit", rid, "--set", "occupation=baker", "--operator", padded)
+    assert result.returncode == 0, result.stderr
+    with Store.open(home, PASSPHRASE) as store:
+        assert store.outbox(after_seq=0, limit=1000)[-1].operator == "y" * 200
+        _valid_for_the_hub(store)
+
+
+def _valid_for_the_hub(store: Store) -> None:
+    for edit in group_changes(store.outbox(after_seq=0, limit=1000)):
+        assert Edit.from_json(edit.to_json()) == edit
+
+
+def test_store_refuses_or_trims_operators_for_the_hub(store: Store) -> None:
+    item = RegistrationCreate.model_validate(sample_record())
+    with pytest.raises(InvalidRecord, match="operator"):
+        store.register([item], operator=LONG)
+    with pytest.raises(InvalidRecord, match="operator"):
+        store.register([item], operator="")
+    # Trimmed to 200: the record's context always took it trimmed, the log did not.
+    [saved] = store.register([item], operator="\t" + "z" * 200)
+    rid = str(saved.id)
+    seq = store.status().pending_outbox
+    for bad in (LONG, " ", "a\udcff"):
+        with pytest.raises(InvalidRecord, match="operator"):
+            store.edit(rid, {"occupation": "baker"}, operator=bad)
+    assert store.status().pending_outbox == seq
+    assert store.get(rid).occupation == "mason"
+    _valid_for_the_hub(store)
