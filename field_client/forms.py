@@ -48,19 +48,32 @@ def parse_json_records(text: str) -> list[Any]:
 
 
 def validate_all(items: list[Any]) -> list[RegistrationCreate]:
-    """Validate every item; raise one InvalidRecord listing all errors of all items."""
+    """Validate every item; raise one InvalidRecord listing all errors of all items
+    (an id given to two records is an error of the second)."""
     valid: list[RegistrationCreate] = []
     errors: list[FieldError] = []
+    first_with: dict[str, int] = {}
     many = len(items) > 1
-    for index, item in enumerate(items):
+    for number, item in enumerate(items, start=1):
+        prefix = f"record {number}" if many else ""
         try:
-            valid.append(validate(RegistrationCreate, item))
+            record = validate(RegistrationCreate, item)
         except InvalidRecord as exc:
-            prefix = f"record {index + 1}: " if many else ""
-            errors.extend(FieldError(prefix + e.path, e.reason) for e in exc.errors)
+            errors.extend(FieldError(_joined(prefix, e.path), e.reason) for e in exc.errors)
+            continue
+        valid.append(record)
+        if record.id is not None:
+            first = first_with.setdefault(str(record.id), number)
+            if first != number:
+                reason = f"record {first} has the same id: give each person their own"
+                errors.append(FieldError(_joined(prefix, "id"), reason))
     if errors:
         raise InvalidRecord(errors)
     return valid
+
+
+def _joined(prefix: str, path: str) -> str:
+    return f"{prefix}: {path}" if prefix and path else prefix or path
 
 
 Ask = Callable[[str, str], str]

@@ -427,9 +427,10 @@ class Store:
     ) -> list[Registration]:
         """Save new registrations and their outbox entries in one transaction.
 
-        An item whose `id` is already stored is refused (`InvalidRecord`), and
-        then nothing of the batch is written, as for an `operator` that
-        `operator_name` refuses (None: the store's operator).
+        An item whose `id` is already stored or given twice in `items` is
+        refused (`InvalidRecord`), and then nothing of the batch is written,
+        as for an `operator` that `operator_name` refuses (None: the store's
+        operator).
         """
         operator = operator_name(self.operator if operator is None else operator)
         now = datetime.fromtimestamp(self._clock.now().wall_ms / 1000, UTC)
@@ -441,6 +442,9 @@ class Store:
         with self._conn.begin():
             seq = self._next_seq()
             ids = [str(item.id) for item in items if item.id is not None]
+            twice = sorted(i for i, n in Counter(ids).items() if n > 1)
+            if twice:
+                raise InvalidRecord([FieldError("id", f"given twice: {i}") for i in twice])
             if ids:
                 existing = set(
                     self._conn.execute(

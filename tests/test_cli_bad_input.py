@@ -103,3 +103,27 @@ def test_store_refuses_or_trims_operators_for_the_hub(store: Store) -> None:
     assert store.status().pending_outbox == seq
     assert store.get(rid).occupation == "mason"
     _valid_for_the_hub(store)
+
+
+# -- 3: one id twice in one input --------------------------------------------------------
+
+SAME_ID = "01900000-0000-7000-8000-000000000001"
+
+
+def test_register_refuses_one_id_given_twice_without_showing_the_records(home: Path) -> None:
+    other = sample_record(id=SAME_ID, names={"given": "Grace", "family": "Okafor"})
+    records = [sample_record(id=SAME_ID), sample_record(), other]
+    result = run(home, "register", "--json", "-", input=json.dumps(records))
+    assert result.returncode == 2, result.stderr
+    assert "record 3: id: record 1 has the same id" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Grace" not in result.stderr and "Mohamed" not in result.stderr
+    assert "records    0" in _status(home)
+
+
+def test_store_refuses_one_id_given_twice(store: Store) -> None:
+    item = RegistrationCreate.model_validate(sample_record(id=SAME_ID))
+    with pytest.raises(InvalidRecord, match=f"id: given twice: {SAME_ID}"):
+        store.register([item, item])
+    assert store.status().records == 0
+    assert store.status().pending_outbox == 0
