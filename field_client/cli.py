@@ -52,6 +52,8 @@ from schemas.validation import InvalidRecord, validate
 
 __all__ = ["app", "main"]
 
+LIST_MAX = 1_000_000
+
 
 @app.command()
 def init(
@@ -211,7 +213,8 @@ def list_(
     registered_to: Annotated[
         str | None, typer.Option("--to", help="Registered on or before (YYYY-MM-DD).")
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 100,
+    # Bounded: SQLite takes a limit of at most 2**63 - 1, anything above was a traceback.
+    limit: Annotated[int, typer.Option(min=1, max=LIST_MAX, help="At most this many.")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines instead of a table.")] = False,
     data_dir: DataDir = DEFAULT_DIR,
 ) -> None:

@@ -127,3 +127,14 @@ def test_store_refuses_one_id_given_twice(store: Store) -> None:
         store.register([item, item])
     assert store.status().records == 0
     assert store.status().pending_outbox == 0
+
+
+# -- 4: list --limit ---------------------------------------------------------------------
+
+
+def test_list_limit_is_bounded(home: Path) -> None:
+    _registered(home)
+    result = run(home, "list", "--limit", "99999999999999999999")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "--limit" in result.stderr
+    assert run(home, "list", "--json", "--limit", "1000000").stdout.count("\n") == 1
