@@ -25,12 +25,12 @@ def parse_json_records(text: str) -> list[Any]:
         raise InvalidRecord([FieldError("input", "no records: the input is empty")])
     if stripped[0] == "[":
         try:
-            data = json.loads(stripped)
+            data = _loads(stripped)
         except ValueError as exc:
             raise InvalidRecord([FieldError("input", f"not valid JSON: {exc}")]) from None
         return list(data)
     try:
-        return [json.loads(stripped)]
+        return [_loads(stripped)]
     except ValueError:
         pass
     items: list[Any] = []
@@ -39,12 +39,21 @@ def parse_json_records(text: str) -> list[Any]:
         if not line.strip():
             continue
         try:
-            items.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            errors.append(FieldError(f"line {number}", f"not valid JSON: {exc.msg}"))
+            items.append(_loads(line))
+        except ValueError as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            errors.append(FieldError(f"line {number}", f"not valid JSON: {reason}"))
     if errors:
         raise InvalidRecord(errors)
     return items
+
+
+def _loads(text: str) -> Any:
+    """`json.loads`, with nesting too deep for it a ValueError like any bad JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def validate_all(items: list[Any]) -> list[RegistrationCreate]:

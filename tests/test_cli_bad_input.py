@@ -138,3 +138,25 @@ def test_list_limit_is_bounded(home: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "--limit" in result.stderr
     assert run(home, "list", "--json", "--limit", "1000000").stdout.count("\n") == 1
+
+
+# -- 5: JSON nested too deeply for the parser ----------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (DEEP, "input: not valid JSON: nested too deeply"),
+        ('{"notes": ' + DEEP + "}", "line 1: not valid JSON: nested too deeply"),
+        (json.dumps(sample_record()) + "\n" + DEEP, "line 2: not valid JSON: nested too deeply"),
+    ],
+)
+def test_register_refuses_json_nested_too_deeply(home: Path, text: str, where: str) -> None:
+    deep = home.parent / "deep.json"
+    deep.write_text(text)
+    result = run(home, "register", "--json", str(deep))
+    assert result.returncode == 2, result.stderr[-500:]
+    assert where in result.stderr and "Traceback" not in result.stderr
+    assert "records    0" in _status(home)
