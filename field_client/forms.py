@@ -28,6 +28,8 @@ def parse_json_records(text: str) -> list[Any]:
             data = _loads(stripped)
         except ValueError as exc:
             raise InvalidRecord([FieldError("input", f"not valid JSON: {exc}")]) from None
+        if not data:
+            raise InvalidRecord([FieldError("input", "no records: the JSON array is empty")])
         return list(data)
     try:
         return [_loads(stripped)]
@@ -65,6 +67,10 @@ def validate_all(items: list[Any]) -> list[RegistrationCreate]:
     many = len(items) > 1
     for number, item in enumerate(items, start=1):
         prefix = f"record {number}" if many else ""
+        if not isinstance(item, dict):
+            reason = f"expected a JSON object, got {_json_kind(item)}"
+            errors.append(FieldError(prefix, reason))
+            continue
         try:
             record = validate(RegistrationCreate, item)
         except InvalidRecord as exc:
@@ -79,6 +85,16 @@ def validate_all(items: list[Any]) -> list[RegistrationCreate]:
     if errors:
         raise InvalidRecord(errors)
     return valid
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"
 
 
 def _joined(prefix: str, path: str) -> str:

@@ -160,3 +160,28 @@ def test_register_refuses_json_nested_too_deeply(home: Path, text: str, where: s
     assert result.returncode == 2, result.stderr[-500:]
     assert where in result.stderr and "Traceback" not in result.stderr
     assert "records    0" in _status(home)
+
+
+# -- 6: an empty array, records that are not objects -----------------------------------------
+
+
+def test_register_refuses_an_empty_array_like_an_empty_file(home: Path) -> None:
+    for text in ("", "[]", " [ ] \n"):
+        result = run(home, "register", "--json", "-", input=text)
+        assert result.returncode == 2, (text, result.stdout)
+        assert "no records" in result.stderr
+
+
+def test_register_names_json_kinds_of_records_that_are_not_objects(home: Path) -> None:
+    text = json.dumps([sample_record(), 5, None, "x", [], True])
+    result = run(home, "register", "--json", "-", input=text)
+    assert result.returncode == 2
+    for line in (
+        "record 2: expected a JSON object, got a number",
+        "record 3: expected a JSON object, got null",
+        "record 4: expected a JSON object, got a string",
+        "record 5: expected a JSON object, got an array",
+        "record 6: expected a JSON object, got true",
+    ):
+        assert f"error: {line}\n" in result.stderr, result.stderr
+    assert "records    0" in _status(home)
