@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from field_client import db
 from field_client.sync_store import SyncStatus, SyncStore
-from field_client.unlock import KeyFile, check_passphrase_strength, new_key_file
+from field_client.unlock import KeyFile, WrongPassphrase, check_passphrase_strength, new_key_file
 from schemas.fields import flatten, flatten_doc, split_fields, unflatten
 from schemas.ids import uuid7
 from schemas.matching import REVIEW_THRESHOLD, profile, score
@@ -55,6 +55,7 @@ __all__ = [
 
 DB_NAME = "store.db"
 KEY_NAME = "store.key"
+PENDING_KEY_NAME = KEY_NAME + ".new"  # a passphrase change's new key file, until it is done
 READ_ONLY_FIELDS = frozenset({"registration", "schema_version", "merged_into"})
 _SEARCH_CANDIDATES = 200
 
@@ -341,7 +342,33 @@ class Store:
         `db.DatabaseLocked` (the key does not open the database) or `db.NewerStore`.
         """
         cls.check_present(data_dir)
-        key_path, db_path = data_dir / KEY_NAME, data_dir / DB_NAME
+        key_path, pending = data_dir / KEY_NAME, data_dir / PENDING_KEY_NAME
+        try:
+            store = cls._unlock(data_dir, key_path, passphrase, wall_ms)
+        except (WrongPassphrase, db.DatabaseLocked) as exc:
+            if not pending.exists():
+                raise
+            # A passphrase change stopped part-way (`change_passphrase`): if the
+            # database was re-keyed already, the new key file opens it.
+            try:
+                store = cls._unlock(data_dir, pending, passphrase, wall_ms)
+            except (WrongPassphrase, db.DatabaseLocked):
+                if isinstance(exc, db.DatabaseLocked):
+                    raise WrongPassphrase(
+                        "a passphrase change was interrupted after the store was re-encrypted:"
+                        " open it with the new passphrase"
+                    ) from None
+                raise exc from None
+            os.replace(pending, key_path)  # finish the change
+            return store
+        pending.unlink(missing_ok=True)  # a change stopped before the database was re-keyed
+        return store
+
+    @classmethod
+    def _unlock(
+        cls, data_dir: Path, key_path: Path, passphrase: str, wall_ms: Callable[[], int]
+    ) -> Store:
+        db_path = data_dir / DB_NAME
         data_key = KeyFile.load(key_path).unwrap(passphrase)
         try:
             with db.private_umask():
@@ -379,13 +406,14 @@ class Store:
 
         Order matters for crash safety: the new key file is written beside the
         old one first, the database is re-keyed, then the new file replaces the
-        old. `open` would find whichever pair matches.
+        old. `open` finishes a change that stopped after the re-keying (the new
+        passphrase opens the store) and forgets one that stopped before it.
         """
         check_passphrase_strength(new)
         key_path = self.data_dir / KEY_NAME
         KeyFile.load(key_path).unwrap(old)  # raises WrongPassphrase
         new_key = os.urandom(32)
-        pending = key_path.with_name(KEY_NAME + ".new")
+        pending = self.data_dir / PENDING_KEY_NAME
         with db.private_umask():
             new_key_file(new, new_key).save(pending)
         raw = self._conn.connection.dbapi_connection

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,70 @@ def test_change_passphrase(store: Store, tmp_path: Path) -> None:
         Store.open(tmp_path / "dev", PASSPHRASE)
     with Store.open(tmp_path / "dev", "a whole new set of words") as again:
         assert again.get(str(saved.id)) == saved
+
+
+class _Killed(BaseException):
+    """The process dying: nothing catches it."""
+
+
+def test_a_passphrase_change_killed_after_re_encrypting_is_finished_by_open(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the database was re-keyed, before the new key file replaced
+    the old: the new passphrase opens the store (and completes the change); the
+    old one is told what happened instead of being called wrong."""
+    [saved] = store.register([create()])
+    new = "a whole new set of words"
+
+    replace = os.replace
+
+    def killed(src: Any, dst: Any) -> None:
+        if Path(dst).name == "store.key":  # the last step: the new key file in place
+            raise _Killed
+        replace(src, dst)
+
+    monkeypatch.setattr("field_client.store.os.replace", killed)
+    with pytest.raises(_Killed):
+        store.change_passphrase(PASSPHRASE, new)
+    monkeypatch.undo()
+    store.close()
+    data_dir = tmp_path / "dev"
+    assert (data_dir / "store.key.new").exists()
+    with pytest.raises(WrongPassphrase, match=r"interrupted .* new passphrase"):
+        Store.open(data_dir, PASSPHRASE)
+    with Store.open(data_dir, new) as again:
+        assert again.get(str(saved.id)) == saved
+    assert not (data_dir / "store.key.new").exists()
+    with Store.open(data_dir, new) as again:  # the change is complete
+        assert again.get(str(saved.id)) == saved
+    with pytest.raises(WrongPassphrase):
+        Store.open(data_dir, PASSPHRASE)
+
+
+def test_a_passphrase_change_killed_before_re_encrypting_leaves_the_old_one(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed once the new key file was written, before the database was
+    re-keyed: the old passphrase still opens the store, and the stale new key
+    file is removed; the new passphrase does not open it."""
+    [saved] = store.register([create()])
+    new = "a whole new set of words"
+
+    def killed(*_: Any) -> None:
+        raise _Killed
+
+    monkeypatch.setattr(store._conn, "commit", killed)  # the step before re-keying
+    with pytest.raises(_Killed):
+        store.change_passphrase(PASSPHRASE, new)
+    monkeypatch.undo()
+    store.close()
+    data_dir = tmp_path / "dev"
+    assert (data_dir / "store.key.new").exists()
+    with pytest.raises(WrongPassphrase):
+        Store.open(data_dir, new)
+    with Store.open(data_dir, PASSPHRASE) as again:
+        assert again.get(str(saved.id)) == saved
+    assert not (data_dir / "store.key.new").exists()
 
 
 def test_no_identifying_value_in_clear_on_disk(store: Store, tmp_path: Path) -> None:
