@@ -51,12 +51,19 @@ user_app = typer.Typer(help="People who log in to the hub.", no_args_is_help=Tru
 app.add_typer(user_app, name="user")
 
 
+MAX_CODE_VALIDITY = timedelta(days=90)
+"""The longest an enrolment code may stay valid (`--expires`)."""
+_UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
+
+
 def _duration(text: str) -> timedelta:
-    match = re.fullmatch(r"(\d+)\s*([mhd])", text.strip())
-    if not match or int(match.group(1)) == 0:
+    match = re.fullmatch(r"0*(\d+)\s*([mhd])", text.strip())
+    if not match or int(match.group(1)[:9]) == 0:
         fail(f"--expires {text!r}: use a number and m, h or d, e.g. 30m, 24h, 7d")
-    unit = {"m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
-    return timedelta(**{unit: int(match.group(1))})
+    digits = match.group(1)
+    if len(digits) > 6 or _UNITS[match.group(2)] * int(digits) > MAX_CODE_VALIDITY:
+        fail(f"--expires {text!r}: a code may stay valid from 1m up to 90d (2160h)")
+    return _UNITS[match.group(2)] * int(digits)
 
 
 @app.command()
@@ -125,7 +132,7 @@ def enrol_code(
         ),
     ],
     expires: Annotated[
-        str, typer.Option(help="How long the code stays valid: 30m, 24h, 7d.")
+        str, typer.Option(help="How long the code stays valid: 30m, 24h, 7d (at most 90d).")
     ] = "24h",
     data_dir: DataDir = None,
 ) -> None:

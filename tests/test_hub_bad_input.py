@@ -1,0 +1,55 @@
+"""Bad input to `fieldreg-hub` and the hub API: one clear line (or a problem),
+exit code 2 (or 422), and nothing changed. Real subprocesses on a real hub
+directory, as `tests/test_hub_cli.py` runs them."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.test_hub_cli import hub
+
+ADMIN_ENV = {"FIELDREG_HUB_ADMIN_PASSWORD": "a long admin password"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One initialised hub for the commands that must change nothing."""
+    path = tmp_path_factory.mktemp("bad-input") / "hub"
+    made = hub(path, "init", env=ADMIN_ENV)
+    assert made.returncode == 0, made.stderr
+    return path
+
+
+def _refused(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """Exit code 2 and one line on stderr saying what is wrong."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def _count(data: Path, table: str) -> int:
+    with sqlite3.connect(data / "hub.db") as db:
+        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+@pytest.mark.parametrize("expires", ["3000000d", "99999999999d", "91d", "2161h", "9" * 5000 + "m"])
+def test_an_enrolment_code_valid_for_too_long_is_refused_with_the_range(
+    data: Path, expires: str
+) -> None:
+    before = _count(data, "enrol_codes")
+    result = hub(data, "enrol-code", "--site", "ras-jedir", "--expires", expires)
+    _refused(result, "--expires", "up to 90d")
+    assert _count(data, "enrol_codes") == before
+
+
+def test_the_longest_and_shortest_enrolment_codes_are_made(data: Path) -> None:
+    for expires in ("90d", "2160h", "1m", "007d"):
+        made = hub(data, "enrol-code", "--site", "ras-jedir", "--expires", expires)
+        assert made.returncode == 0, made.stderr
+    assert hub(data, "enrol-code", "--site", "ras-jedir", "--expires", "0d").returncode == 2
