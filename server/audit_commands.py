@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, TextIO
@@ -75,13 +77,36 @@ def export_cmd(
 ) -> None:
     """Entries and signed checkpoints as JSON Lines, for an archive kept elsewhere."""
     start = _since(since) if since is not None else None
+    if out is not None:
+        _check_target(out)
     hub = open_hub(data_dir)
     try:
         if out is None:
             _write(hub, start, sys.stdout)
             return
-        with out.open("w", encoding="utf-8") as sink:
-            entries, marks = _write(hub, start, sink)
+        entries, marks = _write_file(hub, start, out)
     finally:
         hub.engine.dispose()
     typer.echo(f"exported {entries} entries and {marks} checkpoints to {out}", err=True)
+
+
+def _check_target(out: Path) -> None:
+    if out.is_dir():
+        fail(f"--out {out}: is a directory; give the name of the file to write")
+    if not out.parent.is_dir():
+        fail(f"--out {out}: there is no directory {out.parent}; create it or choose another")
+
+
+def _write_file(hub: Hub, since: datetime | None, out: Path) -> tuple[int, int]:
+    """Write beside `out`, then rename: a failed export leaves no half-written archive."""
+    temporary = None
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=".audit-", suffix=".jsonl", dir=out.parent)
+        with os.fdopen(handle, "w", encoding="utf-8") as sink:
+            counts = _write(hub, since, sink)
+        os.replace(temporary, out)
+    except OSError as exc:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        fail(f"--out {out}: cannot write it ({exc.strerror or exc}); nothing was written")
+    return counts

@@ -53,3 +53,21 @@ def test_the_longest_and_shortest_enrolment_codes_are_made(data: Path) -> None:
         made = hub(data, "enrol-code", "--site", "ras-jedir", "--expires", expires)
         assert made.returncode == 0, made.stderr
     assert hub(data, "enrol-code", "--site", "ras-jedir", "--expires", "0d").returncode == 2
+
+
+def test_an_audit_export_to_a_missing_directory_or_a_directory_is_refused(
+    data: Path, tmp_path: Path
+) -> None:
+    since = ("--since", "2026-11-01T00:00:00Z")
+    missing = hub(data, "audit", "export", *since, "--out", str(tmp_path / "none" / "a.jsonl"))
+    _refused(missing, "no directory")
+    assert not (tmp_path / "none").exists()
+    into_dir = hub(data, "audit", "export", *since, "--out", str(tmp_path))
+    _refused(into_dir, "is a directory")
+    empty = hub(data, "audit", "export", "--out", "")
+    _refused(empty, "is a directory")
+    assert list(tmp_path.iterdir()) == []
+    done = hub(data, "audit", "export", "--out", str(tmp_path / "a.jsonl"))
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
+    assert "exported 0 entries" in done.stderr
