@@ -154,6 +154,27 @@ def _read(source: str) -> str:
         fail(f"{source} is not UTF-8 text (byte {exc.start})")
 
 
+def _same_file(one: Path, other: Path) -> bool:
+    try:
+        return one.resolve() == other.resolve() or (
+            one.exists() and other.exists() and one.samefile(other)
+        )
+    except OSError:
+        return False
+
+
+def _check_out(source: str, out: str) -> None:
+    """Refuse an --out that is empty, a directory, or the input itself."""
+    if not out.strip():
+        fail("--out is empty: give a file name for the pairs, or - for stdout")
+    if out == "-":
+        return
+    if Path(out).is_dir():
+        fail(f"--out {out}: is a directory; give the name of the file to write")
+    if source != "-" and _same_file(Path(source), Path(out)):
+        fail(f"--out {out} is the input file: writing there would replace it; choose another")
+
+
 def _write(pairs: list[Pair], out: str) -> None:
     if out == "-":
         write_pairs(pairs, sys.stdout)
@@ -186,7 +207,9 @@ def _pairs(parsed: Parsed, threshold: float) -> list[Pair]:
 def dedup_file(
     input_file: Annotated[
         str,
-        typer.Argument(metavar="INPUT", help="JSON Lines or CSV of registrations; - for stdin."),
+        typer.Argument(
+            metavar="INPUT", help="JSON Lines, CSV or TSV (.tsv) of registrations; - for stdin."
+        ),
     ],
     out: Annotated[
         str, typer.Option("--out", "-o", help="Where to write id_1,id_2,score CSV; - for stdout.")
@@ -210,6 +233,7 @@ def dedup_file(
     limit = _threshold(threshold)
     if input_format not in ("auto", "json", "csv"):
         fail(f"--format {input_format!r}: use auto, json or csv")
+    _check_out(input_file, out)
     text = _read(input_file)
     try:
         parsed = parse(text, fmt=input_format, name=input_file)

@@ -4,7 +4,8 @@ Input is UTF-8 text in one of two shapes:
 
 * JSON: JSON Lines (one registration object per line, as `fieldreg register
   --json` takes them), or one JSON array of objects, or a single object;
-* CSV with a header row naming fields by their dotted paths: ``names.given``,
+* CSV (TSV when the file name ends in ``.tsv``: cells separated by tabs) with
+  a header row naming fields by their dotted paths: ``names.given``,
   ``names.family``, ``names.given_original``, ``names.family_original``, ``sex``,
   ``date_of_birth.value``, ``date_of_birth.precision`` (or ``date_of_birth`` as
   ``1987-05-04``, ``1987`` or ``~1987``), ``place_of_birth``, ``phone``,
@@ -115,7 +116,8 @@ class Pair:
 
 def parse(text: str, *, fmt: str = "auto", name: str = "") -> Parsed:
     """Read JSON (Lines, an array, one object) or CSV (`fmt` "json" or "csv"; "auto"
-    picks by `name`'s extension, then by the first character).
+    picks by `name`'s extension, then by the first character). A `name` ending
+    in ``.tsv`` is CSV separated by tabs.
 
     Returns every readable record and every skipped line; raises `InputError`
     when the input as a whole cannot be read.
@@ -130,7 +132,12 @@ def parse(text: str, *, fmt: str = "auto", name: str = "") -> Parsed:
         fmt = "csv" if lower.endswith((".csv", ".tsv")) else "json"
         if not lower.endswith((".csv", ".tsv", ".json", ".jsonl", ".ndjson")):
             fmt = "json" if stripped[0] in "{[" else "csv"
-    items = _json_items(stripped) if fmt == "json" else _csv_items(text.lstrip("\ufeff"))
+    delimiter = "\t" if name.lower().endswith(".tsv") else ","
+    items = (
+        _json_items(stripped)
+        if fmt == "json"
+        else _csv_items(text.lstrip("\ufeff"), delimiter=delimiter)
+    )
     records: list[Record] = []
     bad: list[BadLine] = []
     seen: dict[str, int] = {}
@@ -151,18 +158,23 @@ def parse(text: str, *, fmt: str = "auto", name: str = "") -> Parsed:
     return Parsed(records, bad)
 
 
+_TOO_DEEP = "nested too deeply (more than Python's recursion limit)"
+
+
 def _json_items(text: str) -> Iterator[tuple[int, Any]]:
     if text[0] == "[":
         try:
             data = json.loads(text)
         except ValueError as exc:
             raise InputError(f"not valid JSON: {exc}") from None
+        except RecursionError:
+            raise InputError(f"not readable JSON: {_TOO_DEEP}") from None
         yield from enumerate(data if isinstance(data, list) else [data], start=1)
         return
     try:
         yield 1, json.loads(text)  # one object, possibly over several lines
         return
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
@@ -171,10 +183,12 @@ def _json_items(text: str) -> Iterator[tuple[int, Any]]:
             except ValueError as exc:
                 reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
                 yield number, BadLine(number, f"not valid JSON: {reason}")
+            except RecursionError:
+                yield number, BadLine(number, f"not readable JSON: {_TOO_DEEP}")
 
 
-def _csv_items(text: str) -> Iterator[tuple[int, Any]]:
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+def _csv_items(text: str, *, delimiter: str = ",") -> Iterator[tuple[int, Any]]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = [column.strip() for column in next(reader)]
         if not any(c in CSV_FIELDS or c.startswith("documents.") for c in header):
@@ -214,7 +228,7 @@ def unflatten(row: Mapping[str, str]) -> dict[str, Any]:
         elif column == "documents":
             try:
                 value = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):
                 value = None
             if not isinstance(value, list):
                 raise ValueError("documents: expected a JSON array of documents")

@@ -4,12 +4,14 @@ directory, as `tests/test_hub_cli.py` runs them."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.test_dedup_file import pairs_of, people
 from tests.test_hub_cli import hub
 
 ADMIN_ENV = {"FIELDREG_HUB_ADMIN_PASSWORD": "a long admin password"}
@@ -71,3 +73,57 @@ def test_an_audit_export_to_a_missing_directory_or_a_directory_is_refused(
     assert done.returncode == 0, done.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
     assert "exported 0 entries" in done.stderr
+
+
+def _people_file(path: Path) -> Path:
+    path.write_text("".join(json.dumps(p) + "\n" for p in people()), encoding="utf-8")
+    return path
+
+
+def test_dedup_file_refuses_to_write_over_its_input(tmp_path: Path) -> None:
+    source = _people_file(tmp_path / "same.jsonl")
+    before = source.read_bytes()
+    (tmp_path / "sub").mkdir()
+    for out in ("same.jsonl", "./sub/../same.jsonl", str(source)):
+        _refused(hub(tmp_path, "dedup-file", str(source), "-o", str(tmp_path / out)), "input")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(source)
+    _refused(hub(tmp_path, "dedup-file", str(link), "-o", str(source)), "is the input")
+    assert source.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.jsonl", "same.jsonl", "sub"]
+
+
+def test_dedup_file_refuses_an_empty_or_directory_output(tmp_path: Path) -> None:
+    source = _people_file(tmp_path / "people.jsonl")
+    _refused(hub(tmp_path, "dedup-file", str(source), "-o", ""), "--out is empty")
+    _refused(hub(tmp_path, "dedup-file", str(source), "-o", str(tmp_path)), "is a directory")
+    assert [p.name for p in tmp_path.iterdir()] == ["people.jsonl"]
+
+
+def test_dedup_file_reports_json_nested_too_deeply(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+    out = tmp_path / "pairs.csv"
+    _refused(hub(tmp_path, "dedup-file", str(deep), "-o", str(out)), "nested too deeply")
+    assert not out.exists()
+    mixed = _people_file(tmp_path / "mixed.jsonl")
+    with mixed.open("a", encoding="utf-8") as stream:
+        stream.write('{"id": "deep", "notes": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    done = hub(tmp_path, "dedup-file", str(mixed), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "nested too deeply" in done.stderr and "Traceback" not in done.stderr
+    assert pairs_of(out)
+
+
+def test_dedup_file_reads_tab_separated_values(tmp_path: Path) -> None:
+    rows = [
+        ["id", "names.given", "names.family", "sex", "date_of_birth", "nationalities"],
+        ["a", "Mohamed", "Abdel Rahman", "male", "1990-05-04", "EGY"],
+        ["b", "Mohammed", "Abdelrahman", "male", "1990-05-04", "EGY"],
+    ]
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("".join("\t".join(row) + "\n" for row in rows), encoding="utf-8")
+    out = tmp_path / "pairs.csv"
+    done = hub(tmp_path, "dedup-file", str(tsv), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert frozenset({"a", "b"}) in pairs_of(out)
