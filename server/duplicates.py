@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from schemas.fields import unflatten
+from schemas.fields import KNOWN_PATHS, unflatten
 from schemas.matching import REVIEW_THRESHOLD, Match, profile, score
 from server.db import write_lock
 from server.hub_edits import hub_edit
@@ -166,6 +166,21 @@ def reject(
     return _view(_load(conn, pair_id, sites))
 
 
+def _check_takeable(take_from_other: list[str], keep: HubRecord, other: HubRecord) -> None:
+    """Every field named must be one a record can hold (of this schema version, or
+    one of the two records holds it) and one a merge may copy; else 422."""
+    for path in take_from_other:
+        if path in ("registration", "schema_version", MERGED_INTO):
+            raise Problem(422, "request.invalid", f"take_from_other: {path!r} cannot be taken")
+        if path not in KNOWN_PATHS and path not in keep.fields and path not in other.fields:
+            raise Problem(
+                422,
+                "request.invalid",
+                f"take_from_other: {path!r} is not a field (use paths such as names.given,"
+                " date_of_birth, documents); nothing was merged",
+            )
+
+
 def merge(
     conn: sa.Connection,
     pair_id: int,
@@ -202,9 +217,7 @@ def merge(
             f"{other_id} is merged into {other.value(MERGED_INTO)} already",
         )
     _check_groups(conn, survivor, other_id, master_key)
-    bad = [f for f in take_from_other if f in ("registration", "schema_version", MERGED_INTO)]
-    if bad:
-        raise Problem(422, "request.invalid", f"take_from_other: {bad[0]!r} cannot be taken")
+    _check_takeable(take_from_other, keep, other)
     values = {f: other.value(f) for f in take_from_other if other.value(f) != keep.value(f)}
     restore = {f: keep.value(f) for f in values}
     label = f"merge-{pair_id}"

@@ -7,11 +7,19 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
+from server import accounts
+from server.accounts import Role
+from server.hub import Hub
+from tests.hubkit import HandDevice, init_hub, live_hub
 from tests.test_dedup_file import pairs_of, people
+from tests.test_duplicates import PASSWORD, login, registration
 from tests.test_hub_cli import hub
 
 ADMIN_ENV = {"FIELDREG_HUB_ADMIN_PASSWORD": "a long admin password"}
@@ -24,6 +32,25 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     made = hub(path, "init", env=ADMIN_ENV)
     assert made.returncode == 0, made.stderr
     return path
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[tuple[httpx.Client, Hub]]:
+    """A live hub on SQLite with operator `op` for sites border and camp."""
+    with (
+        live_hub(init_hub(tmp_path / "hub")) as (base, hub_),
+        httpx.Client(base_url=base, timeout=30) as http,
+    ):
+        with hub_.engine.begin() as conn:
+            accounts.add_user(
+                conn,
+                name="op",
+                role=Role.HUB_OPERATOR,
+                sites=["border", "camp"],
+                password=PASSWORD,
+                now=datetime.now(UTC),
+            )
+        yield http, hub_
 
 
 def _refused(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -127,3 +154,30 @@ def test_dedup_file_reads_tab_separated_values(tmp_path: Path) -> None:
     done = hub(tmp_path, "dedup-file", str(tsv), "-o", str(out))
     assert done.returncode == 0, done.stderr
     assert frozenset({"a", "b"}) in pairs_of(out)
+
+
+@pytest.mark.parametrize("field", ["nope", "names.givn"])
+def test_a_merge_taking_an_unknown_field_is_refused_and_merges_nothing(
+    live: tuple[httpx.Client, Hub], field: str
+) -> None:
+    http, hub_ = live
+    border, camp = HandDevice.enrol(http, hub_, "border"), HandDevice.enrol(http, hub_, "camp")
+    first = registration(border, {"given": "Mohamed", "family": "Abdel Rahman"}, "1988-03-14", "A1")
+    border.open_answer(border.push(border.envelope([first])))
+    again = registration(camp, {"given": "Muhammad", "family": "Abdelrahman"}, "1988", "a 1")
+    camp.open_answer(camp.push(camp.envelope([again])))
+    auth = login(http)
+    [pair] = http.get("/api/v1/duplicates", headers=auth).json()
+    refused = http.post(
+        f"/api/v1/duplicates/{pair['id']}/merge",
+        headers=auth,
+        json={"survivor": first.record_id, "take_from_other": ["names.given", field]},
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    assert refused.json()["code"] == "request.invalid" and repr(field) in refused.json()["detail"]
+    assert http.get(f"/api/v1/duplicates/{pair['id']}", headers=auth).json()["status"] == "open"
+    view = http.get(f"/api/v1/records/{first.record_id}", headers=auth).json()
+    assert view["fields"]["names.given"] == "Mohamed"
+    other = http.get(f"/api/v1/records/{again.record_id}", headers=auth).json()
+    assert not other["fields"].get("merged_into")
