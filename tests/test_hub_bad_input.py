@@ -21,6 +21,7 @@ from tests.hubkit import HandDevice, init_hub, live_hub
 from tests.test_dedup_file import pairs_of, people
 from tests.test_duplicates import PASSWORD, login, registration
 from tests.test_hub_cli import hub
+from tests.test_hub_people import World
 
 ADMIN_ENV = {"FIELDREG_HUB_ADMIN_PASSWORD": "a long admin password"}
 
@@ -181,3 +182,27 @@ def test_a_merge_taking_an_unknown_field_is_refused_and_merges_nothing(
     assert view["fields"]["names.given"] == "Mohamed"
     other = http.get(f"/api/v1/records/{again.record_id}", headers=auth).json()
     assert not other["fields"].get("merged_into")
+
+
+@pytest.mark.parametrize("choice", ["current", "incoming"])
+def test_a_value_with_a_choice_that_keeps_a_side_is_refused(
+    live: tuple[httpx.Client, Hub], choice: str
+) -> None:
+    world = World(*live)
+    [listed] = world.get("/api/v1/conflicts", "opa").json()
+    for value in (["food", "shelter"], None):
+        refused = world.post(
+            f"/api/v1/conflicts/{listed['id']}/resolve",
+            "aud",
+            json={"choice": choice, "value": value, "reason": "both, said the person"},
+        )
+        assert refused.status_code == 422, refused.text
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert "choice 'value' only" in refused.json()["detail"]
+    assert [c["id"] for c in world.get("/api/v1/conflicts", "aud").json()] == [listed["id"]]
+    done = world.post(
+        f"/api/v1/conflicts/{listed['id']}/resolve",
+        "aud",
+        json={"choice": choice, "reason": "checked with the person"},
+    )
+    assert done.status_code == 200, done.text

@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from schemas.enums import Need, Scenario, Vulnerability
 from server import conflict_review, people
@@ -171,8 +171,17 @@ class ResolveIn(BaseModel):
     choice: str = Field(
         pattern=r"^(current|incoming|value)$", description="keep a side, or give a new value"
     )
-    value: Any = None
+    value: Any = Field(default=None, description="the new value: with choice 'value' only")
     reason: str = Field(min_length=3, max_length=2000)
+
+    @model_validator(mode="after")
+    def _value_only_for_a_new_value(self) -> ResolveIn:
+        if self.choice != "value" and "value" in self.model_fields_set:
+            raise ValueError(
+                f"value goes with choice 'value' only; choice {self.choice!r} keeps that side's"
+                " value: leave value out, or choose 'value'"
+            )
+        return self
 
 
 class ReopenIn(BaseModel):
