@@ -11,7 +11,9 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 import sqlalchemy as sa
+from pydantic import TypeAdapter, ValidationError
 
+from schemas.record import SiteCode
 from server.models import Session, User, as_utc
 from server.passwords import hash_password, verify_password
 from server.problems import Problem
@@ -28,7 +30,9 @@ __all__ = [
     "logout",
     "set_active",
     "set_password",
+    "site_code_error",
     "user_for_token",
+    "user_name_error",
 ]
 
 users = User.__table__  # type: ignore[attr-defined]
@@ -38,6 +42,29 @@ MAX_FAILED_LOGINS = 5
 LOCK_FOR = timedelta(minutes=15)
 SESSION_FOR = timedelta(hours=8)
 MIN_PASSWORD_CHARS = 12
+MAX_USER_NAME_CHARS = 128
+_SITE_CODE: TypeAdapter[str] = TypeAdapter(SiteCode)
+
+
+def user_name_error(name: str) -> str | None:
+    """Why `name` cannot be a user name, or None. The one rule: adding a user
+    (CLI, `init --admin`) and logging in apply it alike."""
+    if not name.strip():
+        return "a user name cannot be empty"
+    if len(name) > MAX_USER_NAME_CHARS:
+        return f"a user name is at most {MAX_USER_NAME_CHARS} characters"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "a user name cannot hold control characters"
+    return None
+
+
+def site_code_error(site: str) -> str | None:
+    """Why `site` is not a site code, or None: the rule records and devices follow."""
+    try:
+        _SITE_CODE.validate_python(site)
+    except ValidationError as exc:
+        return str(exc.errors()[0]["msg"])
+    return None
 
 
 class Role(StrEnum):
@@ -95,6 +122,13 @@ def add_user(
     conn: sa.Connection, *, name: str, role: Role, sites: list[str], password: str, now: datetime
 ) -> UserInfo:
     """Create a user; field workers and hub operators must name at least one site."""
+    problem = user_name_error(name)
+    if problem:
+        raise Problem(422, "user.invalid_name", f"{name!r}: {problem}")
+    for site in sites:
+        problem = site_code_error(site)
+        if problem:
+            raise Problem(422, "user.invalid_site", f"--site: {problem}")
     check_password_strength(password)
     if role not in GLOBAL_CAPABLE and not sites:
         raise Problem(

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from schemas.ids import uuid7
 from server import dedup_check
 from server import devices as device_store
+from server.accounts import user_name_error
 from server.db import make_engine, migrate
 from server.keystore import HubSecrets
 from server.models import ConflictRow, QuarantineRow, RecordRow, User
@@ -48,7 +49,11 @@ class InitResult:
 
 
 def initialise(settings: HubSettings, *, admin: str, admin_password: str | None) -> InitResult:
-    """Create keys, master key, database and the first admin. Refuses an existing hub."""
+    """Create keys, master key, database and the first admin. Refuses an existing hub,
+    and an admin name no one could log in with (ValueError, before anything is made)."""
+    problem = user_name_error(admin)
+    if problem:
+        raise ValueError(f"--admin {admin!r}: {problem}")
     secrets = HubSecrets.create(settings.data_dir)
     engine = make_engine(
         settings.resolved_database_url(),

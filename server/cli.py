@@ -13,8 +13,6 @@ import sqlalchemy as sa
 import typer
 from rich.table import Table
 
-from schemas.record import RegistrationContext
-from schemas.validation import InvalidRecord, validate
 from server import (
     accounts,
     admin,
@@ -78,7 +76,7 @@ def init(
     password = os.environ.get("FIELDREG_HUB_ADMIN_PASSWORD")
     try:
         result = admin.initialise(settings, admin=admin_name, admin_password=password)
-    except FileExistsError as exc:
+    except (FileExistsError, ValueError) as exc:
         fail(str(exc))
     out.print(f"hub initialised in {result.data_dir}")
     out.print(f"hub key fingerprint: [bold]{result.fingerprint}[/bold]")
@@ -138,11 +136,9 @@ def enrol_code(
 ) -> None:
     """Print a one-time enrolment code for a device serving SITE (or several)."""
     for site in sites:
-        context = {"site": site, "device_id": "x", "operator": "x", "registered_at": "2000-01-01"}
-        try:
-            validate(RegistrationContext, {**context, "registered_at": "2000-01-01T00:00:00Z"})
-        except InvalidRecord as exc:
-            fail(str(exc))
+        problem = accounts.site_code_error(site)
+        if problem:
+            fail(f"--site: {problem}")
     valid_for = _duration(expires)
     hub = open_hub(data_dir)
     code = hub.create_enrol_code(sites, valid_for)
@@ -229,6 +225,13 @@ def user_add(
     data_dir: DataDir = None,
 ) -> None:
     """Add a user (password asked, or FIELDREG_HUB_USER_PASSWORD)."""
+    problem = accounts.user_name_error(name)
+    if problem:
+        fail(f"user name {name!r}: {problem}")
+    for site in sites or []:
+        problem = accounts.site_code_error(site)
+        if problem:
+            fail(f"--site: {problem}")
     hub = open_hub(data_dir)
     password = _new_password("Password")
     try:

@@ -206,3 +206,28 @@ def test_a_value_with_a_choice_that_keeps_a_side_is_refused(
         json={"choice": choice, "reason": "checked with the person"},
     )
     assert done.status_code == 200, done.text
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("user", "add", "", "--role", "admin"), "cannot be empty"),
+        (("user", "add", "   ", "--role", "admin"), "cannot be empty"),
+        (("user", "add", "a\tb", "--role", "admin"), "control characters"),
+        (("user", "add", "x" * 129, "--role", "admin"), "at most 128"),
+        (("user", "add", "sam", "--role", "hub_operator", "--site", "BAD!"), "not a site code"),
+        (("enrol-code", "--site", "BAD!"), "not a site code"),
+    ],
+)
+def test_user_names_and_site_codes_follow_one_rule(
+    data: Path, args: tuple[str, ...], needle: str
+) -> None:
+    before = _count(data, "users")
+    env = {"FIELDREG_HUB_USER_PASSWORD": "a long user password"}
+    _refused(hub(data, *args, env=env), needle)
+    assert _count(data, "users") == before
+
+
+def test_init_refuses_an_admin_no_one_could_log_in_as(tmp_path: Path) -> None:
+    _refused(hub(tmp_path / "hub", "init", "--admin", "", env=ADMIN_ENV), "--admin", "empty")
+    assert not (tmp_path / "hub").exists() or list((tmp_path / "hub").iterdir()) == []

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from server import accounts
 from server.problems import Problem
-from server.routes.deps import CurrentUser, HubDep, RequestId, has_control_characters, oauth2
+from server.routes.deps import CurrentUser, HubDep, RequestId, oauth2
 
 __all__ = ["router"]
 
@@ -41,7 +41,7 @@ def token(
     Failed attempts in a row slow the answer down; after five the account is
     locked for 15 minutes (429 `auth.locked`).
     """
-    if has_control_characters(form.username) or len(form.username) > 128:
+    if accounts.user_name_error(form.username):
         raise Problem(422, "request.invalid", "username: not a user name")
     now = datetime.now(UTC)
     with hub.engine.begin() as conn:
