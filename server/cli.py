@@ -32,6 +32,7 @@ from server.cli_common import (
     settings_for,
 )
 from server.db import make_engine, migrate
+from server.keystore import KEYS_FILE
 from server.problems import Problem
 
 __all__ = ["app", "main"]
@@ -112,6 +113,10 @@ def serve(
 def migrate_cmd(data_dir: DataDir = None) -> None:
     """Bring the database schema to the latest version."""
     settings = settings_for(data_dir)
+    if not settings.data_dir.is_dir():
+        fail(f"the data directory {settings.data_dir} does not exist: check --data-dir")
+    if not (settings.data_dir / KEYS_FILE).exists():
+        fail(f"{settings.data_dir} holds no hub (no {KEYS_FILE}): run `fieldreg-hub init` first")
     engine = make_engine(
         settings.resolved_database_url(),
         busy_timeout_s=settings.busy_timeout_s,
@@ -191,13 +196,21 @@ def device_revoke(
 ) -> None:
     """Revoke a device: later batches are refused and kept in quarantine."""
     hub = open_hub(data_dir)
+    now = datetime.now(UTC)
     try:
         with hub.engine.begin() as conn:
-            device = device_store.revoke_device(
-                conn, device_id, reason=reason, now=datetime.now(UTC)
-            )
+            before = device_store.get_device(conn, device_id)
+            device = device_store.revoke_device(conn, device_id, reason=reason, now=now)
     except Problem as exc:
         fail(exc.detail)
+    if before is not None and before.is_revoked:
+        when = f"{before.revoked_at:%Y-%m-%d %H:%M} UTC" if before.revoked_at else "earlier"
+        out.print(
+            f"device {device.id} was already revoked on {when} ({device.revoked_reason});"
+            " that reason is kept, nothing changed",
+            highlight=False,
+        )
+        return
     out.print(f"device {device.id} revoked; its next contact is told to wipe itself")
 
 

@@ -17,6 +17,7 @@ import pytest
 from server import accounts
 from server.accounts import Role
 from server.hub import Hub
+from server.settings import HubSettings
 from tests.hubkit import HandDevice, init_hub, live_hub
 from tests.test_dedup_file import pairs_of, people
 from tests.test_duplicates import PASSWORD, login, registration
@@ -231,3 +232,27 @@ def test_user_names_and_site_codes_follow_one_rule(
 def test_init_refuses_an_admin_no_one_could_log_in_as(tmp_path: Path) -> None:
     _refused(hub(tmp_path / "hub", "init", "--admin", "", env=ADMIN_ENV), "--admin", "empty")
     assert not (tmp_path / "hub").exists() or list((tmp_path / "hub").iterdir()) == []
+
+
+def test_migrate_names_a_missing_data_directory_or_one_without_a_hub(tmp_path: Path) -> None:
+    _refused(hub(tmp_path / "none", "migrate"), "does not exist")
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "empty").mkdir()
+    _refused(hub(tmp_path / "empty", "migrate"), "holds no hub", "fieldreg-hub init")
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_revoking_a_revoked_device_says_when_and_why_and_keeps_the_reason(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "hub"
+    assert hub(data, "init", env=ADMIN_ENV).returncode == 0
+    with live_hub(HubSettings(data_dir=data)) as (url, live), httpx.Client(base_url=url) as http:
+        device = HandDevice.enrol(http, live, "ras-jedir")
+    assert hub(data, "device", "revoke", device.id, "--reason", "phone lost").returncode == 0
+    again = hub(data, "device", "revoke", device.id, "--reason", "found again")
+    assert again.returncode == 0, again.stderr
+    assert "already revoked" in again.stdout and "(phone lost)" in again.stdout
+    with sqlite3.connect(data / "hub.db") as db:
+        [reason] = db.execute("SELECT revoked_reason FROM devices").fetchone()
+    assert reason == "phone lost"
