@@ -377,6 +377,7 @@ def schema() -> None:
 @app.command()
 def passphrase(data_dir: DataDir = DEFAULT_DIR) -> None:
     """Change the passphrase (and re-encrypt the store under a new key)."""
+    Store.check_present(data_dir)  # before asking for passphrases (the app reports NoStore)
     old = passphrase_of("Current passphrase")
     new = passphrase_of("New passphrase", env="FIELDREG_NEW_PASSPHRASE", confirm=True)
     try:

@@ -151,8 +151,9 @@ def test_store_whose_init_stopped_part_way(tmp_path: Path) -> None:
 
 
 def test_no_store_is_said_before_asking_for_a_passphrase(tmp_path: Path) -> None:
-    result = run(tmp_path / "nowhere", "status", env={"FIELDREG_PASSPHRASE": ""})
-    one_line_error(result, "no store in", "fieldreg init")
+    for command in ("status", "passphrase"):
+        result = run(tmp_path / "nowhere", command, env={"FIELDREG_PASSPHRASE": ""})
+        one_line_error(result, "no store in", "fieldreg init")
     assert not (tmp_path / "nowhere").exists()
     with pytest.raises(NoStore):
         Store.check_present(tmp_path / "nowhere")
