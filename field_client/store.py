@@ -30,7 +30,12 @@ from schemas.fields import flatten, flatten_doc, split_fields, unflatten
 from schemas.ids import uuid7
 from schemas.matching import REVIEW_THRESHOLD, profile, score
 from schemas.names import match_keys, name_similarity, query_keys
-from schemas.record import Registration, RegistrationContext, RegistrationCreate
+from schemas.record import (
+    HIDDEN_IN_LINE,
+    Registration,
+    RegistrationContext,
+    RegistrationCreate,
+)
 from schemas.validation import FieldError, InvalidRecord, validate
 from sync.changes import FieldChange, Version
 from sync.hlc import Clock, Stamp, system_ms
@@ -188,6 +193,11 @@ def operator_name(value: str) -> str:
         raise InvalidRecord(
             [FieldError("operator", "not valid text (bytes that are not UTF-8): retype it")]
         ) from None
+    found = HIDDEN_IN_LINE.search(name)
+    if found:
+        raise InvalidRecord(
+            [FieldError("operator", f"contains the invisible character U+{ord(found[0]):04X}")]
+        )
     return name
 
 

@@ -50,6 +50,7 @@ from schemas.enums import (
 )
 
 __all__ = [
+    "HIDDEN_IN_LINE",
     "MIN_SCHEMA_VERSION",
     "SCHEMA_VERSION",
     "Communication",
@@ -112,8 +113,39 @@ def _unique(values: list[str]) -> list[str]:
     return values
 
 
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-LongText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4000)]
+# Control characters (a NUL ends a string in C, a stray escape redraws a
+# terminal) and the bidirectional overrides and isolates that make a list show
+# a name, or the text after it, other than it is. Right-to-left marks stay:
+# Arabic and Hebrew text uses them.
+_OVERRIDES = "\\x7f-\\x9f\\u202a-\\u202e\\u2066-\\u2069"
+HIDDEN_IN_LINE = re.compile(f"[\\x00-\\x1f{_OVERRIDES}]")
+_HIDDEN_IN_TEXT = re.compile(f"[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f{_OVERRIDES}]")  # tabs, lines: kept
+
+
+def _shown_as_is(pattern: re.Pattern[str]) -> AfterValidator:
+    def check(value: str) -> str:
+        found = pattern.search(value)
+        if found:
+            raise PydanticCustomError(
+                "hidden_character",
+                "contains the invisible character U+{code}: remove it",
+                {"code": f"{ord(found.group()):04X}"},
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+Text = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    _shown_as_is(HIDDEN_IN_LINE),
+]
+LongText = Annotated[  # tabs and line breaks allowed
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=4000),
+    _shown_as_is(_HIDDEN_IN_TEXT),
+]
 CountryCode = Annotated[str, AfterValidator(_country)]
 SiteCode = Annotated[str, AfterValidator(_site)]
 LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")]
@@ -281,7 +313,9 @@ class RegistrationContent(_Model):
 
 
 class RegistrationCreate(RegistrationContent):
-    """What a form or an import supplies. `id` may be given to make an import idempotent."""
+    """What a form or an import supplies. `id` may be given so that importing the
+    same file twice registers nobody twice: a batch naming an id already
+    registered is refused whole (`id: already registered`), nothing stored."""
 
     id: uuid.UUID | None = None
     location: Location | None = None

@@ -97,7 +97,7 @@ def test_store_refuses_or_trims_operators_for_the_hub(store: Store) -> None:
     [saved] = store.register([item], operator="\t" + "z" * 200)
     rid = str(saved.id)
     seq = store.status().pending_outbox
-    for bad in (LONG, " ", "a\udcff"):
+    for bad in (LONG, " ", "a\udcff", "Am\u202eina", "Amina\x00"):
         with pytest.raises(InvalidRecord, match="operator"):
             store.edit(rid, {"occupation": "baker"}, operator=bad)
     assert store.status().pending_outbox == seq

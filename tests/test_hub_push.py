@@ -153,6 +153,7 @@ def test_poison_edit_is_quarantined_and_the_rest_applies(
     dev = HandDevice.enrol(http, hub, "ras-jedir")
     good = dev.new_record("Amina")
     bad = dev.edit(good.record_id, {"sex": "robot"})
+    hidden = dev.edit(good.record_id, {"names.given": "Ami\u202ena"})  # an older device's
     elsewhere = dev.new_record("Far")
     elsewhere_fields = dict(elsewhere.fields)
     elsewhere_fields["registration"] = {**elsewhere_fields["registration"], "site": "other-site"}
@@ -165,11 +166,11 @@ def test_poison_edit_is_quarantined_and_the_rest_applies(
         elsewhere.first_seq,
     )
     unknown = dev.edit(str(uuid.uuid4()), {"phone": "+218 91 000 0000"})
-    ack = dev.open_answer(dev.push(dev.envelope([good, bad, outside, unknown])))
+    ack = dev.open_answer(dev.push(dev.envelope([good, bad, hidden, outside, unknown])))
     reasons = {reason.split(":")[0] for _, reason in ack["quarantined"]}
     assert reasons == {"field.invalid", "site.out_of_scope", "record.unknown"}
     assert ack["high_water"] == unknown.last_seq
-    assert count(hub, "records") == 1 and count(hub, "quarantine") == 3
+    assert count(hub, "records") == 1 and count(hub, "quarantine") == 4
 
 
 def test_revoked_device_is_refused_and_its_batch_quarantined(

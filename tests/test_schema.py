@@ -86,6 +86,23 @@ def test_duplicates_in_lists_refused() -> None:
     ]
 
 
+def test_hidden_characters_refused_right_to_left_marks_kept() -> None:
+    """A NUL, an escape or a bidirectional override in a name makes a list show
+    something other than what is stored; a right-to-left mark is Arabic text."""
+    for bad, code in (("Amina\x00", "0000"), ("Am\x1b[2Jina", "001B"), ("Ami\u202ena", "202E")):
+        record = sample_record(names={"given": bad, "family": "Yusuf"})
+        assert errors(record) == [
+            f"names.given: contains the invisible character U+{code}: remove it"
+        ]
+    kept = validate(RegistrationCreate, sample_record(names={"given": "أمينة\u200f"}))
+    assert kept.names.given == "أمينة\u200f"
+    notes = validate(RegistrationCreate, sample_record(notes="first line\n\tsecond line"))
+    assert notes.notes == "first line\n\tsecond line"
+    assert errors(sample_record(notes="bell\x07")) == [
+        "notes: contains the invisible character U+0007: remove it"
+    ]
+
+
 def test_date_of_birth_short_forms() -> None:
     assert parse_date_of_birth("1990") == {"value": "1990-01-01", "precision": "year"}
     assert parse_date_of_birth("~1990-02-03") == {"value": "1990-02-03", "precision": "estimated"}
