@@ -133,7 +133,9 @@ def register(
         operator = operator_name(store.operator if operator is None else operator)
         if json_file is None:
             raw = prompt_record(
-                lambda q, d: Prompt.ask(q, default=d, console=out), operator=operator
+                lambda q, d: Prompt.ask(q, default=d, console=out),
+                operator=operator,
+                say=lambda m: out.print(f"[red]{escape(m)}[/red]", highlight=False, soft_wrap=True),
             )
             items = [_review_duplicates(store, validate(RegistrationCreate, raw), ask=True)]
         elif check_duplicates:

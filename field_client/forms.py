@@ -7,13 +7,25 @@ Nothing here writes to the store; it turns input into validated
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
-from typing import Any
+from functools import cache
+from typing import Annotated, Any
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from rich.console import Console
 
 from schemas.enums import ConsentScope, Intention, LegalBasis, Need, Scenario, Sex, Vulnerability
 from schemas.fields import parse_date_of_birth
-from schemas.record import RegistrationCreate
-from schemas.validation import FieldError, InvalidRecord, validate
+from schemas.record import (
+    Communication,
+    Consent,
+    DateOfBirth,
+    Names,
+    RegistrationCreate,
+    Situation,
+)
+from schemas.validation import FieldError, InvalidRecord, errors_of, validate
 
 __all__ = ["parse_json_records", "prompt_record", "validate_all"]
 
@@ -102,6 +114,13 @@ def _joined(prefix: str, path: str) -> str:
 
 
 Ask = Callable[[str, str], str]
+Say = Callable[[str], None]
+Check = Callable[[Any], list[FieldError]]
+
+_YES, _NO = {"y", "yes"}, {"n", "no"}
+_DATE_EXPECTED = "type YYYY-MM-DD, YYYY, or ~YYYY if estimated; empty if unknown"
+_TEXT_EXPECTED = "up to 200 characters, or empty"
+_SOME = "values from the question, comma separated, each once, or empty"
 
 
 def _choices(enum: Any) -> str:
@@ -112,68 +131,297 @@ def _split(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
-def _communication(ask: Ask) -> dict[str, Any] | None:
-    language = ask("Preferred language to talk with them (ISO 639 code; empty: skip)", "")
-    if not language.strip():
+def _optional(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _word(text: str) -> str | None:
+    return text.strip().lower() or None
+
+
+@cache
+def _adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    """The record model's own type for one field, with its validators."""
+    info = model.model_fields[name]
+    kind: Any = info.annotation
+    if info.metadata:
+        kind = Annotated[(kind, *info.metadata)]
+    return TypeAdapter(kind)
+
+
+def _field(model: type[BaseModel], name: str) -> Check:
+    """A check of one answer by the rules of field `name` of `model`."""
+
+    def check(value: Any) -> list[FieldError]:
+        try:
+            _adapter(model, name).validate_python(value)
+        except ValidationError as exc:
+            return errors_of(exc)
+        return []
+
+    return check
+
+
+def _whole(model: type[BaseModel], build: Callable[[Any], Any]) -> Check:
+    """A check of one answer as part of a small model (`build` makes its input)."""
+
+    def check(value: Any) -> list[FieldError]:
+        try:
+            validate(model, build(value))
+        except InvalidRecord as exc:
+            return exc.errors
+        return []
+
+    return check
+
+
+def _complaint(errors: list[FieldError], typed: str, value: Any) -> str:
+    """The reasons, each naming what was typed (the item of a list, not its index)."""
+    parts = []
+    for error in errors:
+        index = re.fullmatch(r"\[(\d+)\]", error.path)
+        if index and isinstance(value, list) and int(index[1]) < len(value):
+            parts.append(f"'{value[int(index[1])]}': {error.reason}")
+        elif typed.strip() and not isinstance(value, list):
+            parts.append(f"'{typed.strip()}': {error.reason}")
+        else:
+            parts.append(error.reason)
+    return "; ".join(parts)
+
+
+def _asked(
+    ask: Ask,
+    say: Say,
+    question: str,
+    default: str,
+    read: Callable[[str], Any],
+    check: Check,
+    expected: str,
+) -> Any:
+    """Ask until the answer passes `check`; say what is wrong before asking again."""
+    while True:
+        typed = ask(question, default)
+        value = read(typed)
+        errors = check(value)
+        if not errors:
+            return value
+        label = question.split(" (")[0].split(",")[0]
+        say(f"{label} not accepted: {_complaint(errors, typed, value)}. Expected: {expected}")
+
+
+def _yes_no(ask: Ask, say: Say, question: str, default: str) -> bool:
+    def check(value: str) -> list[FieldError]:
+        return [] if value in _YES | _NO else [FieldError("", "not yes or no")]
+
+    answer = _asked(ask, say, question, default, lambda t: t.strip().lower(), check, "yes or no")
+    return answer in _YES
+
+
+def _say_on_console(message: str) -> None:
+    Console(stderr=True).print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def _names(ask: Ask, say: Say) -> dict[str, Any]:
+    questions = {
+        "given": "Given name (Latin letters)",
+        "family": "Family name (Latin letters)",
+        "given_original": "Given name (original script)",
+        "family_original": "Family name (original script)",
+    }
+    while True:
+        names: dict[str, Any] = {
+            key: _asked(ask, say, q, "", _optional, _field(Names, key), _TEXT_EXPECTED)
+            for key, q in questions.items()
+        }
+        if any(names.values()):
+            break
+        say("Names not accepted: at least one given or family name is required. Expected: a name")
+    names["aliases"] = _asked(
+        ask,
+        say,
+        "Other names, comma separated",
+        "",
+        _split,
+        _field(Names, "aliases"),
+        "names of up to 200 characters, each once, or empty",
+    )
+    return names
+
+
+def _communication(ask: Ask, say: Say) -> dict[str, Any] | None:
+    def check(language: str | None) -> list[FieldError]:
+        if language is None:
+            return []
+        return _whole(Communication, lambda v: {"language": v, "interpreter_needed": False})(
+            language
+        )
+
+    language = _asked(
+        ask,
+        say,
+        "Preferred language to talk with them (ISO 639 code; empty: skip)",
+        "",
+        _word,
+        check,
+        "an ISO 639 code of 2 or 3 lower-case letters, e.g. ar, or empty",
+    )
+    if language is None:
         return None
-    needed = ask("Interpreter needed for it? (yes/no)", "no").strip().lower()
-    return {"language": language.strip().lower(), "interpreter_needed": needed in {"y", "yes"}}
+    needed = _yes_no(ask, say, "Interpreter needed for it? (yes/no)", "no")
+    return {"language": language, "interpreter_needed": needed}
 
 
-def prompt_record(ask: Ask, *, operator: str) -> dict[str, Any]:
+def _situation(ask: Ask, say: Say) -> dict[str, Any]:
+    situation: dict[str, Any] = {
+        "scenario": _asked(
+            ask,
+            say,
+            f"Scenario ({_choices(Scenario)})",
+            "crossed_border",
+            lambda t: t.strip().lower(),
+            _field(Situation, "scenario"),
+            "one of the values in the question",
+        )
+    }
+    question = "Vulnerabilities, comma separated (? for the list)"
+    vulnerabilities: list[str] | None = _split(ask(question, ""))
+    if vulnerabilities == ["?"]:
+        question, vulnerabilities = f"Vulnerabilities ({_choices(Vulnerability)})", None
+    situation["vulnerabilities"] = _retried(
+        ask,
+        say,
+        question,
+        vulnerabilities,
+        _field(Situation, "vulnerabilities"),
+        "codes from the list (? shows it), each once, or empty",
+    )
+    situation["needs"] = _asked(
+        ask,
+        say,
+        f"Needs, comma separated ({_choices(Need)})",
+        "",
+        _split,
+        _field(Situation, "needs"),
+        _SOME,
+    )
+    intention = _asked(
+        ask,
+        say,
+        f"Intention ({_choices(Intention)})",
+        "",
+        _word,
+        _field(Situation, "intention"),
+        "one of the values in the question, or empty",
+    )
+    if intention is not None:
+        situation["intention"] = intention
+    return situation
+
+
+def _retried(
+    ask: Ask, say: Say, question: str, first: list[str] | None, check: Check, expected: str
+) -> list[str]:
+    """`_asked` for a list whose first answer was already read (None: not yet)."""
+    if first is not None:
+        errors = check(first)
+        if not errors:
+            return first
+        say(f"Vulnerabilities not accepted: {_complaint(errors, '', first)}. Expected: {expected}")
+    value: list[str] = _asked(ask, say, question, "", _split, check, expected)
+    return value
+
+
+def _consent(ask: Ask, say: Say, operator: str) -> dict[str, Any]:
+    given = _yes_no(ask, say, "Consent given? (yes/no)", "yes")
+
+    def consent(basis: Any, scope: Any) -> dict[str, Any]:
+        return {"given": given, "legal_basis": basis, "scope": scope, "recorded_by": operator}
+
+    basis = _asked(
+        ask,
+        say,
+        f"Legal basis ({_choices(LegalBasis)})",
+        "consent" if given else "vital_interest",
+        lambda t: t.strip().lower(),
+        _whole(Consent, lambda b: consent(b, [])),
+        "one of the values in the question" + ("" if given else " other than consent"),
+    )
+    scope = _asked(
+        ask,
+        say,
+        f"Consent scope ({_choices(ConsentScope)})",
+        "registration" if given else "",
+        _split,
+        _whole(Consent, lambda s: consent(basis, s)),
+        _SOME if given else "empty: consent was not given",
+    )
+    return consent(basis, scope)
+
+
+def prompt_record(ask: Ask, *, operator: str, say: Say | None = None) -> dict[str, Any]:
     """Ask for a registration field by field; return the raw input for validation.
 
-    `ask(question, default)` returns what the person typed. Empty answers
-    leave optional fields out.
+    `ask(question, default)` returns what the person typed. Every answer is
+    checked by the record model's own rules for its field as soon as it is
+    typed: a wrong one is asked again after `say` (default: the terminal's
+    standard error) tells in one line what is wrong and what is expected, and
+    the answers before it are kept. Empty answers leave optional fields out.
+    Rules across fields of different questions are left to the final validation.
     """
+    say = say or _say_on_console
 
-    def opt(question: str, default: str = "") -> str | None:
-        return ask(question, default).strip() or None
+    def text(question: str, model: type[BaseModel], name: str, expected: str) -> Any:
+        return _asked(ask, say, question, "", _optional, _field(model, name), expected)
 
     record: dict[str, Any] = {
-        "names": {
-            "given": opt("Given name (Latin letters)"),
-            "family": opt("Family name (Latin letters)"),
-            "given_original": opt("Given name (original script)"),
-            "family_original": opt("Family name (original script)"),
-            "aliases": _split(ask("Other names, comma separated", "")),
-        },
-        "sex": ask(f"Sex ({_choices(Sex)})", "unknown"),
-        "nationalities": [
-            c.upper() for c in _split(ask("Nationalities (ISO codes, e.g. EGY,TCD)", ""))
-        ],
-        "languages": _split(ask("Languages (ISO 639 codes, e.g. ar,fr)", "")),
-        "communication": _communication(ask),
-        "phone": opt("Phone"),
-        "occupation": opt("Occupation"),
-        "employer": opt("Employer"),
-        "situation": {
-            "scenario": ask(f"Scenario ({_choices(Scenario)})", "crossed_border"),
-            "vulnerabilities": _split(ask("Vulnerabilities, comma separated (? for the list)", "")),
-            "needs": _split(ask(f"Needs, comma separated ({_choices(Need)})", "")),
-            "intention": opt(f"Intention ({_choices(Intention)})"),
-        },
-        "notes": opt("Notes"),
-    }
-    if record["situation"]["vulnerabilities"] == ["?"]:
-        record["situation"]["vulnerabilities"] = _split(
-            ask(f"Vulnerabilities ({_choices(Vulnerability)})", "")
-        )
-    try:
-        record["date_of_birth"] = parse_date_of_birth(
-            ask("Date of birth (YYYY-MM-DD, YYYY, ~YYYY if estimated; empty if unknown)", "")
-        )
-    except ValueError:
-        record["date_of_birth"] = None
-    given = ask("Consent given? (yes/no)", "yes").strip().lower() in {"y", "yes"}
-    record["consent"] = {
-        "given": given,
-        "legal_basis": ask(
-            f"Legal basis ({_choices(LegalBasis)})", "consent" if given else "vital_interest"
+        "names": _names(ask, say),
+        "sex": _asked(
+            ask,
+            say,
+            f"Sex ({_choices(Sex)})",
+            "unknown",
+            lambda t: t.strip().lower(),
+            _field(RegistrationCreate, "sex"),
+            f"one of {_choices(Sex)}",
         ),
-        "scope": _split(
-            ask(f"Consent scope ({_choices(ConsentScope)})", "registration" if given else "")
+        "nationalities": _asked(
+            ask,
+            say,
+            "Nationalities (ISO codes, e.g. EGY,TCD)",
+            "",
+            lambda t: [c.upper() for c in _split(t)],
+            _field(RegistrationCreate, "nationalities"),
+            "ISO 3166-1 alpha-3 codes, e.g. EGY,TCD, each once, or empty",
         ),
-        "recorded_by": operator,
+        "languages": _asked(
+            ask,
+            say,
+            "Languages (ISO 639 codes, e.g. ar,fr)",
+            "",
+            lambda t: [c.lower() for c in _split(t)],
+            _field(RegistrationCreate, "languages"),
+            "ISO 639 codes of 2 or 3 letters, e.g. ar,fr, each once, or empty",
+        ),
+        "communication": _communication(ask, say),
+        "phone": text(
+            "Phone",
+            RegistrationCreate,
+            "phone",
+            "4 to 24 digits, spaces, ( ) or -, an optional leading +; or empty",
+        ),
+        "occupation": text("Occupation", RegistrationCreate, "occupation", _TEXT_EXPECTED),
+        "employer": text("Employer", RegistrationCreate, "employer", _TEXT_EXPECTED),
+        "situation": _situation(ask, say),
+        "notes": text("Notes", RegistrationCreate, "notes", "up to 4000 characters, or empty"),
+        "date_of_birth": _asked(
+            ask,
+            say,
+            "Date of birth (YYYY-MM-DD, YYYY, ~YYYY if estimated; empty if unknown)",
+            "",
+            parse_date_of_birth,
+            lambda v: [] if v is None else _whole(DateOfBirth, lambda d: d)(v),
+            _DATE_EXPECTED,
+        ),
     }
+    record["consent"] = _consent(ask, say, operator)
     return {k: v for k, v in record.items() if v is not None}

@@ -45,7 +45,115 @@ def test_the_form_builds_a_valid_registration() -> None:
     assert record.consent.recorded_by == "Yusuf"
 
 
-def _register_in_terminal(home: Path) -> tuple[int, str, int]:
+class Answers:
+    """Scripted answers: a question takes its queued answers in turn, then `ANSWERS`."""
+
+    def __init__(self, queued: dict[str, list[str]] | None = None) -> None:
+        self.queued = {q: list(a) for q, a in (queued or {}).items()}
+        self.asked: list[str] = []
+        self.said: list[str] = []
+
+    def ask(self, question: str, default: str) -> str:
+        self.asked.append(question)
+        for start, answers in self.queued.items():
+            if question.startswith(start) and answers:
+                return answers.pop(0)
+        return scripted(question, default)
+
+    def say(self, message: str) -> None:
+        self.said.append(message)
+
+
+def _record(answers: Answers) -> RegistrationCreate:
+    return validate(
+        RegistrationCreate, prompt_record(answers.ask, operator="Yusuf", say=answers.say)
+    )
+
+
+def test_a_wrong_date_of_birth_is_asked_again_and_nothing_typed_is_lost() -> None:
+    answers = Answers({"Date of birth": ["1987-02-30", "14.03.1988", "1987-02-28"]})
+    record = _record(answers)
+    assert record.date_of_birth is not None
+    assert str(record.date_of_birth.value) == "1987-02-28"
+    assert record.date_of_birth.precision.value == "exact"
+    assert record.names.given == "Amina" and record.names.family == "Haroun"
+    assert record.nationalities == ["TCD"] and record.languages == ["ar", "fr"]
+    assert [n.value for n in record.situation.needs] == ["evacuation", "food"]
+    assert record.consent.given and record.consent.recorded_by == "Yusuf"
+    assert len(answers.said) == 2
+    assert all(m.startswith("Date of birth not accepted: ") for m in answers.said)
+    assert "day value is outside expected range" in answers.said[0]
+    assert all("Expected: type YYYY-MM-DD, YYYY, or ~YYYY" in m for m in answers.said)
+
+
+def test_wrong_vocabulary_answers_are_asked_again() -> None:
+    answers = Answers(
+        {
+            "Sex": ["femme", "Female"],
+            "Nationalities": ["tcd,xyz", "tcd,egy"],
+            "Languages": ["arabic", "ar"],
+            "Needs": ["food, watr", "food, shelter"],
+            "Consent given": ["maybe", "no"],
+            "Legal basis": ["consent", "vital_interest"],
+            "Consent scope": ["registration", ""],
+        }
+    )
+    record = _record(answers)
+    assert record.sex.value == "female" and record.nationalities == ["TCD", "EGY"]
+    assert record.languages == ["ar"]
+    assert [n.value for n in record.situation.needs] == ["food", "shelter"]
+    assert not record.consent.given and record.consent.legal_basis.value == "vital_interest"
+    assert record.consent.scope == []
+    assert [m.split(" not accepted")[0] for m in answers.said] == [
+        "Sex",
+        "Nationalities",
+        "Languages",
+        "Needs",
+        "Consent given?",
+        "Legal basis",
+        "Consent scope",
+    ]
+    assert "'femme'" in answers.said[0] and "'female'" in answers.said[0]
+    assert "'XYZ': 'XYZ' is not an ISO 3166-1 alpha-3 code" in answers.said[1]
+    assert "'watr': input should be" in answers.said[3]
+    assert "legal basis 'consent' requires consent to be given" in answers.said[5]
+    assert "a scope was recorded but consent was not given" in answers.said[6]
+    assert sum(q.startswith("Given name (Latin") for q in answers.asked) == 1
+
+
+def test_empty_optional_answers_are_accepted_without_complaint() -> None:
+    answers = Answers(
+        {"Date of birth": [""], "Intention": [""], "Phone": [""], "Nationalities": [""]}
+    )
+    record = _record(answers)
+    assert record.date_of_birth is None and record.situation.intention is None
+    assert record.phone is None and record.nationalities == []
+    assert answers.said == []
+
+
+def test_a_form_without_any_name_asks_for_the_names_again() -> None:
+    answers = Answers(
+        {
+            "Given name (Latin letters)": ["", "Amina"],
+            "Family name (Latin letters)": ["", ""],
+            "Given name (original script)": ["", ""],
+        }
+    )
+    record = _record(answers)
+    assert record.names.given == "Amina" and record.names.given_original is None
+    assert answers.said == [
+        "Names not accepted: at least one given or family name is required. Expected: a name"
+    ]
+
+
+def test_a_wrong_phone_is_asked_again() -> None:
+    answers = Answers({"Phone": ["call me", "+235 66 12 34 56"]})
+    record = _record(answers)
+    assert record.phone == "+235 66 12 34 56"
+    assert answers.said[0].startswith("Phone not accepted: 'call me': string should match")
+
+
+def _register_in_terminal(home: Path, answers: Answers | None = None) -> tuple[int, str, int]:
     env = {
         **os.environ,
         "FIELDREG_HOME": str(home),
@@ -77,7 +185,8 @@ def _register_in_terminal(home: Path) -> tuple[int, str, int]:
             screen += chunk
             if chunk.rstrip().endswith((b":", b")")):
                 question = screen.decode(errors="replace").splitlines()[-1]
-                os.write(leader, (scripted(question.strip(), "") + "\n").encode())
+                answer = answers.ask if answers else scripted
+                os.write(leader, (answer(question.strip(), "") + "\n").encode())
                 answered += 1
         proc.wait(timeout=30)
     finally:
@@ -103,3 +212,19 @@ def test_register_in_a_real_terminal(tmp_path: Path) -> None:
     shown = json.loads(run_cli(home, "show", new_id, "--json").stdout)
     assert shown["duplicate_review"]["decision"] == "linked"
     assert shown["duplicate_review"]["linked_to"] == shown["duplicate_review"]["candidates"][0]
+
+
+def test_a_wrong_date_in_a_real_terminal_is_asked_again(tmp_path: Path) -> None:
+    home = tmp_path / "device"
+    assert run_cli(home, "init", "--site", "camp-1", "--operator", "Yusuf").returncode == 0
+    code, text, _ = _register_in_terminal(
+        home, Answers({"Date of birth": ["14.03.1988", "1988-03-14"]})
+    )
+    assert code == 0, text
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    assert "Date of birth not accepted: '14.03.1988': input should be a valid date" in plain
+    assert "Expected: type YYYY-MM-DD" in plain
+    new_id = re.findall(r"registered\W+([0-9a-f-]{36})", plain)[-1]
+    shown = json.loads(run_cli(home, "show", new_id, "--json").stdout)
+    assert shown["date_of_birth"] == {"value": "1988-03-14", "precision": "exact"}
+    assert shown["names"]["given"] == "Amina" and shown["situation"]["scenario"] == "trapped"
