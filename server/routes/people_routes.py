@@ -4,10 +4,10 @@ data and every decision is written to the audit log."""
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.enums import Need, Scenario, Vulnerability
 from server import conflict_review, people
@@ -167,21 +167,35 @@ class ConflictPublic(BaseModel):
     resolution: dict[str, Any] | None
 
 
-class ResolveIn(BaseModel):
-    choice: str = Field(
-        pattern=r"^(current|incoming|value)$", description="keep a side, or give a new value"
-    )
-    value: Any = Field(default=None, description="the new value: with choice 'value' only")
+class _KeepSide(BaseModel):
+    """Keep the value one side of the conflict holds."""
+
+    model_config = ConfigDict(extra="forbid")  # in the schema too: no value here
+
+    choice: Literal["current", "incoming"] = Field(description="keep this side's value")
     reason: str = Field(min_length=3, max_length=2000)
 
-    @model_validator(mode="after")
-    def _value_only_for_a_new_value(self) -> ResolveIn:
-        if self.choice != "value" and "value" in self.model_fields_set:
+    @model_validator(mode="before")
+    @classmethod
+    def _no_value(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "value" in data:
             raise ValueError(
-                f"value goes with choice 'value' only; choice {self.choice!r} keeps that side's"
-                " value: leave value out, or choose 'value'"
+                f"value goes with choice 'value' only; choice {data.get('choice')!r} keeps that"
+                " side's value: leave value out, or choose 'value'"
             )
-        return self
+        return data
+
+
+class _NewValue(BaseModel):
+    """Give the field a new value."""
+
+    choice: Literal["value"] = Field(description="give a new value")
+    value: Any = Field(default=None, description="the new value")
+    reason: str = Field(min_length=3, max_length=2000)
+
+
+ResolveIn = Annotated[_KeepSide | _NewValue, Field(discriminator="choice")]
+"""Keep a side, or give a new value (`value` only with choice 'value')."""
 
 
 class ReopenIn(BaseModel):
@@ -256,7 +270,7 @@ def resolve_conflict(
             conflict_id,
             sites=_scope(user),
             choice=body.choice,
-            value=body.value,
+            value=body.value if isinstance(body, _NewValue) else None,
             reason=body.reason,
             actor=f"user:{user.name}",
             clock=hub.clock,
