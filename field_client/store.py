@@ -234,6 +234,11 @@ def _doc_json(record: Registration, other: Mapping[str, Any]) -> str:
     return _dumps({"id": str(record.id), **unflatten({**flatten(record), **other})})
 
 
+def _remove_store_files(data_dir: Path) -> None:
+    for name in (KEY_NAME, DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", DB_NAME + "-journal"):
+        (data_dir / name).unlink(missing_ok=True)
+
+
 def _bootstrap(engine: sa.Engine, *, site: str, operator: str) -> None:
     with engine.begin() as conn:
         conn.execute(
@@ -316,6 +321,7 @@ class Store:
                 "registered_at": "2000-01-01T00:00:00Z",
             },
         )
+        operator = operator_name(operator)
         _make_data_dir(data_dir)
         if (data_dir / KEY_NAME).exists() or (data_dir / DB_NAME).exists():
             raise StoreExists(f"{data_dir} already holds a store")
@@ -326,9 +332,15 @@ class Store:
                 key_file.save(data_dir / KEY_NAME)
             except OSError as exc:
                 raise _unusable(data_dir, exc) from None
-            engine = db.connect_engine(data_dir / DB_NAME, data_key, create=True)
-        _bootstrap(engine, site=site, operator=operator)
-        return cls(data_dir, engine, wall_ms=wall_ms)
+            try:
+                engine = db.connect_engine(data_dir / DB_NAME, data_key, create=True)
+                _bootstrap(engine, site=site, operator=operator)
+                return cls(data_dir, engine, wall_ms=wall_ms)
+            except Exception:
+                # A store that was never finished holds no one: leave no files that
+                # would make the next `init` say the directory holds a store.
+                _remove_store_files(data_dir)
+                raise
 
     @classmethod
     def init_unencrypted_for_benchmark(cls, data_dir: Path, *, site: str, operator: str) -> Store:

@@ -218,6 +218,26 @@ def test_change_passphrase(store: Store, tmp_path: Path) -> None:
         assert again.get(str(saved.id)) == saved
 
 
+def test_an_init_that_fails_part_way_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while the new store is made: no half store is left for
+    the next `init` to call an existing one."""
+
+    def disk_full(*_: Any, **__: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("field_client.store._bootstrap", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        Store.init(tmp_path / "dev", PASSPHRASE, site="s", operator="o", kdf_memory_kib=1024)
+    assert list((tmp_path / "dev").iterdir()) == []
+    monkeypatch.undo()
+    with Store.init(
+        tmp_path / "dev", PASSPHRASE, site="s", operator="  Amina  ", kdf_memory_kib=1024
+    ) as store:
+        assert store.operator == "Amina"  # kept as the change log will write it
+
+
 class _Killed(BaseException):
     """The process dying: nothing catches it."""
 
