@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from schemas.record import HIDDEN_IN_LINE
 from server.db import write_lock
 from server.models import ChangeRow, Device, EnrolCode, HubMeta, QuarantineRow
 from server.problems import Problem
@@ -31,6 +32,8 @@ __all__ = [
     "set_meta",
     "touch",
 ]
+
+MAX_REVOKE_REASON = 500
 
 devices = Device.__table__  # type: ignore[attr-defined]
 codes = EnrolCode.__table__  # type: ignore[attr-defined]
@@ -171,7 +174,19 @@ def touch(conn: sa.Connection, device_id: str, *, now: datetime) -> None:
 
 
 def revoke_device(conn: sa.Connection, device_id: str, *, reason: str, now: datetime) -> DeviceInfo:
-    """Mark a device revoked; its later requests fail with `device.revoked`."""
+    """Mark a device revoked; its later requests fail with `device.revoked`.
+
+    The reason is shown in `device list` and kept for auditors: 1 to
+    `MAX_REVOKE_REASON` characters of plain text (Problem 422 otherwise).
+    """
+    reason = reason.strip()
+    if not reason or len(reason) > MAX_REVOKE_REASON or HIDDEN_IN_LINE.search(reason):
+        raise Problem(
+            422,
+            "device.invalid_reason",
+            f"give a reason of 1 to {MAX_REVOKE_REASON} characters on one line, without"
+            " control characters",
+        )
     device = get_device(conn, device_id)
     if device is None:
         raise Problem(404, "device.unknown", f"no device {device_id!r}")

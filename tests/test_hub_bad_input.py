@@ -249,6 +249,10 @@ def test_revoking_a_revoked_device_says_when_and_why_and_keeps_the_reason(
     assert hub(data, "init", env=ADMIN_ENV).returncode == 0
     with live_hub(HubSettings(data_dir=data)) as (url, live), httpx.Client(base_url=url) as http:
         device = HandDevice.enrol(http, live, "ras-jedir")
+    for bad in ("", "   ", "x" * 501, "lost\x1b[2J"):  # shown in `device list`, kept for audit
+        _refused(hub(data, "device", "revoke", device.id, "--reason", bad), "reason of 1 to 500")
+    with sqlite3.connect(data / "hub.db") as db:
+        assert db.execute("SELECT revoked_at FROM devices").fetchone() == (None,)
     assert hub(data, "device", "revoke", device.id, "--reason", "phone lost").returncode == 0
     again = hub(data, "device", "revoke", device.id, "--reason", "found again")
     assert again.returncode == 0, again.stderr
