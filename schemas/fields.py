@@ -202,7 +202,9 @@ def parse_field_value(path: str, text: str) -> Any:
     Free-text fields take the text as it is; list fields take `a,b,c` or a
     JSON array; `date_of_birth` takes the short forms of
     `parse_date_of_birth`; other fields take JSON, or the text itself when it
-    is not JSON (so `sex=female` works). An empty text clears the field.
+    is not JSON (so `sex=female` works), but text opening with `{` or `[`
+    must be valid JSON (ValueError says where it breaks). An empty text clears
+    the field.
     """
     stripped = text.strip()
     if path == "date_of_birth" and not stripped.startswith("{"):
@@ -213,8 +215,12 @@ def parse_field_value(path: str, text: str) -> Any:
         return stripped
     try:
         value = json.loads(stripped)
-    except ValueError:
+    except ValueError as exc:
+        if stripped[0] in "{[":  # meant as JSON: say where it breaks, not that it is no object
+            raise ValueError(f"not valid JSON: {exc}") from None
         value = stripped
+    except RecursionError:
+        raise ValueError("not valid JSON: nested too deeply") from None
     if path in LIST_FIELDS and isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value

@@ -112,6 +112,19 @@ def test_date_of_birth_short_forms() -> None:
     assert parse_field_value("notes", "") is None
 
 
+def test_set_text_meant_as_json_must_be_json() -> None:
+    """`--set communication={bad json` says the JSON is broken, instead of
+    passing the text on to be called no valid Communication."""
+    for path, text in (("communication", "{bad json"), ("nationalities", '["EGY"')):
+        with pytest.raises(ValueError, match="not valid JSON"):
+            parse_field_value(path, text)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        parse_field_value("communication", "[" * 100_000 + "]" * 100_000)
+    assert parse_field_value("communication", '{"language": "ar"}') == {"language": "ar"}
+    assert parse_field_value("sex", "female") == "female"
+    assert parse_field_value("notes", "{braces in a note}") == "{braces in a note}"
+
+
 def test_age_band() -> None:
     on = date(2026, 6, 1)
     assert age_band(None, on) == "unknown"
