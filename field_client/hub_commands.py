@@ -2,8 +2,8 @@
 
 `register(app)` adds them to the field CLI (`field_client.cli` calls it). The
 work is in `field_client.enrolment` and `field_client.sync_runner`; this
-module checks the options, shows progress on stderr and turns a refusal or
-an unreachable hub into one line and exit code 2.
+module checks the options, shows progress on stderr and turns a refusal, a
+hub failing (5xx) or an unreachable hub into one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ def _hub_failure(exc: Exception, url: str, *, is_stored: bool) -> NoReturn:
     if isinstance(exc, HubUnreachable):
         tail = "nothing lost, run again" if is_stored else "nothing was stored, run again"
         fail(f"hub unreachable at {url}: {exc.detail}; {tail}")
+    if isinstance(exc, HubProblem) and exc.status >= 500:
+        tail = "nothing lost, run again later" if is_stored else "nothing was stored, run again"
+        fail(f"the hub failed (HTTP {exc.status}, {exc.code}): {exc.detail}; {tail}")
     if isinstance(exc, HubProblem):
         hint = {
             "request.too_large": "; try a smaller --max-batch-bytes",

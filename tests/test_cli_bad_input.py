@@ -9,11 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
+import typer
 
+from field_client import hub_commands
 from field_client.store import Store
 from schemas.record import RegistrationCreate
 from schemas.validation import InvalidRecord
 from sync.protocol import Edit, group_changes
+from sync.transport import HubProblem
 from tests.conftest import PASSPHRASE, sample_record
 from tests.conftest import run_cli as run
 
@@ -185,3 +188,22 @@ def test_register_names_json_kinds_of_records_that_are_not_objects(home: Path) -
     ):
         assert f"error: {line}\n" in result.stderr, result.stderr
     assert "records    0" in _status(home)
+
+
+# -- a hub that fails is not a hub that refused ---------------------------------------------
+
+
+def test_a_hub_failing_with_a_5xx_is_not_called_a_refusal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    failed = HubProblem(500, "hub.bad_answer", "HTTP 500 without a problem body")
+    with pytest.raises(typer.Exit) as info:
+        hub_commands._hub_failure(failed, "http://127.0.0.1:9", is_stored=True)
+    said = capsys.readouterr().err
+    assert info.value.exit_code == 2
+    assert "the hub failed (HTTP 500" in said and "nothing lost, run again later" in said
+    assert "refused" not in said
+    refused = HubProblem(409, "batch.id_reused", "this batch id was already used")
+    with pytest.raises(typer.Exit):
+        hub_commands._hub_failure(refused, "http://127.0.0.1:9", is_stored=True)
+    assert "the hub refused (batch.id_reused)" in capsys.readouterr().err
