@@ -5,9 +5,11 @@ and its errors."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from field_client.sync_store import Enrolment
 from sync.envelope import EnvelopeError, Header, open_sealed
@@ -21,8 +23,32 @@ __all__ = [
     "SyncError",
     "SyncSummary",
     "bad_answer",
+    "in_background",
     "open_answer",
 ]
+
+T = TypeVar("T")
+
+
+def in_background(name: str, work: Callable[[], T]) -> Future[T]:
+    """Run `work` (a talk with the hub: it writes nothing to the store) on a
+    daemon thread. Whatever stops the main thread (Ctrl-C, an error) then stops
+    the process at once, not after the exchange in flight ends or times out,
+    which on a slow link is a minute; that batch or page comes again next time.
+    """
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # handed to whoever waits for the answer
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
 
 # progress(phase, done, total): phase "push" (total = changes to send) or
 # "pull" (total unknown: None).

@@ -10,11 +10,18 @@ stored; if that fails, it is dropped and the next run asks again.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from urllib.parse import quote
 
 from field_client.store import Store
-from field_client.sync_link import Link, Progress, SyncSummary, bad_answer, open_answer
+from field_client.sync_link import (
+    Link,
+    Progress,
+    SyncSummary,
+    bad_answer,
+    in_background,
+    open_answer,
+)
 from field_client.sync_store import PullPosition
 from sync.http_signature import sign_request
 from sync.protocol import ProtocolError, PullPage
@@ -68,45 +75,45 @@ def pull_pages(
     high_water: int | None = None
     if progress is not None:
         progress("pull", 0, None)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldreg-pull") as pool:
 
-        def fetch(cursor: str) -> Future[PullPage]:
-            return pool.submit(_fetch, client, link, cursor, limit, wall_ms() // 1000)
+    def fetch(cursor: str) -> Future[PullPage]:
+        now_s = wall_ms() // 1000
+        return in_background("fieldreg-pull", lambda: _fetch(client, link, cursor, limit, now_s))
 
-        next_page = fetch(position.cursor)
-        while True:
-            try:
-                page = next_page.result()
-            except HubProblem as problem:
-                if problem.code == "device.revoked":
-                    raise on_revoked(problem) from None
-                if problem.code == "cursor.invalid" and position.cursor and not has_restarted:
-                    # The hub no longer knows the cursor (a new epoch, or a hub that lost
-                    # changes): pull from the start; merging what is here changes nothing.
-                    named = problem.extra.get("epoch")
-                    epoch = named if isinstance(named, str) and named else position.epoch
-                    store.sync.restart_pull(epoch)
-                    position, has_restarted = store.sync.pull_position(), True
-                    next_page = fetch(position.cursor)
-                    continue
-                raise
-            if page.epoch != position.epoch and position.cursor and not has_restarted:
-                store.sync.restart_pull(page.epoch)  # the cursor was from another epoch
+    next_page = fetch(position.cursor)
+    while True:
+        try:
+            page = next_page.result()
+        except HubProblem as problem:
+            if problem.code == "device.revoked":
+                raise on_revoked(problem) from None
+            if problem.code == "cursor.invalid" and position.cursor and not has_restarted:
+                # The hub no longer knows the cursor (a new epoch, or a hub that lost
+                # changes): pull from the start; merging what is here changes nothing.
+                named = problem.extra.get("epoch")
+                epoch = named if isinstance(named, str) and named else position.epoch
+                store.sync.restart_pull(epoch)
                 position, has_restarted = store.sync.pull_position(), True
                 next_page = fetch(position.cursor)
                 continue
-            if page.more:
-                if page.cursor == position.cursor and not page.edits:
-                    raise bad_answer("the hub says there is more but does not move the cursor")
-                next_page = fetch(page.cursor)  # fetched while this page is merged
-            merged = store.sync.apply_pull(
-                page.edits, cursor=page.cursor, epoch=page.epoch, released=page.released
-            )
-            summary.received_edits += len(page.edits)
-            summary.released += merged.released
-            high_water = page.high_water if page.high_water is not None else high_water
-            if progress is not None:
-                progress("pull", summary.received_edits, None)
-            if not page.more:
-                return high_water
-            position = PullPosition(page.cursor, page.epoch)
+            raise
+        if page.epoch != position.epoch and position.cursor and not has_restarted:
+            store.sync.restart_pull(page.epoch)  # the cursor was from another epoch
+            position, has_restarted = store.sync.pull_position(), True
+            next_page = fetch(position.cursor)
+            continue
+        if page.more:
+            if page.cursor == position.cursor and not page.edits:
+                raise bad_answer("the hub says there is more but does not move the cursor")
+            next_page = fetch(page.cursor)  # fetched while this page is merged
+        merged = store.sync.apply_pull(
+            page.edits, cursor=page.cursor, epoch=page.epoch, released=page.released
+        )
+        summary.received_edits += len(page.edits)
+        summary.released += merged.released
+        high_water = page.high_water if page.high_water is not None else high_water
+        if progress is not None:
+            progress("pull", summary.received_edits, None)
+        if not page.more:
+            return high_water
+        position = PullPosition(page.cursor, page.epoch)

@@ -15,11 +15,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from field_client.store import Store
-from field_client.sync_link import Link, Progress, SyncError, SyncSummary, bad_answer, open_answer
+from field_client.sync_link import (
+    Link,
+    Progress,
+    SyncError,
+    SyncSummary,
+    bad_answer,
+    in_background,
+    open_answer,
+)
 from field_client.sync_store import HubAheadOfStore
 from schemas.record import SCHEMA_VERSION
 from sync.envelope import PROTOCOL_VERSION, Header, seal
@@ -137,17 +145,17 @@ class _InFlight:
 
 
 class _Courier:
-    """Carries sealed batches to the hub on one worker thread, one at a time, so
-    the main thread can read and seal the next batch meanwhile."""
+    """Carries sealed batches to the hub on a thread of their own, one at a time,
+    so the main thread can read and seal the next batch meanwhile."""
 
-    def __init__(self, pool: ThreadPoolExecutor, client: HubClient, link: Link) -> None:
-        self._pool = pool
+    def __init__(self, client: HubClient, link: Link) -> None:
         self._client = client
         self._link = link
 
     def start(self, sealed: _Sealed) -> _InFlight:
         sent = threading.Event()
-        return _InFlight(sealed, self._pool.submit(self._exchange, sealed, sent), sent)
+        work = in_background("fieldreg-push", lambda: self._exchange(sealed, sent))
+        return _InFlight(sealed, work, sent)
 
     def _exchange(self, sealed: _Sealed, sent: threading.Event) -> _Reply:
         try:
@@ -273,30 +281,29 @@ def push_outbox(
     )
     if progress is not None:
         progress("push", 0, total)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fieldreg-push") as pool:
-        courier = _Courier(pool, client, link)
+    courier = _Courier(client, link)
 
-        def send(batch: PushBatch | None) -> _InFlight | None:
-            return None if batch is None else courier.start(_seal(link, batch, wall_ms))
+    def send(batch: PushBatch | None) -> _InFlight | None:
+        return None if batch is None else courier.start(_seal(link, batch, wall_ms))
 
+    in_flight = send(store.sync.outbox_batch(max_batch_bytes))
+    while in_flight is not None:
+        in_flight.wait_sent()
+        header = in_flight.sealed.header
+        summary.sent_batches += 1
+        summary.sent_changes += header.seq_last - header.seq_first + 1
+        # Read and seal the next batch while the hub works on this one.
+        batch = store.sync.outbox_batch(max_batch_bytes, after_seq=header.seq_last)
+        following = None if batch is None else _seal(link, batch, wall_ms)
+        reply = in_flight.reply.result()
+        if reply.ack is None:
+            assert reply.refusal is not None
+            new_mark, is_duplicate = _after_refusal(store, reply.refusal, on_revoked)
+            tally.moved_to(new_mark, header, is_duplicate)
+        else:
+            tally.store_ack(reply.ack, header)  # before anything else is sent
+            if reply.ack.high_water == header.seq_last:
+                in_flight = None if following is None else courier.start(following)
+                continue
+        # The next batch starts wherever the mark now is.
         in_flight = send(store.sync.outbox_batch(max_batch_bytes))
-        while in_flight is not None:
-            in_flight.wait_sent()
-            header = in_flight.sealed.header
-            summary.sent_batches += 1
-            summary.sent_changes += header.seq_last - header.seq_first + 1
-            # Read and seal the next batch while the hub works on this one.
-            batch = store.sync.outbox_batch(max_batch_bytes, after_seq=header.seq_last)
-            following = None if batch is None else _seal(link, batch, wall_ms)
-            reply = in_flight.reply.result()
-            if reply.ack is None:
-                assert reply.refusal is not None
-                new_mark, is_duplicate = _after_refusal(store, reply.refusal, on_revoked)
-                tally.moved_to(new_mark, header, is_duplicate)
-            else:
-                tally.store_ack(reply.ack, header)  # before anything else is sent
-                if reply.ack.high_water == header.seq_last:
-                    in_flight = None if following is None else courier.start(following)
-                    continue
-            # The next batch starts wherever the mark now is.
-            in_flight = send(store.sync.outbox_batch(max_batch_bytes))

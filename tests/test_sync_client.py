@@ -9,6 +9,8 @@ import dataclasses
 import gc
 import json
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -817,6 +819,43 @@ def test_a_sync_killed_before_an_answer_is_stored_resends_only_that_batch(
     assert len(hub.pushes) >= 4  # the run went on past the re-sent batch
     assert pushed_seqs(hub, store.device_id) == list(range(1, total + 1))  # each applied once
     assert store.status().pending_outbox == 0
+
+
+def test_ctrl_c_while_the_hub_is_slow_stops_at_once_and_resends_one_batch(
+    store: Store, hub: FakeHub, client: HubClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the hub sits on a batch (a slow link): the sync stops at
+    once instead of waiting for that exchange to end, and the next run sends
+    that batch again, once."""
+    enrolled(store, hub, client)
+    store.register([create(names={"given": f"Person{i}"}) for i in range(6)])
+    total = store.status().pending_outbox
+    released = threading.Event()
+    push = hub._push
+
+    def slow(data: bytes) -> httpx.Response:
+        released.wait(30)
+        return push(data)
+
+    read = store.sync.outbox_batch
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        if "after_seq" in kwargs:  # reading ahead while the first batch is in flight
+            raise KeyboardInterrupt
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(hub, "_push", slow)
+    monkeypatch.setattr(store.sync, "outbox_batch", interrupted)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_sync(store, client, max_batch_bytes=3000)
+    assert time.monotonic() - started < 5  # not the 30 s the hub sits on it
+    released.set()
+    monkeypatch.undo()
+    assert store.sync.pushed_seq() == 0
+    summary = run_sync(store, client, max_batch_bytes=3000)
+    assert summary.acknowledged == total
+    assert pushed_seqs(hub, store.device_id) == list(range(1, total + 1))  # each applied once
 
 
 def test_an_ack_for_part_of_a_batch_drops_the_batch_sealed_to_follow_it(
