@@ -13,7 +13,8 @@ Input is UTF-8 text in one of two shapes:
   ``documents.<n>.type|number|issuing_country`` for the n-th document (or one
   ``documents`` column holding a JSON array). List fields (``nationalities``,
   ``names.aliases``) hold their values separated by ``;`` (``EGY;SDN``).
-  Unknown columns are ignored.
+  Unknown columns are ignored; two columns filling one field (a name twice,
+  ``date_of_birth`` beside ``date_of_birth.value``) are refused.
 
 A record's ``id`` column or member names it in the output; without one the
 record is named by its line number (JSON Lines, CSV) or position (array).
@@ -195,6 +196,7 @@ def _csv_items(text: str, *, delimiter: str = ",") -> Iterator[tuple[int, Any]]:
             raise InputError(
                 f"no known column in the CSV header (expected some of {', '.join(CSV_FIELDS)})"
             )
+        _check_columns(header)
         start = reader.line_num + 1
         for row in reader:
             line, start = start, reader.line_num + 1
@@ -209,6 +211,22 @@ def _csv_items(text: str, *, delimiter: str = ",") -> Iterator[tuple[int, Any]]:
                 yield line, BadLine(line, str(exc))
     except csv.Error as exc:
         raise InputError(f"line {reader.line_num}: not valid CSV: {exc}") from None
+
+
+def _check_columns(header: list[str]) -> None:
+    """Refuse a header where two columns fill the same field (the same name
+    twice, or `date_of_birth` beside `date_of_birth.value`): which one wins
+    would depend on their order."""
+    named = [column for column in header if column]
+    for i, column in enumerate(named):
+        for other in named[i + 1 :]:
+            if other == column:
+                raise InputError(f"the CSV header names column {column!r} twice: keep one")
+            if other.startswith(column + ".") or column.startswith(other + "."):
+                first, second = sorted((column, other), key=len)
+                raise InputError(
+                    f"columns {first!r} and {second!r} both fill {first}: keep one of them"
+                )
 
 
 def unflatten(row: Mapping[str, str]) -> dict[str, Any]:

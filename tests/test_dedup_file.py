@@ -222,6 +222,17 @@ def test_parse_and_unflatten() -> None:
     ]
     with pytest.raises(InputError, match="empty"):
         parse("  \n")
+    # Two columns filling one field: refused whichever comes first.
+    for header in (
+        "id,names.given.x,names.given",
+        "id,names.given,names.given.x",
+        "id,date_of_birth,date_of_birth.value",
+        "id,date_of_birth.value,date_of_birth",
+    ):
+        with pytest.raises(InputError, match="both fill"):
+            parse(header + "\n1,a,b\n", fmt="csv")
+    with pytest.raises(InputError, match="twice"):
+        parse("id,names.given,names.given\n1,a,b\n", fmt="csv")
 
 
 def test_a_large_file_is_matched_well(tmp_path: Path) -> None:
