@@ -175,17 +175,25 @@ def _whole(model: type[BaseModel], build: Callable[[Any], Any]) -> Check:
     return check
 
 
+_LONG_CHOICE = re.compile(r"input should be '[^']*'(, '[^']*'){6,}")
+
+
+def _reason(error: FieldError) -> str:
+    # A vocabulary of dozens is listed by the question (or its `?`), not in each complaint.
+    return "not one of the listed values" if _LONG_CHOICE.match(error.reason) else error.reason
+
+
 def _complaint(errors: list[FieldError], typed: str, value: Any) -> str:
     """The reasons, each naming what was typed (the item of a list, not its index)."""
     parts = []
     for error in errors:
         index = re.fullmatch(r"\[(\d+)\]", error.path)
         if index and isinstance(value, list) and int(index[1]) < len(value):
-            parts.append(f"'{value[int(index[1])]}': {error.reason}")
+            parts.append(f"'{value[int(index[1])]}': {_reason(error)}")
         elif typed.strip() and not isinstance(value, list):
-            parts.append(f"'{typed.strip()}': {error.reason}")
+            parts.append(f"'{typed.strip()}': {_reason(error)}")
         else:
-            parts.append(error.reason)
+            parts.append(_reason(error))
     return "; ".join(parts)
 
 
