@@ -179,8 +179,13 @@ _LONG_CHOICE = re.compile(r"input should be '[^']*'(, '[^']*'){6,}")
 
 
 def _reason(error: FieldError) -> str:
-    # A vocabulary of dozens is listed by the question (or its `?`), not in each complaint.
-    return "not one of the listed values" if _LONG_CHOICE.match(error.reason) else error.reason
+    # A vocabulary of dozens is listed by the question (or its `?`), and a pattern
+    # is said in words by "Expected": neither again in each complaint.
+    if _LONG_CHOICE.match(error.reason):
+        return "not one of the listed values"
+    if error.reason.startswith("string should match pattern"):
+        return "not in the expected form"
+    return error.reason
 
 
 def _complaint(errors: list[FieldError], typed: str, value: Any) -> str:
