@@ -41,7 +41,7 @@ from sync.changes import Version
 from sync.hlc import Stamp
 from sync.merge import FieldState
 
-__all__ = ["populate", "run"]
+__all__ = ["check_one", "populate", "run"]
 
 
 def _flat(doc: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +78,19 @@ def _hub(root: Path) -> Hub:
     settings = HubSettings(data_dir=root)
     initialise(settings, admin="admin", admin_password="bench admin password")
     return Hub(settings)
+
+
+def check_one(hub: Hub, record_id: str, cache: ProfileCache) -> int:
+    """Check one record as the hub does when it arrives (one transaction)."""
+    with hub.engine.begin() as conn:
+        return dedup_check.check_records(
+            conn,
+            [record_id],
+            index=hub.block_index,
+            master_key=hub.secrets.master_key,
+            now=datetime.now(UTC),
+            cache=cache,
+        )
 
 
 def _cold_caches() -> None:
@@ -134,15 +147,7 @@ def bench_single_check(persons: int, probes: int = 200, rounds: int = 5) -> dict
             timed = []
             for rid in probe_ids:
                 start = time.perf_counter()
-                with hub.engine.begin() as conn:
-                    dedup_check.check_records(
-                        conn,
-                        [rid],
-                        index=hub.block_index,
-                        master_key=hub.secrets.master_key,
-                        now=datetime.now(UTC),
-                        cache=cache,
-                    )
+                check_one(hub, rid, cache)
                 timed.append((time.perf_counter() - start) * 1000)
             round_p95.append(_percentile(timed, 0.95))
             latencies += timed

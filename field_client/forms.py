@@ -210,16 +210,20 @@ def _asked(
     read: Callable[[str], Any],
     check: Check,
     expected: str,
+    *,
+    typed: str | None = None,
 ) -> Any:
-    """Ask until the answer passes `check`; say what is wrong before asking again."""
+    """Ask until the answer passes `check` (`typed`: a first answer read already);
+    say what is wrong before asking again."""
     while True:
-        typed = ask(question, default)
+        typed = ask(question, default) if typed is None else typed
         value = read(typed)
         errors = check(value)
         if not errors:
             return value
         label = question.split(" (")[0].split(",")[0]
         say(f"{label} not accepted: {_complaint(errors, typed, value)}. Expected: {expected}")
+        typed = None
 
 
 def _yes_no(ask: Ask, say: Say, question: str, default: str) -> bool:
@@ -297,16 +301,18 @@ def _situation(ask: Ask, say: Say) -> dict[str, Any]:
         )
     }
     question = "Vulnerabilities, comma separated (? for the list)"
-    vulnerabilities: list[str] | None = _split(ask(question, ""))
-    if vulnerabilities == ["?"]:
-        question, vulnerabilities = f"Vulnerabilities ({_choices(Vulnerability)})", None
-    situation["vulnerabilities"] = _retried(
+    first: str | None = ask(question, "")
+    if _split(first or "") == ["?"]:
+        question, first = f"Vulnerabilities ({_choices(Vulnerability)})", None
+    situation["vulnerabilities"] = _asked(
         ask,
         say,
         question,
-        vulnerabilities,
+        "",
+        _split,
         _field(Situation, "vulnerabilities"),
         "codes from the list (? shows it), each once, or empty",
+        typed=first,
     )
     situation["needs"] = _asked(
         ask,
@@ -329,19 +335,6 @@ def _situation(ask: Ask, say: Say) -> dict[str, Any]:
     if intention is not None:
         situation["intention"] = intention
     return situation
-
-
-def _retried(
-    ask: Ask, say: Say, question: str, first: list[str] | None, check: Check, expected: str
-) -> list[str]:
-    """`_asked` for a list whose first answer was already read (None: not yet)."""
-    if first is not None:
-        errors = check(first)
-        if not errors:
-            return first
-        say(f"Vulnerabilities not accepted: {_complaint(errors, '', first)}. Expected: {expected}")
-    value: list[str] = _asked(ask, say, question, "", _split, check, expected)
-    return value
 
 
 def _consent(ask: Ask, say: Say, operator: str) -> dict[str, Any]:

@@ -428,13 +428,15 @@ def _names_most(a: Profile, b: Profile, counts: Mapping[str, int] | None) -> flo
     (never below 0, the most names that disagree outright weigh), else capped
     at 10; its penalty is never positive. `pair_score` relies on it
     (tests/test_matching.py checks it holds)."""
-    carriers = _name_carriers(a, b, counts)
+    return _most_by_carriers(_name_carriers(a, b, counts))
+
+
+def _most_by_carriers(carriers: int) -> float:
     return max(0.0, _carried_weight(carriers)) if carriers else 10.0
 
 
-def _names(
-    a: Profile, b: Profile, counts: Mapping[str, int] | None, explain: bool = True
-) -> _Compared:
+def _names(a: Profile, b: Profile, shared: int, explain: bool = True) -> _Compared:
+    """Compare the names; `shared` is `_name_carriers(a, b, counts)`."""
     if not a.names or not b.names:
         return "missing", 0.0, "no name on one side"
     found = [(*_compare_forms(fa, fb), fa, fb) for fa in a.names for fb in b.names]
@@ -444,7 +446,6 @@ def _names(
         else max(found, key=lambda f: (f[0] + f[1], -f[4], sorted((f[5].tokens, f[6].tokens))))
     )  # the best reading of both names; ties broken the same way whichever comes first
     carriers = 0
-    shared = _name_carriers(a, b, counts)
     if shared and outcome != "disagree":
         carriers = shared
         agreement = _carried_weight(carriers) - 2.0 * close
@@ -600,9 +601,10 @@ def pair_score(
     names of this pair can add (`_names_most`), the names are not compared at all."""
     pa, pb = _as_profile(a), _as_profile(b)
     weights = [compare(pa, pb, False)[1] for _, compare in _FIELDS]
-    if sum(weights) + _names_most(pa, pb, key_counts) < _least_total(at_least):
+    shared = _name_carriers(pa, pb, key_counts)
+    if sum(weights) + _most_by_carriers(shared) < _least_total(at_least):
         return None  # the chance never falls as the total rises: the score is lower still
-    weights.append(_names(pa, pb, key_counts, False)[1])
+    weights.append(_names(pa, pb, shared, False)[1])
     value = _logistic(math.fsum(weights))
     return value if value >= at_least else None
 
@@ -620,7 +622,7 @@ def _compare(
     pa: Profile, pb: Profile, key_counts: Mapping[str, int] | None
 ) -> list[tuple[str, Outcome, float, str]]:
     return [
-        ("names", *_names(pa, pb, key_counts)),
+        ("names", *_names(pa, pb, _name_carriers(pa, pb, key_counts))),
         *((field, *compare(pa, pb)) for field, compare in _FIELDS),
     ]
 

@@ -56,8 +56,8 @@ _UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(day
 
 
 def _duration(text: str) -> timedelta:
-    match = re.fullmatch(r"0*(\d+)\s*([mhd])", text.strip())
-    if not match or int(match.group(1)[:9]) == 0:
+    match = re.fullmatch(r"0*(\d+)\s*([mhd])", text.strip())  # the digits: no leading 0
+    if not match or match.group(1) == "0":
         fail(f"--expires {text!r}: use a number and m, h or d, e.g. 30m, 24h, 7d")
     digits = match.group(1)
     if len(digits) > 6 or _UNITS[match.group(2)] * int(digits) > MAX_CODE_VALIDITY:

@@ -49,6 +49,15 @@ def sample_record(**overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A store made by `fieldreg init` (the CLI), for tests that drive the CLI."""
+    data = tmp_path / "device"
+    result = run_cli(data, "init", "--site", "ras-jedir", "--operator", "Amina")
+    assert result.returncode == 0, result.stderr
+    return data
+
+
+@pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     s = Store.init(tmp_path / "dev", PASSPHRASE, site="ras-jedir", operator="Amina")
     try:

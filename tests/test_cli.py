@@ -5,18 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import run_cli as run
 from tests.conftest import sample_record
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    data = tmp_path / "device"
-    result = run(data, "init", "--site", "ras-jedir", "--operator", "Amina")
-    assert result.returncode == 0, result.stderr
-    return data
 
 
 def test_init_refuses_weak_passphrase(tmp_path: Path) -> None:

@@ -23,14 +23,6 @@ from tests.conftest import run_cli as run
 LONG = "x" * 201
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    data = tmp_path / "device"
-    result = run(data, "init", "--site", "ras-jedir", "--operator", "Amina")
-    assert result.returncode == 0, result.stderr
-    return data
-
-
 def _registered(home: Path) -> str:
     result = run(home, "register", "--json", "-", input=json.dumps(sample_record()))
     assert result.returncode == 0, result.stderr

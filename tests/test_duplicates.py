@@ -71,6 +71,19 @@ def registration(
     return dev.edit(str(uuid.uuid4()), fields)
 
 
+def add_operator(hub: Hub, name: str, sites: list[str]) -> None:
+    """A hub operator for `sites`, with password `PASSWORD`."""
+    with hub.engine.begin() as conn:
+        accounts.add_user(
+            conn,
+            name=name,
+            role=Role.HUB_OPERATOR,
+            sites=sites,
+            password=PASSWORD,
+            now=datetime.now(UTC),
+        )
+
+
 @pytest.fixture(params=database_backends())
 def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[httpx.Client, Hub, str]]:
     with (
@@ -78,23 +91,8 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[httpx.
         live_hub(init_hub(tmp_path / "hub", url)) as (base, hub),
         httpx.Client(base_url=base, timeout=30) as http,
     ):
-        with hub.engine.begin() as conn:
-            accounts.add_user(
-                conn,
-                name="op",
-                role=Role.HUB_OPERATOR,
-                sites=["border", "camp"],
-                password=PASSWORD,
-                now=datetime.now(UTC),
-            )
-            accounts.add_user(
-                conn,
-                name="op-camp",
-                role=Role.HUB_OPERATOR,
-                sites=["camp"],
-                password=PASSWORD,
-                now=datetime.now(UTC),
-            )
+        add_operator(hub, "op", ["border", "camp"])
+        add_operator(hub, "op-camp", ["camp"])
         yield http, hub, base
 
 

@@ -8,19 +8,16 @@ import json
 import sqlite3
 import subprocess
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
-from server import accounts
-from server.accounts import Role
 from server.hub import Hub
 from server.settings import HubSettings
 from tests.hubkit import HandDevice, init_hub, live_hub
 from tests.test_dedup_file import pairs_of, people
-from tests.test_duplicates import PASSWORD, login, registration
+from tests.test_duplicates import add_operator, login, registration
 from tests.test_hub_cli import hub
 from tests.test_hub_people import World
 
@@ -43,15 +40,7 @@ def live(tmp_path: Path) -> Iterator[tuple[httpx.Client, Hub]]:
         live_hub(init_hub(tmp_path / "hub")) as (base, hub_),
         httpx.Client(base_url=base, timeout=30) as http,
     ):
-        with hub_.engine.begin() as conn:
-            accounts.add_user(
-                conn,
-                name="op",
-                role=Role.HUB_OPERATOR,
-                sites=["border", "camp"],
-                password=PASSWORD,
-                now=datetime.now(UTC),
-            )
+        add_operator(hub_, "op", ["border", "camp"])
         yield http, hub_
 
 

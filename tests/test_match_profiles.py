@@ -5,7 +5,6 @@ check finds the same pairs from stored profiles as from unsealed records."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from alembic import command
 from alembic.config import Config
 
 from bench.dedup_data import generate
-from bench.dedup_hub import populate
+from bench.dedup_hub import check_one, populate
 from server import db, dedup_check, match_profiles
 from server.hub import Hub
 from tests.hubkit import database_backends, fresh_database, init_hub
@@ -35,15 +34,7 @@ def _pairs(hub: Hub) -> dict[tuple[str, str], float]:
 
 def _check_all(hub: Hub, ids: list[str]) -> None:
     for rid in ids:  # one by one, as pushes arrive: candidates come from the store
-        with hub.engine.begin() as conn:
-            dedup_check.check_records(
-                conn,
-                [rid],
-                index=hub.block_index,
-                master_key=hub.secrets.master_key,
-                now=datetime.now(UTC),
-                cache=match_profiles.ProfileCache(0),
-            )
+        check_one(hub, rid, match_profiles.ProfileCache(0))
 
 
 @pytest.mark.parametrize("backend", database_backends())

@@ -242,6 +242,17 @@ class _Killed(BaseException):
     """The process dying: nothing catches it."""
 
 
+def _change_killed(store: Store, new: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Change the passphrase with the step patched in to die; return the store's
+    directory, closed, its new key file written."""
+    with pytest.raises(_Killed):
+        store.change_passphrase(PASSPHRASE, new)
+    monkeypatch.undo()
+    store.close()
+    assert (store.data_dir / "store.key.new").exists()
+    return store.data_dir
+
+
 def test_a_passphrase_change_killed_after_re_encrypting_is_finished_by_open(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -259,12 +270,7 @@ def test_a_passphrase_change_killed_after_re_encrypting_is_finished_by_open(
         replace(src, dst)
 
     monkeypatch.setattr("field_client.store.os.replace", killed)
-    with pytest.raises(_Killed):
-        store.change_passphrase(PASSPHRASE, new)
-    monkeypatch.undo()
-    store.close()
-    data_dir = tmp_path / "dev"
-    assert (data_dir / "store.key.new").exists()
+    data_dir = _change_killed(store, new, monkeypatch)
     with pytest.raises(WrongPassphrase, match=r"interrupted .* new passphrase"):
         Store.open(data_dir, PASSPHRASE)
     with Store.open(data_dir, new) as again:
@@ -289,12 +295,7 @@ def test_a_passphrase_change_killed_before_re_encrypting_leaves_the_old_one(
         raise _Killed
 
     monkeypatch.setattr(store._conn, "commit", killed)  # the step before re-keying
-    with pytest.raises(_Killed):
-        store.change_passphrase(PASSPHRASE, new)
-    monkeypatch.undo()
-    store.close()
-    data_dir = tmp_path / "dev"
-    assert (data_dir / "store.key.new").exists()
+    data_dir = _change_killed(store, new, monkeypatch)
     with pytest.raises(WrongPassphrase):
         Store.open(data_dir, new)
     with Store.open(data_dir, PASSPHRASE) as again:
