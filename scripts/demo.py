@@ -5,8 +5,10 @@
    that also covers ras-jedir;
 3. registers people offline on each, one person on both devices;
 4. syncs; edits one record on both devices while offline; syncs again;
-5. prints what the hub holds and the conflict it opened, and keeps the hub
-   running until Ctrl-C.
+5. prints what the hub holds, the conflict it opened, the possible duplicate
+   it queued and its devices, then one record's history on device A;
+6. keeps the hub running until Ctrl-C when run from a terminal (otherwise it
+   stops the hub; `FIELDREG_DEMO_KEEP_HUB=1` keeps it, `0` stops it).
 
 Every command is printed before it runs, so the output doubles as a tutorial.
 """
