@@ -3,7 +3,8 @@
 `KeyPairs` is the private side and never leaves the machine that made it;
 `PublicKeys` is what enrolment exchanges and pins. The KEM is the hybrid
 ML-KEM-768 + X25519 by default (records of people in crisis stay sensitive
-for decades); plain X25519 is a negotiated fallback.
+for decades), and every key pair fieldreg makes is hybrid; plain X25519 is
+read too: a public key names its KEM, and a sender seals to the recipient's.
 
 cryptography's hybrid `hpke.MLKEM768X25519PrivateKey` and `...PublicKey` can
 neither be serialised nor taken apart, so this module keeps the two halves
