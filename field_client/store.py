@@ -3,7 +3,9 @@ append-only change log (whose unsent tail is the outbox), the edits received
 from the hub, and name match keys.
 
 All SQL of the device lives here and in `field_client.sync_store` (enrolment,
-the pushed mark, pulled edits), reached as `Store.sync`. Every write runs in
+the pushed mark, pulled edits; with `field_client.outbox` and
+`field_client.pull_store`), reached as `Store.sync`, besides opening and
+upgrading the file in `field_client.db`. Every write runs in
 one `BEGIN IMMEDIATE` transaction that also persists the HLC and the device
 sequence, so a crash leaves either the record with its outbox entries or
 neither.

@@ -4,8 +4,8 @@ The database is encrypted by SQLCipher under a random 256-bit data key. The
 data key is kept in `store.key`, wrapped (AES-256-GCM) under a key derived
 from the operator's passphrase with Argon2id. A wrong passphrase fails the
 unwrap, so the database file is never touched; changing the passphrase writes
-a new key file atomically (and, see `field_client.db.rekey`, re-encrypts the
-database under a fresh data key).
+a new key file atomically (and, see `field_client.store.Store.change_passphrase`,
+re-encrypts the database under a fresh data key).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Who may do what: the one permission table the hub enforces.
 
-`docs/permissions.md` shows it to people; `tests/test_permissions.py` walks
+`docs/permissions.md` shows it to people; `tests/test_hub_people.py` walks
 every route with every role and checks allowed / 401 / 403 against it.
 Site scope is separate: a scoped user only ever sees records of their sites
 (another site's record is a 404, never the record).
