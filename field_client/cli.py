@@ -1,7 +1,9 @@
 """`fieldreg`: the field worker's command line.
 
-Exit codes: 0 done, 2 bad input or refused (nothing was written), 1 a
-failure of the device (disk, database) that a person cannot fix by retyping.
+Exit codes: 0 done; 2 bad input or refused (nothing was written), or for
+`enrol` and `sync` a hub that refused, failed or could not be reached (what
+the hub acknowledged before that is kept); 1 a failure of the device (disk,
+database, a store busy past its timeout) that a person cannot fix by retyping.
 """
 
 from __future__ import annotations
