@@ -54,7 +54,9 @@ def initialise(settings: HubSettings, *, admin: str, admin_password: str | None)
     problem = user_name_error(admin)
     if problem:
         raise ValueError(f"--admin {admin!r}: {problem}")
-    secrets = HubSecrets.create(settings.data_dir)
+    HubSecrets.check_absent(settings.data_dir)
+    made_dir = not settings.data_dir.exists()
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     engine = make_engine(
         settings.resolved_database_url(),
         busy_timeout_s=settings.busy_timeout_s,
@@ -62,6 +64,14 @@ def initialise(settings: HubSettings, *, admin: str, admin_password: str | None)
     )
     old_umask = os.umask(0o077)  # the SQLite file and its WAL: owner only
     try:
+        # Another hub's database is refused before any key is made: keys that
+        # do not match the database would leave this directory unusable.
+        if _holds_hub(engine):
+            engine.dispose()
+            if made_dir:
+                settings.data_dir.rmdir()
+            raise FileExistsError("this database already holds a hub")
+        secrets = HubSecrets.create(settings.data_dir)
         migrate(engine)
     finally:
         os.umask(old_umask)
@@ -90,6 +100,14 @@ def initialise(settings: HubSettings, *, admin: str, admin_password: str | None)
         admin,
         password if generated else None,
     )
+
+
+def _holds_hub(engine: sa.Engine) -> bool:
+    """Whether the database was initialised as a hub already (its epoch is set)."""
+    with engine.connect() as conn:
+        if not sa.inspect(conn).has_table(device_store.hub_meta.name):
+            return False
+        return device_store.get_meta(conn, "epoch") is not None
 
 
 @dataclass(frozen=True)

@@ -37,15 +37,20 @@ class HubSecrets:
     def create(cls, data_dir: Path) -> HubSecrets:
         """Make new key pairs and a new master key; refuse to overwrite existing ones."""
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cls.check_absent(data_dir)
+        secrets = cls(keys=KeyPairs.generate(), master_key=os.urandom(32))
+        _write_private(data_dir / KEYS_FILE, secrets.keys.to_bytes())
+        _write_private(data_dir / MASTER_FILE, secrets.master_key)
+        return secrets
+
+    @staticmethod
+    def check_absent(data_dir: Path) -> None:
+        """Raise FileExistsError if `data_dir` holds a hub's keys already."""
         for name in (KEYS_FILE, MASTER_FILE):
             if (data_dir / name).exists():
                 raise FileExistsError(
                     f"{data_dir / name} exists: this directory already holds a hub"
                 )
-        secrets = cls(keys=KeyPairs.generate(), master_key=os.urandom(32))
-        _write_private(data_dir / KEYS_FILE, secrets.keys.to_bytes())
-        _write_private(data_dir / MASTER_FILE, secrets.master_key)
-        return secrets
 
     @classmethod
     def load(cls, data_dir: Path) -> HubSecrets:

@@ -17,13 +17,9 @@ from tests.hubkit import HandDevice, live_hub
 def hub(
     data_dir: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {
-        **os.environ,
-        "FIELDREG_HUB_DATA_DIR": str(data_dir),
-        "COLUMNS": "200",
-        **(env or {}),
-    }
+    full_env = {**os.environ, "FIELDREG_HUB_DATA_DIR": str(data_dir), "COLUMNS": "200"}
     full_env.pop("FIELDREG_HUB_DATABASE_URL", None)
+    full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "server", *args],
         capture_output=True,
@@ -122,3 +118,16 @@ def test_user_commands(tmp_path: Path) -> None:
     assert hub(data, "dedup", "scan", "--workers", "0").returncode == 2
     verified = hub(data, "audit", "verify")
     assert verified.returncode == 0 and "intact" in verified.stdout
+
+
+def test_init_against_another_hubs_database_makes_no_keys(tmp_path: Path) -> None:
+    """A second hub pointed at a database that holds a hub already is refused
+    before it writes keys that would not match that database."""
+    shared = {"FIELDREG_HUB_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.db'}"}
+    first = hub(tmp_path / "a", "init", env=shared)
+    assert first.returncode == 0, first.stderr
+    second = hub(tmp_path / "b", "init", env=shared)
+    assert second.returncode == 2 and "already holds a hub" in second.stderr
+    assert not (tmp_path / "b").exists()
+    third = hub(tmp_path / "a", "init", env=shared)
+    assert third.returncode == 2 and "already holds a hub" in third.stderr
