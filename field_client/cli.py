@@ -323,7 +323,7 @@ def edit(
 @app.command()
 def search(
     text: Annotated[str, typer.Argument(help="A name in any script or spelling.")],
-    limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="At most this many.")] = 20,
     data_dir: DataDir = DEFAULT_DIR,
 ) -> None:
     """Find people by name, across spellings and scripts; best matches first."""

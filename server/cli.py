@@ -57,10 +57,11 @@ _UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(day
 
 def _duration(text: str) -> timedelta:
     match = re.fullmatch(r"0*(\d+)\s*([mhd])", text.strip())  # the digits: no leading 0
-    if not match or match.group(1) == "0":
+    if not match:
         fail(f"--expires {text!r}: use a number and m, h or d, e.g. 30m, 24h, 7d")
     digits = match.group(1)
-    if len(digits) > 6 or _UNITS[match.group(2)] * int(digits) > MAX_CODE_VALIDITY:
+    too_long = len(digits) > 6 or _UNITS[match.group(2)] * int(digits) > MAX_CODE_VALIDITY
+    if digits == "0" or too_long:
         fail(f"--expires {text!r}: a code may stay valid from 1m up to 90d (2160h)")
     return _UNITS[match.group(2)] * int(digits)
 

@@ -58,8 +58,10 @@ def _count(data: Path, table: str) -> int:
         return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
 
-@pytest.mark.parametrize("expires", ["3000000d", "99999999999d", "91d", "2161h", "9" * 5000 + "m"])
-def test_an_enrolment_code_valid_for_too_long_is_refused_with_the_range(
+@pytest.mark.parametrize(
+    "expires", ["3000000d", "99999999999d", "91d", "2161h", "9" * 5000 + "m", "0m", "000h"]
+)
+def test_an_enrolment_code_valid_for_too_long_or_no_time_is_refused_with_the_range(
     data: Path, expires: str
 ) -> None:
     before = _count(data, "enrol_codes")
