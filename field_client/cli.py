@@ -39,13 +39,9 @@ from field_client.cli_common import (
     passphrase_of,
 )
 from field_client.forms import parse_json_records, prompt_record, validate_all
-from field_client.store import (
-    HistoryEntry,
-    Store,
-    StoreExists,
-    display_name,
-    operator_name,
-)
+from field_client.store import Store, operator_name
+from field_client.store_files import StoreExists
+from field_client.store_reads import HistoryEntry, display_name
 from field_client.unlock import WeakPassphrase, WrongPassphrase
 from schemas.enums import Need, Scenario
 from schemas.fields import parse_field_value

@@ -20,14 +20,9 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from field_client.db import DatabaseLocked, MissingDatabase, NewerStore
-from field_client.store import (
-    NoStore,
-    NotFound,
-    Store,
-    UnfinishedStore,
-    UnreadableRecord,
-    UnusableDataDir,
-)
+from field_client.store import Store
+from field_client.store_files import NoStore, UnfinishedStore, UnusableDataDir
+from field_client.store_reads import NotFound, UnreadableRecord
 from field_client.unlock import DamagedKeyFile, WrongPassphrase
 from schemas.validation import InvalidRecord
 

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from field_client.store import NotFound, Store, StoreExists
+from field_client.store import Store
+from field_client.store_files import StoreExists
+from field_client.store_reads import NotFound
 from field_client.unlock import WeakPassphrase, WrongPassphrase
 from schemas.record import RegistrationCreate
 from schemas.validation import InvalidRecord
@@ -227,7 +229,7 @@ def test_an_init_that_fails_part_way_leaves_nothing_behind(
     def disk_full(*_: Any, **__: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("field_client.store._bootstrap", disk_full)
+    monkeypatch.setattr("field_client.store_files._bootstrap", disk_full)
     with pytest.raises(OSError, match="No space left"):
         Store.init(tmp_path / "dev", PASSPHRASE, site="s", operator="o", kdf_memory_kib=1024)
     assert list((tmp_path / "dev").iterdir()) == []
@@ -269,7 +271,7 @@ def test_a_passphrase_change_killed_after_re_encrypting_is_finished_by_open(
             raise _Killed
         replace(src, dst)
 
-    monkeypatch.setattr("field_client.store.os.replace", killed)
+    monkeypatch.setattr("field_client.store_files.os.replace", killed)
     data_dir = _change_killed(store, new, monkeypatch)
     with pytest.raises(WrongPassphrase, match=r"interrupted .* new passphrase"):
         Store.open(data_dir, PASSPHRASE)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from field_client import db
-from field_client.store import NoStore, Store, UnfinishedStore, UnusableDataDir
+from field_client.store import Store
+from field_client.store_files import NoStore, UnfinishedStore, UnusableDataDir
 from field_client.unlock import DamagedKeyFile, KeyFile, new_key_file
 from tests.conftest import PASSPHRASE
 from tests.conftest import run_cli as run

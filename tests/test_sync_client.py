@@ -23,7 +23,8 @@ import pytest
 from field_client import sync_push
 from field_client.db import SCHEMA_VERSION, NewerStore, decode_versions
 from field_client.enrolment import AlreadyEnrolled, EnrolmentRefused, enrol
-from field_client.store import Store, UnreadableRecord
+from field_client.store import Store
+from field_client.store_reads import UnreadableRecord
 from field_client.sync_runner import DeviceRevoked, SyncError, SyncSummary, run_sync, watch
 from field_client.sync_store import HubAheadOfStore, PullPosition
 from schemas.fields import flatten
