@@ -4,8 +4,9 @@ check that queues candidate pairs. The SQL.
 Blocking keys are stored as HMACs under a key derived from the master key,
 like the name index: equal keys meet, the table alone says nothing about
 anyone. A check works on a whole set of records at once (a push batch, a scan
-chunk): one query for the block sizes, one for the candidates, one for the
-pairs already known, and the candidates' profiles (`server.match_profiles`:
+chunk): one query for the block sizes, one for the members of the blocks
+each record may use (`schemas.matching.usable_blocks`), one for the pairs
+already known, and the candidates' profiles (`server.match_profiles`:
 one query, and one unsealing of the records whose profile is missing or
 stale). Scoring is `schemas.matching` (pure).
 """
@@ -22,11 +23,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from schemas.matching import (
-    MAX_BLOCK,
     PROFILE_VERSION,
     REVIEW_THRESHOLD,
     Profile,
     pair_score,
+    usable_blocks,
 )
 from server.bulk import chunks, insert_rows
 from server.devices import get_meta, set_meta
@@ -179,12 +180,8 @@ def all_record_ids(conn: sa.Connection) -> list[str]:
     return list(conn.execute(sa.select(records.c.id).order_by(records.c.id)).scalars())
 
 
-def _blocks(
-    conn: sa.Connection, hashes: Iterable[str]
-) -> tuple[dict[str, int], dict[str, list[str]]]:
-    """How many records are filed under each of `hashes` (filed already), and
-    which, for the blocks of 2 to `MAX_BLOCK` records (a larger one is too common
-    to use)."""
+def _block_sizes(conn: sa.Connection, hashes: Iterable[str]) -> dict[str, int]:
+    """How many records are filed under each of `hashes` (filed already)."""
     sizes: dict[str, int] = {}
     for chunk in chunks(hashes):
         stmt = (
@@ -193,15 +190,19 @@ def _blocks(
             .group_by(block_keys.c.key_hash)
         )
         sizes.update((h, int(n)) for h, n in conn.execute(stmt))
+    return sizes
+
+
+def _block_members(conn: sa.Connection, hashes: Iterable[str]) -> dict[str, list[str]]:
+    """The records filed under each of `hashes`."""
     members: dict[str, list[str]] = {}
-    # A key only one record carries is the asking record's own: no candidate there.
-    for chunk in chunks(h for h, n in sizes.items() if 1 < n <= MAX_BLOCK):
+    for chunk in chunks(hashes):
         stmt = sa.select(block_keys.c.key_hash, block_keys.c.record_id).where(
             block_keys.c.key_hash.in_(chunk)
         )
         for h, rid in conn.execute(stmt):
             members.setdefault(h, []).append(rid)
-    return sizes, members
+    return members
 
 
 def _known_pairs(conn: sa.Connection, ids: Iterable[str]) -> set[tuple[str, str]]:
@@ -243,23 +244,29 @@ def gather(
     index: BlockIndex,
     master_key: bytes,
     cache: ProfileCache | None = None,
-    skip: Container[str] = (),
+    earlier_only: bool = False,
 ) -> Gathered:
     """(Re)index `record_ids`, store their profiles, and read what scoring them
-    needs: their candidates (not those in `skip`), profiles and known pairs."""
+    needs: their candidates (with `earlier_only`, only those with a smaller
+    id), profiles and known pairs."""
     cache = cache if cache is not None else ProfileCache(0)
     mine = read_entries(conn, set(record_ids), master_key, cache)
     if not mine:
         return Gathered({}, {}, {}, {}, set())
     keys_of = _index(conn, {rid: e.profile for rid, e in mine.items()}, index)
-    sizes, blocks = _blocks(conn, (h for keys in keys_of.values() for h in keys))
+    sizes = _block_sizes(conn, (h for keys in keys_of.values() for h in keys))
+    usable = {
+        rid: usable_blocks({h: sizes[h] for h in keys if h in sizes})
+        for rid, keys in keys_of.items()
+        if not mine[rid].merged
+    }
+    # A key only one record carries is the asking record's own: no candidate there.
+    wanted = {h for used in usable.values() for h in used if sizes[h] > 1}
+    blocks = _block_members(conn, wanted)
     found: dict[str, set[str]] = {}
-    for rid, keys in sorted(keys_of.items()):
-        if mine[rid].merged:
-            continue
-        found[rid] = {other for h in keys for other in blocks.get(h, ()) if other not in skip} - {
-            rid
-        }
+    for rid, used in sorted(usable.items()):
+        near = (o for h in used for o in blocks.get(h, ()))
+        found[rid] = {o for o in near if not earlier_only or o < rid} - {rid}
     known = _known_pairs(conn, found)
     # A candidate only in pairs known already is not scored: its profile is not read.
     wanted = {
@@ -332,18 +339,16 @@ def check_records(
     master_key: bytes,
     now: datetime,
     cache: ProfileCache | None = None,
-    skip: Container[str] = (),
 ) -> int:
     """(Re)index `record_ids` and queue every new pair scoring >= the review threshold.
 
     Returns how many pairs were queued. Cost grows with the records' candidates
-    (keys shared by more than `MAX_BLOCK` records are skipped), not with the
-    database. Pairs already known (open, merged, rejected) are not queued again;
-    registrations merged into another are not candidates. Candidates
-    in `skip` are not scored (a scan skips the records it has checked already:
-    their pairs with these were scored then). In one transaction: `gather`,
-    `score_gathered`, `queue_pairs`; a scan runs them in three, to score
-    outside the write lock.
+    (each record's `usable_blocks`: rarest keys first, within a budget), not
+    with the database. Pairs already known (open, merged, rejected) are not
+    queued again; registrations merged into another are not candidates. In one
+    transaction: `gather`, `score_gathered`, `queue_pairs`; a scan runs them in
+    three, to score outside the write lock, and looks back only (`gather`'s
+    `earlier_only`).
     """
-    gathered = gather(conn, record_ids, index=index, master_key=master_key, cache=cache, skip=skip)
+    gathered = gather(conn, record_ids, index=index, master_key=master_key, cache=cache)
     return queue_pairs(conn, score_gathered(gathered), now=now, recheck=False)

@@ -2,9 +2,10 @@
 against its candidates again, serially or over worker processes.
 
 Records are taken in id order, in chunks. Each pair is scored once, by the
-chunk of its earlier record: a chunk skips the candidates of earlier chunks,
-whichever process has them, so the pairs found do not depend on how many
-processes share the work. A chunk is read (and reindexed) in one short
+check of its later record, which looks back at candidates with smaller ids
+only (ids are made in time order, so a scan finds what checking each record
+as it arrived would have), so the pairs found depend neither on the chunks
+nor on how many processes share the work. A chunk is read (and reindexed) in one short
 transaction under the write lock and scored outside any; the pairs found are
 queued, and the records taken off the pending queue, by the calling process,
 several chunks per transaction.
@@ -12,7 +13,6 @@ several chunks per transaction.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import multiprocessing
 import threading
@@ -56,17 +56,6 @@ def _turn_taken(turn: Any) -> Iterator[None]:
 _Checked = tuple[int, list[dedup_check.FoundPair], dict[str, int]]
 
 
-class _Earlier:
-    """The ids before position `stop` of the sorted `ids` (what a chunk skips)."""
-
-    def __init__(self, ids: Sequence[str], stop: int) -> None:
-        self._ids, self._stop = ids, stop
-
-    def __contains__(self, rid: object) -> bool:
-        at = bisect.bisect_left(self._ids, rid)  # type: ignore[call-overload]
-        return at < self._stop and self._ids[at] == rid
-
-
 class _Job:
     """One scan's setting, in whichever process checks its chunks."""
 
@@ -93,7 +82,7 @@ class _Job:
                 index=self.index,
                 master_key=self.master_key,
                 cache=self.cache,
-                skip=_Earlier(self.ids, start),
+                earlier_only=True,
             )
         seqs = {rid: entry.seq for rid, entry in gathered.mine.items()}
         return len(part), dedup_check.score_gathered(gathered), seqs

@@ -23,12 +23,14 @@ from field_client.enrolment import enrol
 from field_client.store import Store
 from field_client.sync_runner import run_sync
 from schemas.matching import (
+    BLOCK_BUDGET,
     PROFILE_VERSION,
     REVIEW_THRESHOLD,
     candidates,
     profile,
     profile_to_json,
     score,
+    usable_blocks,
 )
 from schemas.record import SCHEMA_VERSION
 from server import accounts, dedup_check, dedup_scan, match_profiles
@@ -365,7 +367,9 @@ def test_a_profile_stored_by_another_version_of_the_matcher_is_made_again(
     assert {pair["record_a"], pair["record_b"]} == {first.record_id, again.record_id}
 
 
-def _blocked_pairs(docs: list[tuple[str, dict[str, Any], str]]) -> dict[tuple[str, str], float]:
+def _blocked_pairs(
+    docs: list[tuple[str, dict[str, Any], str]], budget: int = BLOCK_BUDGET
+) -> dict[tuple[str, str], float]:
     """The pairs a scan must queue, found in memory: records sharing a usable key,
     scoring at least the review threshold."""
     profiles = {rid: profile(doc) for rid, doc, _ in docs}
@@ -376,10 +380,10 @@ def _blocked_pairs(docs: list[tuple[str, dict[str, Any], str]]) -> dict[tuple[st
     counts = {key: len(ids) for key, ids in index.items()}
     expected = {}
     for rid, p in profiles.items():
-        for other in candidates(p.keys, index) - {rid}:
+        for other in candidates(p.keys, index, budget=budget) - {rid}:
             value = score(p, profiles[other], key_counts=counts).score
-            if rid < other and value >= REVIEW_THRESHOLD:
-                expected[rid, other] = value
+            if other < rid and value >= REVIEW_THRESHOLD:  # a scan looks back
+                expected[other, rid] = value
     return expected
 
 
@@ -430,6 +434,31 @@ def test_a_scan_in_two_processes_queues_the_pairs_a_serial_scan_does(
             hub.engine.dispose()
 
 
+def test_a_check_searches_only_the_blocks_its_budget_allows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub takes each record's rarest blocks within the budget, as
+    `schemas.matching.candidates` does: a scan under a small budget queues the
+    pairs the pure rule finds with that budget, and fewer than without it."""
+    docs = _scan_docs()
+    small = _blocked_pairs(docs, budget=6)
+    assert len(small) < len(_blocked_pairs(docs)) and len(small) >= 5
+    monkeypatch.setattr(dedup_check, "usable_blocks", lambda sizes: usable_blocks(sizes, budget=6))
+    hub = Hub(init_hub(tmp_path / "hub"))
+    try:
+        populate(hub, docs)
+        with hub.engine.begin() as conn:
+            ids = dedup_check.all_record_ids(conn)
+        dedup_scan.scan(
+            hub.engine, ids, master_key=hub.secrets.master_key, cache=match_profiles.ProfileCache()
+        )
+        with hub.engine.begin() as conn:
+            rows = conn.execute(sa.text("SELECT record_a, record_b, score FROM duplicates")).all()
+        assert {(a, b): round(v, 4) for a, b, v in rows} == small
+    finally:
+        hub.engine.dispose()
+
+
 def test_a_scan_after_the_matcher_changed_refiles_every_record_before_checking(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -460,12 +489,12 @@ def test_a_scan_after_the_matcher_changed_refiles_every_record_before_checking(
                 rows = conn.execute(sa.text("SELECT record_a, record_b FROM duplicates")).all()
             return {(a, b) for a, b in rows}
 
-        # What a scan would miss if it trusted the old keys: a chunk's candidates
-        # in later chunks are not filed yet.
+        # What a scan gets wrong if it trusted the old keys: a record's blocks and
+        # its names' weights count only the records filed before it.
         with hub.engine.begin() as conn:
             dedup_check.mark_index_current(conn)
         scan()
-        assert queued() < set(expected)
+        assert queued() != set(expected)
         with hub.engine.begin() as conn:
             conn.execute(sa.text("DELETE FROM duplicates"))
             stale = "UPDATE hub_meta SET value = '1' WHERE key = 'block_index_version'"

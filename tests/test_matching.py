@@ -17,6 +17,7 @@ from bench.dedup_eval import cluster_metrics, pair_metrics, score_all
 from schemas import matching
 from schemas.clustering import link
 from schemas.matching import (
+    BLOCK_BUDGET,
     MAX_BLOCK,
     OPERATING_THRESHOLD,
     PROFILE_VERSION,
@@ -30,6 +31,7 @@ from schemas.matching import (
     profile_to_json,
     record_keys,
     score,
+    usable_blocks,
 )
 
 
@@ -267,6 +269,22 @@ def test_candidates_skip_oversized_blocks() -> None:
     index = {"n:al+mhmt": [str(i) for i in range(MAX_BLOCK + 1)], "d:P1234567": ["x"]}
     assert candidates(["n:al+mhmt", "d:P1234567", "p:00000000"], index) == {"x"}
     assert len(candidates(["n:al+mhmt"], index, max_block=10_000)) == MAX_BLOCK + 1
+
+
+def test_candidates_take_the_rarest_blocks_within_the_budget() -> None:
+    index = {
+        "d:P1234567": ["x"],
+        "y:bkr@1990": [f"y{i}" for i in range(150)],
+        "n:bkr+mhmt": [f"n{i}" for i in range(190)],
+        "y:bkr@1991": [f"z{i}" for i in range(100)],
+    }
+    sizes = {key: len(ids) for key, ids in index.items()}
+    # 1 + 100 + 150 records fit in BLOCK_BUDGET; the name pair's 190 more would not
+    assert BLOCK_BUDGET == 400
+    assert usable_blocks(sizes) == ["d:P1234567", "y:bkr@1991", "y:bkr@1990"]
+    assert candidates(list(index), index) == {"x", *index["y:bkr@1991"], *index["y:bkr@1990"]}
+    assert len(candidates(list(index), index, budget=10_000)) == 1 + 150 + 190 + 100
+    assert usable_blocks(sizes, budget=0) == []
 
 
 # --- properties --------------------------------------------------------------------
