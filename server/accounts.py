@@ -207,9 +207,12 @@ def authenticate(conn: sa.Connection, name: str, password: str, *, now: datetime
     """Check a password, counting failures and locking after `MAX_FAILED_LOGINS`.
 
     An unknown name costs the same Argon2id work as a known one, so timing does
-    not tell which names exist.
+    not tell which names exist. Locks the user's row until the caller commits
+    (on SQLite `BEGIN IMMEDIATE` already did): on PostgreSQL attempts at once
+    would otherwise each count from the same number, and lock the account late.
     """
-    row = conn.execute(sa.select(users).where(users.c.name == name)).first()
+    stmt = sa.select(users).where(users.c.name == name).with_for_update()
+    row = conn.execute(stmt).first()
     if row is None:
         verify_password(password, _dummy_hash())
         return LoginOutcome(None, 0, None)
