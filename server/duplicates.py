@@ -154,7 +154,13 @@ def _check_groups(conn: sa.Connection, survivor: str, other: str, master_key: by
 def reject(
     conn: sa.Connection, pair_id: int, *, sites: frozenset[str] | None, actor: str, now: datetime
 ) -> PairView:
-    """Not one person: the pair is remembered and never queued again."""
+    """Not one person: the pair is remembered and never queued again.
+
+    Takes the write lock first, as merge and unmerge do: on PostgreSQL a reject
+    that read the pair open while a merge of it was under way would otherwise
+    overwrite the merge, or deadlock with it over the lock the audit entry takes.
+    """
+    write_lock(conn)
     row = _load(conn, pair_id, sites)
     if row.status != "open":
         raise Problem(409, "duplicate.not_open", f"pair {pair_id} is {row.status}")

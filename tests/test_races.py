@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -12,12 +13,13 @@ import pytest
 from server import accounts
 from server.hub import Hub
 from tests.hubkit import (
+    HandDevice,
     database_backends,
     fresh_database,
     init_hub,
     live_hub,
 )
-from tests.test_duplicates import PASSWORD, add_operator
+from tests.test_duplicates import PASSWORD, add_operator, login, registration
 
 
 @pytest.fixture(params=database_backends())
@@ -29,6 +31,17 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[httpx.
     ):
         add_operator(hub, "op", ["border", "camp"])
         yield http, hub
+
+
+# Each registered once at each site: one duplicate pair per person.
+PEOPLE = [
+    ({"given": "Mohamed", "family": "Abdel Rahman"}, "1988-03-14", "A1234567"),
+    ({"given": "Grace", "family": "Okafor"}, "1990-05-01", "B7654321"),
+    ({"given": "Tesfaye", "family": "Bekele"}, "1979-11-23", "C2468013"),
+    ({"given": "Fatima", "family": "Diallo"}, "2001-07-09", "D1357924"),
+    ({"given": "Yusuf", "family": "Haidari"}, "1995-01-30", "E9753108"),
+    ({"given": "Aminata", "family": "Konate"}, "1983-09-17", "F8642097"),
+]
 
 
 def at_once(*calls: Callable[[], httpx.Response]) -> list[httpx.Response]:
@@ -47,6 +60,36 @@ def at_once(*calls: Callable[[], httpx.Response]) -> list[httpx.Response]:
         thread.join(timeout=120)
     assert all(a is not None for a in answers), "a request did not finish"
     return [a for a in answers if a is not None]
+
+
+def test_a_merge_and_a_reject_of_one_pair_at_once_decide_it_once(
+    env: tuple[httpx.Client, Hub],
+) -> None:
+    http, hub = env
+    border = HandDevice.enrol(http, hub, "border")
+    camp = HandDevice.enrol(http, hub, "camp")
+    for dev in (border, camp):
+        edits = [registration(dev, names, dob, doc) for names, dob, doc in PEOPLE]
+        dev.open_answer(dev.push(dev.envelope(edits)))
+    auth = login(http)
+    pairs = http.get("/api/v1/duplicates", headers=auth).json()
+    assert len(pairs) == len(PEOPLE)
+    for pair in pairs:
+        path = f"/api/v1/duplicates/{pair['id']}"
+        merge, reject = at_once(
+            partial(http.post, f"{path}/merge", headers=auth, json={"survivor": pair["record_a"]}),
+            partial(http.post, f"{path}/reject", headers=auth),
+        )
+        # One decision wins; the other is refused for the pair's new status
+        # (not a deadlock answered with 503, nor a second 200 overwriting the first).
+        assert sorted([merge.status_code, reject.status_code]) == [200, 409], (
+            merge.text,
+            reject.text,
+        )
+        winner, loser = (merge, reject) if merge.status_code == 200 else (reject, merge)
+        assert loser.json()["code"] == "duplicate.not_open"
+        now = http.get(path, headers=auth).json()
+        assert now["status"] == winner.json()["status"]
 
 
 def test_wrong_passwords_sent_at_once_lock_the_account_as_sent_one_by_one(
