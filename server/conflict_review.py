@@ -217,7 +217,10 @@ def reopen(
 ) -> ConflictSummary:
     """Open a resolved conflict again. The resolution's edit stays in the log (and
     the field keeps its value) until someone resolves it anew; who reopened it and
-    why is kept (sealed) with the earlier resolution."""
+    why is kept (sealed) with the earlier resolution. Takes the write lock, as
+    resolve does: on PostgreSQL two reopenings at once would otherwise both
+    succeed, the second replacing the first's reason."""
+    write_lock(conn)
     row = _load(conn, conflict_id, sites)
     if row.status == "open":
         raise Problem(409, "conflict.already_open", f"conflict {conflict_id} is open")

@@ -12,7 +12,9 @@ import pytest
 
 from server import accounts
 from server.hub import Hub
+from sync.changes import Version
 from tests.hubkit import (
+    ADMIN_PASSWORD,
     HandDevice,
     database_backends,
     fresh_database,
@@ -108,3 +110,47 @@ def test_wrong_passwords_sent_at_once_lock_the_account_as_sent_one_by_one(
     assert codes.count(429) == attempts - accounts.MAX_FAILED_LOGINS + 1, codes
     right = http.post("/api/v1/auth/token", data={"username": "op", "password": PASSWORD})
     assert right.status_code == 429
+
+
+def test_two_reopens_of_one_conflict_at_once_reopen_it_once(
+    env: tuple[httpx.Client, Hub],
+) -> None:
+    http, hub = env
+    a, b = HandDevice.enrol(http, hub, "border"), HandDevice.enrol(http, hub, "border")
+    rec = a.new_record("Mohamed")
+    a.open_answer(a.push(a.envelope([rec])))
+    base = {"situation.needs": Version(rec.version.stamp, a.id)}
+    a.open_answer(a.push(a.envelope([a.edit(rec.record_id, {"situation.needs": ["food"]}, base)])))
+    b.open_answer(
+        b.push(b.envelope([b.edit(rec.record_id, {"situation.needs": ["shelter"]}, base)]))
+    )
+    token = http.post(
+        "/api/v1/auth/token", data={"username": "admin", "password": ADMIN_PASSWORD}
+    ).json()["access_token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    [conflict] = http.get("/api/v1/conflicts", headers=auth).json()
+    path = f"/api/v1/conflicts/{conflict['id']}"
+    for turn in range(3):
+        done = http.post(
+            f"{path}/resolve", headers=auth, json={"choice": "current", "reason": "asked them"}
+        )
+        assert done.status_code == 200, done.text
+        answers = at_once(
+            *[
+                partial(
+                    http.post,
+                    f"{path}/reopen",
+                    headers=auth,
+                    json={"reason": f"reopen {turn}.{n}"},
+                )
+                for n in range(2)
+            ]
+        )
+        # One reopens it; the other finds it open (not a second 200 whose
+        # write replaced the first reopening's reason).
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [200, 409], [a.text for a in answers]
+        refused = next(a for a in answers if a.status_code == 409)
+        assert refused.json()["code"] == "conflict.already_open"
+        [kept] = http.get(path, headers=auth).json()["resolution"]["reopened"]
+        assert kept["reason"] in {f"reopen {turn}.0", f"reopen {turn}.1"}
