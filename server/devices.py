@@ -178,6 +178,8 @@ def revoke_device(conn: sa.Connection, device_id: str, *, reason: str, now: date
 
     The reason is shown in `device list` and kept for auditors: 1 to
     `MAX_REVOKE_REASON` characters of plain text (Problem 422 otherwise).
+    Takes the write lock, so a push being applied finishes first and every
+    push applied after this commits sees the revocation (`server.ingest`).
     """
     reason = reason.strip()
     if not reason or len(reason) > MAX_REVOKE_REASON or HIDDEN_IN_LINE.search(reason):
@@ -187,6 +189,7 @@ def revoke_device(conn: sa.Connection, device_id: str, *, reason: str, now: date
             f"give a reason of 1 to {MAX_REVOKE_REASON} characters on one line, without"
             " control characters",
         )
+    write_lock(conn)
     device = get_device(conn, device_id)
     if device is None:
         raise Problem(404, "device.unknown", f"no device {device_id!r}")

@@ -27,7 +27,7 @@ from server.feed import (
     read_page,
     released_for,
 )
-from server.ingest import PushContext, apply_parked, apply_push, parked_edits
+from server.ingest import DeviceRevoked, PushContext, apply_parked, apply_push, parked_edits
 from server.keystore import HubSecrets
 from server.name_index import IndexKey
 from server.problems import Problem
@@ -220,38 +220,47 @@ class Hub:
             )
         now = self.now()
         if device.is_revoked:
-            with self.engine.begin() as conn:
-                device_store.quarantine_envelope(
-                    conn,
-                    device_id=device.id,
-                    batch_id=header.batch_id,
-                    reason="device.revoked",
-                    detail=f"sequence {header.seq_first}-{header.seq_last} sent after revocation",
-                    envelope=envelope,
-                    now=now,
-                )
-            raise self._revoked(device)
+            raise self._keep_revoked(device, header, envelope, now)
         ctx = self._context(device, opened, envelope, now)
-        with self.engine.begin() as conn:
-            ack = apply_push(conn, ctx)
-            if not ack["duplicate"]:
-                self._release_parked(conn, ctx, request_id)
-                self._after_ingest(conn, ctx)
-            self.audit(
-                conn,
-                actor=f"device:{device.id}",
-                action="sync.push",
-                target=f"batch:{header.batch_id}",
-                request_id=request_id,
-                detail={
-                    "seq": [header.seq_first, header.seq_last],
-                    "duplicate": ack["duplicate"],
-                    "conflicts": len(ack["conflicts"]),
-                    "quarantined": len(ack["quarantined"]),
-                },
-            )
+        try:
+            with self.engine.begin() as conn:
+                ack = apply_push(conn, ctx)
+                if not ack["duplicate"]:
+                    self._release_parked(conn, ctx, request_id)
+                    self._after_ingest(conn, ctx)
+                self.audit(
+                    conn,
+                    actor=f"device:{device.id}",
+                    action="sync.push",
+                    target=f"batch:{header.batch_id}",
+                    request_id=request_id,
+                    detail={
+                        "seq": [header.seq_first, header.seq_last],
+                        "duplicate": ack["duplicate"],
+                        "conflicts": len(ack["conflicts"]),
+                        "quarantined": len(ack["quarantined"]),
+                    },
+                )
+        except DeviceRevoked:  # while the push waited for the write lock
+            raise self._keep_revoked(device, header, envelope, now) from None
         self.checker.wake()
         return self._seal_to(device, "ack", header.batch_id, header.seq_first, header.seq_last, ack)
+
+    def _keep_revoked(
+        self, device: device_store.DeviceInfo, header: Header, envelope: bytes, now: datetime
+    ) -> Problem:
+        """Quarantine a batch a revoked device sent; return the problem to answer."""
+        with self.engine.begin() as conn:
+            device_store.quarantine_envelope(
+                conn,
+                device_id=device.id,
+                batch_id=header.batch_id,
+                reason="device.revoked",
+                detail=f"sequence {header.seq_first}-{header.seq_last} sent after revocation",
+                envelope=envelope,
+                now=now,
+            )
+        return self._revoked(device)
 
     def _context(
         self, device: device_store.DeviceInfo, opened: Opened, envelope: bytes, now: datetime

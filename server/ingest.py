@@ -37,7 +37,7 @@ from sync.hlc import Clock
 from sync.merge import Decision, FieldState, Outcome, merge_field
 from sync.protocol import Ack, Edit, ProtocolError, loads
 
-__all__ = ["PushContext", "apply_parked", "apply_push", "parked_edits"]
+__all__ = ["DeviceRevoked", "PushContext", "apply_parked", "apply_push", "parked_edits"]
 
 batches = Batch.__table__  # type: ignore[attr-defined]
 changes = ChangeRow.__table__  # type: ignore[attr-defined]
@@ -62,6 +62,10 @@ _LOG_COLUMNS = (
     "received_at",
 )
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+class DeviceRevoked(Exception):
+    """The pushing device was revoked before its batch could be applied."""
 
 
 @dataclass
@@ -198,16 +202,21 @@ def apply_push(conn: sa.Connection, ctx: PushContext) -> dict[str, Any]:
 
     Raises `Problem` for a batch that cannot be taken as a whole (gap, replay,
     reused id, malformed); then nothing is stored. An edit that cannot be
-    applied on its own (poison) is quarantined and the rest applies.
+    applied on its own (poison) is quarantined and the rest applies. Raises
+    `DeviceRevoked` when the device is revoked by the time the write lock is
+    held (the caller checked before, but a push may wait long for the lock).
     """
     write_lock(conn)
+    device = conn.execute(
+        sa.select(devices.c.high_water, devices.c.revoked_at).where(devices.c.id == ctx.device_id)
+    ).one()
+    if device.revoked_at is not None:
+        raise DeviceRevoked(ctx.device_id)
     stored = _stored_ack(conn, ctx)
     if stored is not None:
         return stored
     header = ctx.header
-    high_water = conn.execute(
-        sa.select(devices.c.high_water).where(devices.c.id == ctx.device_id)
-    ).scalar_one()
+    high_water = device.high_water
     if header.seq_first > high_water + 1:
         raise Problem(
             409,

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from server import accounts
+from server import devices as device_store
+from server.db import is_sqlite, write_lock
 from server.hub import Hub
 from sync.changes import Version
 from tests.hubkit import (
@@ -110,6 +115,49 @@ def test_wrong_passwords_sent_at_once_lock_the_account_as_sent_one_by_one(
     assert codes.count(429) == attempts - accounts.MAX_FAILED_LOGINS + 1, codes
     right = http.post("/api/v1/auth/token", data={"username": "op", "password": PASSWORD})
     assert right.status_code == 429
+
+
+def _waiting_for_a_lock(hub: Hub, count: int) -> None:
+    """Return once `count` sessions wait for a lock on the hub's PostgreSQL database."""
+    deadline = time.monotonic() + 30
+    while True:
+        with hub.engine.connect() as conn:
+            waiting = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+                " WHERE NOT l.granted AND d.datname = current_database()"
+            ).scalar_one()
+        if waiting >= count:
+            return
+        assert time.monotonic() < deadline, "the request never waited for the lock"
+        time.sleep(0.05)
+
+
+def test_a_push_waiting_while_its_device_is_revoked_is_refused(
+    env: tuple[httpx.Client, Hub],
+) -> None:
+    http, hub = env
+    if is_sqlite(hub.engine):
+        # The push's first read waits for a held SQLite write lock too, so the
+        # revocation cannot be slipped in between its reads and its write.
+        pytest.skip("PostgreSQL only: a held SQLite lock stops the push earlier")
+    dev = HandDevice.enrol(http, hub, "border")
+    edit = dev.new_record("Grace")
+    answers: list[httpx.Response] = []
+    # The push is checked, opened and waits for the write lock while the device
+    # is revoked: it must meet the revocation, not slip in after it.
+    with hub.engine.begin() as conn:
+        write_lock(conn)
+        pusher = threading.Thread(target=lambda: answers.append(dev.push(dev.envelope([edit]))))
+        pusher.start()
+        _waiting_for_a_lock(hub, 1)
+        device_store.revoke_device(conn, dev.id, reason="phone lost", now=datetime.now(UTC))
+    pusher.join(timeout=60)
+    [answer] = answers
+    assert answer.status_code == 403 and answer.json()["code"] == "device.revoked", answer.text
+    with hub.engine.connect() as conn:
+        assert device_store.last_hub_seq(conn) == 0
+        kept = conn.execute(sa.text("SELECT reason FROM quarantine")).scalars().all()
+    assert kept == ["device.revoked"]
 
 
 def test_two_reopens_of_one_conflict_at_once_reopen_it_once(
