@@ -25,6 +25,7 @@ from server.accounts import Role
 from server.cli_common import (
     DataDir,
     audit_cli,
+    cli_request_id,
     err,
     fail,
     open_hub,
@@ -147,7 +148,7 @@ def enrol_code(
             fail(f"--site: {problem}")
     valid_for = _duration(expires)
     hub = open_hub(data_dir)
-    code = hub.create_enrol_code(sites, valid_for)
+    code = hub.create_enrol_code(sites, valid_for, request_id=cli_request_id())
     out.print(f"enrolment code for site {', '.join(sites)}: [bold]{code}[/bold] (valid {expires})")
     out.print(f"hub key fingerprint: {hub.public_keys.fingerprint()}")
 
@@ -202,6 +203,8 @@ def device_revoke(
         with hub.engine.begin() as conn:
             before = device_store.get_device(conn, device_id)
             device = device_store.revoke_device(conn, device_id, reason=reason, now=now)
+            if before is not None and not before.is_revoked:
+                audit_cli(hub, conn, "device.revoke", f"device:{device.id}", actor="cli:admin")
     except Problem as exc:
         fail(exc.detail)
     if before is not None and before.is_revoked:

@@ -168,11 +168,28 @@ class Hub:
             )
         return {"device_id": device.id, "sites": sorted(device.sites), "hub": self.info()}
 
-    def create_enrol_code(self, sites: list[str], valid_for: timedelta) -> str:
+    def create_enrol_code(
+        self,
+        sites: list[str],
+        valid_for: timedelta,
+        *,
+        request_id: str,
+        actor: str = "cli:admin",
+    ) -> str:
+        """A one-time enrolment code for `sites`, audited (the code is not)."""
         with self.engine.begin() as conn:
-            return device_store.create_enrol_code(
+            code = device_store.create_enrol_code(
                 conn, sites=sites, valid_for=valid_for, now=self.now()
             )
+            self.audit(
+                conn,
+                actor=actor,
+                action="device.enrol_code",
+                target=f"sites:{','.join(sorted(sites))}",
+                request_id=request_id,
+                detail={"valid_for_s": int(valid_for.total_seconds())},
+            )
+        return code
 
     # -- push --------------------------------------------------------------------------
     def _known_device(self, device_id: str) -> device_store.DeviceInfo:

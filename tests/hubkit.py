@@ -113,7 +113,7 @@ class HandDevice:
 
     @classmethod
     def enrol(cls, http: httpx.Client, hub: Hub, site: str) -> HandDevice:
-        code = hub.create_enrol_code([site], timedelta(hours=1))
+        code = hub.create_enrol_code([site], timedelta(hours=1), request_id="test-enrol")
         keys = KeyPairs.generate()
         device_id = str(uuid.uuid4())
         answer = http.post(

@@ -267,7 +267,9 @@ def test_hub_killed_25_times_under_five_pushing_devices_loses_and_duplicates_not
                     kdf_memory_kib=1024,
                 )
                 stores.append(store)
-                code = enrolling.create_enrol_code([site], timedelta(hours=1))
+                code = enrolling.create_enrol_code(
+                    [site], timedelta(hours=1), request_id="test-enrol"
+                )
                 with httpx.Client(base_url=hubs.url) as http:
                     enrol(store, HubClient(http), code=code)
         finally:
@@ -478,13 +480,21 @@ def test_sync_killed_mid_push_and_mid_pull_loses_nothing(
     # Another device registered people first: the CLI's sync has pages to pull.
     other = Store.init(tmp_path / "other", PASSPHRASE, site=site, operator="B", kdf_memory_kib=1024)
     with other, httpx.Client(base_url=url) as http:
-        enrol(other, HubClient(http), code=hub.create_enrol_code([site], timedelta(hours=1)))
+        enrol(
+            other,
+            HubClient(http),
+            code=hub.create_enrol_code([site], timedelta(hours=1), request_id="test-enrol"),
+        )
         other.register([RegistrationCreate.model_validate(person(rng)) for _ in range(1500)])
         run_sync(other, HubClient(http))
     data_dir = tmp_path / "dev"
     _new_store(data_dir, site)
     with Store.open(data_dir, PASSPHRASE) as store, httpx.Client(base_url=url) as http:
-        enrol(store, HubClient(http), code=hub.create_enrol_code([site], timedelta(hours=1)))
+        enrol(
+            store,
+            HubClient(http),
+            code=hub.create_enrol_code([site], timedelta(hours=1), request_id="test-enrol"),
+        )
         store.register([RegistrationCreate.model_validate(person(rng)) for _ in range(1500)])
         device_id = store.device_id
 

@@ -151,7 +151,9 @@ def test_the_same_person_at_two_sites_is_queued_explained_and_decided(
         enrol(
             store,
             HubClient(dev_http),
-            code=hub.create_enrol_code(["border", "camp"], timedelta(hours=1)),
+            code=hub.create_enrol_code(
+                ["border", "camp"], timedelta(hours=1), request_id="test-enrol"
+            ),
         )
         run_sync(store, HubClient(dev_http))
         assert str(store.get(again.record_id).merged_into) == first.record_id

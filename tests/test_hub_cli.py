@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -62,6 +63,19 @@ def test_enrol_code_device_list_and_revoke(tmp_path: Path) -> None:
     assert "revoked" in hub(data, "device", "list").stdout
     missing = hub(data, "device", "revoke", "no-such-device")
     assert missing.returncode == 2 and "no device" in missing.stderr
+    again = hub(data, "device", "revoke", device.id)
+    assert again.returncode == 0 and "already revoked" in again.stdout
+    # Device administration is audited (the code itself is not), once each.
+    with sqlite3.connect(data / "hub.db") as db:
+        audited = db.execute(
+            "SELECT actor, action, target FROM audit_log"
+            " WHERE action IN ('device.enrol_code', 'device.revoke') ORDER BY id"
+        ).fetchall()
+    assert audited == [
+        ("cli:admin", "device.enrol_code", "sites:ras-jedir"),  # `enrol-code` above
+        ("cli:admin", "device.enrol_code", "sites:ras-jedir"),  # the one HandDevice used
+        ("cli:admin", "device.revoke", f"device:{device.id}"),
+    ]
 
 
 def test_commands_before_init_explain_what_to_do(tmp_path: Path) -> None:

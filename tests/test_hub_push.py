@@ -240,7 +240,7 @@ def test_enrol_codes_are_one_time_and_expire(hub_env: tuple[httpx.Client, Hub, P
     from sync.keys import KeyPairs
 
     keys = KeyPairs.generate().public().to_json()
-    code = hub.create_enrol_code(["ras-jedir"], timedelta(hours=1))
+    code = hub.create_enrol_code(["ras-jedir"], timedelta(hours=1), request_id="test-enrol")
     first = http.post(
         "/api/v1/enrol",
         json={"code": code, "device_id": "d1", "site": "ras-jedir", "public_keys": keys},
@@ -251,13 +251,13 @@ def test_enrol_codes_are_one_time_and_expire(hub_env: tuple[httpx.Client, Hub, P
         json={"code": code, "device_id": "d2", "site": "ras-jedir", "public_keys": keys},
     )
     assert again.status_code == 403 and "already used" in again.json()["detail"]
-    expired = hub.create_enrol_code(["ras-jedir"], timedelta(seconds=-1))
+    expired = hub.create_enrol_code(["ras-jedir"], timedelta(seconds=-1), request_id="test-enrol")
     late = http.post(
         "/api/v1/enrol",
         json={"code": expired, "device_id": "d3", "site": "ras-jedir", "public_keys": keys},
     )
     assert late.status_code == 403 and "expired" in late.json()["detail"]
-    other = hub.create_enrol_code(["port-zarzis"], timedelta(hours=1))
+    other = hub.create_enrol_code(["port-zarzis"], timedelta(hours=1), request_id="test-enrol")
     wrong = http.post(
         "/api/v1/enrol",
         json={"code": other, "device_id": "d4", "site": "ras-jedir", "public_keys": keys},

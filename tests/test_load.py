@@ -206,7 +206,7 @@ class Load:
         return answer
 
     def enrol(self, hub: Hub, site: str, index: int) -> SimDevice:
-        code = hub.create_enrol_code([site], timedelta(hours=1))
+        code = hub.create_enrol_code([site], timedelta(hours=1), request_id="test-enrol")
         keys = KeyPairs.generate()
         device_id = str(uuid.uuid4())
         body = {
@@ -453,7 +453,7 @@ def test_one_enrol_code_enrols_one_device_even_through_two_processes(
         settings = init_hub(tmp_path / "hub", url)
         first, second = Hub(settings), Hub(settings)
         try:
-            code = first.create_enrol_code(["s"], timedelta(hours=1))
+            code = first.create_enrol_code(["s"], timedelta(hours=1), request_id="test-enrol")
             keys = KeyPairs.generate().public().to_json()
             started, outcome = threading.Event(), {}
 
@@ -500,7 +500,7 @@ def test_the_hub_clock_stored_by_several_processes_never_goes_back(
 
                 def device(hub: Hub, skew_ms: int) -> HandDevice:
                     keys = KeyPairs.generate()
-                    code = hub.create_enrol_code(["s"], timedelta(hours=1))
+                    code = hub.create_enrol_code(["s"], timedelta(hours=1), request_id="test-enrol")
                     request = EnrolRequest(code, str(uuid.uuid4()), "s", keys.public().to_json())
                     hub_keys = PublicKeys.from_json(hub.enrol(request)["hub"]["public_keys"])
                     clock = Clock(wall_ms=lambda: now + skew_ms)

@@ -65,7 +65,11 @@ def direct_device(root: Path, name: str, url: str, hub: Hub, sites: list[str]) -
     """An enrolled device, used in this process, that talks to the hub directly."""
     store = Store.init(root / name, PASSPHRASE, site=sites[0], operator=name, kdf_memory_kib=1024)
     with httpx.Client(base_url=url) as http:
-        enrol(store, HubClient(http), code=hub.create_enrol_code(sites, timedelta(hours=1)))
+        enrol(
+            store,
+            HubClient(http),
+            code=hub.create_enrol_code(sites, timedelta(hours=1), request_id="test-enrol"),
+        )
     return store
 
 
@@ -76,7 +80,11 @@ def proxied_device(root: Path, name: str, hub_url: str, hub: Hub, sites: list[st
         Store.init(home, PASSPHRASE, site=sites[0], operator=name, kdf_memory_kib=1024) as store,
         httpx.Client(base_url=hub_url) as http,
     ):
-        enrol(store, HubClient(http), code=hub.create_enrol_code(sites, timedelta(hours=1)))
+        enrol(
+            store,
+            HubClient(http),
+            code=hub.create_enrol_code(sites, timedelta(hours=1), request_id="test-enrol"),
+        )
         enrolment = store.sync.read_enrolment()
         assert enrolment is not None and enrolment.hub_url == hub_url
     return home

@@ -329,7 +329,7 @@ def test_a_device_enrolled_after_the_backup_enrols_again_and_sends_everything(
             refused = run_cli(tmp_path / "c", "sync")
             assert refused.returncode != 0 and "device.unknown" in refused.stderr
             assert "fieldreg enrol --again" in refused.stderr
-            code = live.create_enrol_code([SITE], timedelta(hours=1))
+            code = live.create_enrol_code([SITE], timedelta(hours=1), request_id="test-enrol")
             done = run_cli(tmp_path / "c", "enrol", "--again", "--code", code)
             assert done.returncode == 0, done.stderr
             assert "enrolled again with" in done.stdout
@@ -347,7 +347,7 @@ def test_a_device_enrolled_after_the_backup_enrols_again_and_sends_everything(
             assert log_duplicates(live) == 0
 
             # The hub knows the device now: enrolling again is refused, the code unspent.
-            code = live.create_enrol_code([SITE], timedelta(hours=1))
+            code = live.create_enrol_code([SITE], timedelta(hours=1), request_id="test-enrol")
             twice = run_cli(tmp_path / "c", "enrol", "--again", "--code", code)
             assert twice.returncode != 0 and "still knows this device" in twice.stderr
             e = stack.enter_context(
@@ -370,7 +370,7 @@ def test_enrolling_again_needs_the_pinned_hub_and_a_store_not_revoked(tmp_path: 
             return (e.hub_url, e.keys.public(), e.hub_keys, e.sites, e.epoch, e.enrolled_at_ms)
 
         before = pinned()
-        code = other.create_enrol_code([SITE], timedelta(hours=1))
+        code = other.create_enrol_code([SITE], timedelta(hours=1), request_id="test-enrol")
         with (
             httpx.Client(base_url=other_url) as http,
             pytest.raises(EnrolmentRefused, match="cannot move to another hub"),

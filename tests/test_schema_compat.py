@@ -282,7 +282,11 @@ def test_fieldreg_pulls_shows_and_edits_a_record_with_an_older_versions_field(
     home = tmp_path / "device"
     store = Store.init(home, PASSPHRASE, site=SITE, operator="Yusuf", kdf_memory_kib=1024)
     with store:
-        enrol(store, HubClient(http), code=live.create_enrol_code([SITE], timedelta(hours=1)))
+        enrol(
+            store,
+            HubClient(http),
+            code=live.create_enrol_code([SITE], timedelta(hours=1), request_id="test-enrol"),
+        )
     older = HandDevice.enrol(http, live, SITE)
     marker = f"kept-{uuid.uuid4().hex[:12]}"
     kept = {"zone": "C-14 [/]", "tag": marker}  # "[/]": shown as text, not Rich markup

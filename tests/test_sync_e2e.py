@@ -58,7 +58,11 @@ def new_device(
         kdf_memory_kib=1024,
     )
     with httpx.Client(base_url=base_url) as http:
-        enrol(store, HubClient(http), code=hub.create_enrol_code(sites, timedelta(hours=1)))
+        enrol(
+            store,
+            HubClient(http),
+            code=hub.create_enrol_code(sites, timedelta(hours=1), request_id="test-enrol"),
+        )
     return store
 
 
