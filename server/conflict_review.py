@@ -171,6 +171,13 @@ def resolve(
         )
     cipher = RecordCipher(master_key, row.record_id, row.wrapped_key)
     payload = cipher.open(row.payload, "conflict")
+    # Resolved before and reopened: who reopened it and why, and what the
+    # earlier resolutions were, stay with the new one.
+    before = cipher.open(row.resolution, "resolution") if row.resolution else {}
+    kept: dict[str, Any] = {"reopened": before["reopened"]} if "reopened" in before else {}
+    if "choice" in before:
+        earlier = {k: before[k] for k in ("choice", "value", "reason")}
+        kept["earlier"] = [*before.get("earlier", []), earlier]
     if choice in ("current", "incoming"):
         value = payload[choice]["v"]
     elif choice != "value":
@@ -197,7 +204,7 @@ def resolve(
             resolved_at=now,
             resolved_by=actor,
             resolution=cipher.seal(
-                {"choice": choice, "value": value, "reason": reason}, "resolution"
+                {"choice": choice, "value": value, "reason": reason, **kept}, "resolution"
             ),
             resolution_seq=hub_seq,
         )
@@ -217,7 +224,8 @@ def reopen(
 ) -> ConflictSummary:
     """Open a resolved conflict again. The resolution's edit stays in the log (and
     the field keeps its value) until someone resolves it anew; who reopened it and
-    why is kept (sealed) with the earlier resolution. Takes the write lock, as
+    why is kept (sealed) with the earlier resolution, and both with the next
+    (`resolve`: `reopened`, `earlier`). Takes the write lock, as
     resolve does: on PostgreSQL two reopenings at once would otherwise both
     succeed, the second replacing the first's reason."""
     write_lock(conn)

@@ -208,6 +208,19 @@ def test_conflict_side_by_side_resolve_propagates_and_reopen(world: World) -> No
     assert reopened.status_code == 200 and reopened.json()["status"] == "open"
     history = world.get(f"/api/v1/conflicts/{listed['id']}", "aud").json()
     assert history["resolution"]["reopened"][0]["reason"] == "the person called back"
+    anew = world.post(
+        f"/api/v1/conflicts/{listed['id']}/resolve",
+        "aud",
+        json={"choice": "value", "value": ["food"], "reason": "shelter found since"},
+    )
+    assert anew.status_code == 200, anew.text
+    # The new resolution keeps who reopened it, why, and what was decided before.
+    kept = world.get(f"/api/v1/conflicts/{listed['id']}", "aud").json()["resolution"]
+    assert kept["reason"] == "shelter found since" and kept["value"] == ["food"]
+    assert [r["reason"] for r in kept["reopened"]] == ["the person called back"]
+    assert kept["earlier"] == [
+        {"choice": "value", "value": ["food", "shelter"], "reason": "both, said the person"}
+    ]
 
 
 def test_login_failures_slow_down_then_lock(world: World) -> None:
