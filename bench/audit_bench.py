@@ -45,7 +45,7 @@ class _Device:
         self.hub_keys = hub.public_keys
         self.seq = 0
         self.clock = Clock()
-        code = hub.create_enrol_code([site], timedelta(hours=1))
+        code = hub.create_enrol_code([site], timedelta(hours=1), request_id="bench-enrol")
         hub.enrol(EnrolRequest(code, self.id, site, self.keys.public().to_json()))
         self.site = site
         self.last_batch_records = 0

@@ -168,7 +168,7 @@ def _enrol(settings: HubSettings, devices: list[_Device]) -> None:
     hub = Hub(settings)
     try:
         for dev in devices:
-            code = hub.create_enrol_code([SITE], timedelta(hours=1))
+            code = hub.create_enrol_code([SITE], timedelta(hours=1), request_id="bench-enrol")
             hub.enrol(EnrolRequest(code, dev.id, SITE, dev.keys.public().to_json()))
     finally:
         hub.engine.dispose()

@@ -76,7 +76,7 @@ class _HubProcess:
     def code(self) -> str:
         hub = Hub(self.settings)
         try:
-            return hub.create_enrol_code(["bench"], timedelta(hours=1))
+            return hub.create_enrol_code(["bench"], timedelta(hours=1), request_id="bench-enrol")
         finally:
             hub.engine.dispose()
 
