@@ -48,6 +48,7 @@ __all__ = [
     "index_is_current",
     "index_records",
     "mark_index_current",
+    "pending_ids",
     "queue_pairs",
     "queue_records",
     "reindex_records",
@@ -169,6 +170,13 @@ def clear_checked(conn: sa.Connection, seqs: Mapping[str, int]) -> None:
         stmt = sa.select(records.c.id, records.c.last_hub_seq).where(records.c.id.in_(chunk))
         unchanged += [rid for rid, seq in conn.execute(stmt) if seqs[rid] == seq]
     clear_pending(conn, unchanged)
+
+
+def pending_ids(conn: sa.Connection) -> list[str]:
+    """Every record queued for the check, in id order."""
+    return list(
+        conn.execute(sa.select(pending.c.record_id).order_by(pending.c.record_id)).scalars()
+    )
 
 
 def count_pending(conn: sa.Connection) -> int:

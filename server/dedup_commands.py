@@ -102,8 +102,8 @@ def dedup_scan(
         refiled: list[TaskID] = []
 
         def refiling(done: int, total: int) -> None:
-            # Only after an upgrade that changed the matcher: every record is
-            # filed under its new blocking keys before the scan proper.
+            # Before the scan proper: the records still queued for their check
+            # or, after an upgrade that changed the matcher, every record.
             if not refiled:
                 refiled.append(bar.add_task("refiling blocking keys", total=total))
             bar.update(refiled[0], completed=done)

@@ -3,12 +3,12 @@ against its candidates again, serially or over worker processes.
 
 Records are taken in id order, in chunks. Each pair is scored once, by the
 check of its later record, which looks back at candidates with smaller ids
-only (ids are made in time order, so a scan finds what checking each record
-as it arrived would have), so the pairs found depend neither on the chunks
-nor on how many processes share the work. A chunk is read (and reindexed) in one short
-transaction under the write lock and scored outside any; the pairs found are
-queued, and the records taken off the pending queue, by the calling process,
-several chunks per transaction.
+only; every record is filed under its keys before the first chunk (records
+still queued for their check are filed first), so the pairs found depend
+neither on the chunks nor on how many processes share the work. A chunk is
+read (and reindexed) in one short transaction under the write lock and
+scored outside any; the pairs found are queued, and the records taken off
+the pending queue, by the calling process, several chunks per transaction.
 """
 
 from __future__ import annotations
@@ -132,16 +132,16 @@ def scan(
     `workers` processes (1: this one, with `cache`); return how many pairs were
     queued. `progress` is called with how many records each chunk checked.
 
-    When the blocking index was filed by another version of the matcher, every
-    record is refiled first (`refiling` is told how many of how many): a chunk
-    finds its candidates through the keys of records it has not checked yet.
+    First the records whose keys a chunk must count are filed (`refiling` is
+    told how many of how many): every record when the blocking index was filed
+    by another version of the matcher, else those still queued for their check.
 
     Raises `ScanStopped` when a worker process dies or stops answering; what
     was queued until then stays queued."""
     if chunk < 1 or workers < 1:
         raise ValueError(f"chunk {chunk} and workers {workers}: each must be at least 1")
     ids = sorted(set(record_ids))
-    _refile_if_stale(engine, master_key, chunk, refiling)
+    _refile_first(engine, master_key, chunk, refiling)
     starts = range(0, len(ids), chunk)
     in_memory = engine.url.database in (None, "", ":memory:")
     if workers == 1 or len(starts) <= 1 or in_memory:
@@ -170,13 +170,18 @@ def scan(
                 future.cancel()
 
 
-def _refile_if_stale(
+def _refile_first(
     engine: sa.Engine, master_key: bytes, chunk: int, refiling: Callable[[int, int], None]
 ) -> None:
+    """File, before any chunk is checked, the records whose keys the block sizes
+    and weights must count: every record when the index was filed by another
+    matcher, else those still queued for their check (a push stored them and
+    its check has not run: filed under no key yet, or under keys an edit has
+    changed since). Otherwise a chunk would count them only once it, or a
+    worker, came to them, and the pairs found would depend on the chunks."""
     with engine.connect() as conn:
-        if dedup_check.index_is_current(conn):
-            return
-        ids = dedup_check.all_record_ids(conn)
+        current = dedup_check.index_is_current(conn)
+        ids = dedup_check.pending_ids(conn) if current else dedup_check.all_record_ids(conn)
     index = dedup_check.BlockIndex(master_key)
     for start in range(0, len(ids), chunk):
         with engine.begin() as conn:
@@ -185,9 +190,10 @@ def _refile_if_stale(
                 conn, ids[start : start + chunk], index=index, master_key=master_key
             )
         refiling(min(start + chunk, len(ids)), len(ids))
-    with engine.begin() as conn:
-        # Records stored meanwhile were filed by their own checks, with this matcher.
-        dedup_check.mark_index_current(conn)
+    if not current:
+        with engine.begin() as conn:
+            # Records stored meanwhile were filed by their own checks, with this matcher.
+            dedup_check.mark_index_current(conn)
 
 
 def _queue_all(job: _Job, results: Iterator[_Checked], progress: Callable[[int], None]) -> int:

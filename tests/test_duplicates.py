@@ -515,6 +515,38 @@ def test_a_scan_after_the_matcher_changed_refiles_every_record_before_checking(
         hub.engine.dispose()
 
 
+def test_a_scan_files_the_records_still_waiting_for_their_check_first(tmp_path: Path) -> None:
+    """Records a push stored whose check has not run yet (the hub stopped first)
+    are filed under no key: a scan files them before checking anything, so each
+    record's blocks and weights count them whichever chunk they are in, and the
+    pairs found do not depend on the chunks or on which chunk is checked first."""
+    docs = _scan_docs()
+    expected = _blocked_pairs(docs)
+    hub = Hub(init_hub(tmp_path / "hub"))
+    try:
+        populate(hub, docs)
+        with hub.engine.begin() as conn:
+            ids = dedup_check.all_record_ids(conn)
+            waiting = ids[::2]
+            for rid in waiting:
+                conn.execute(sa.text("DELETE FROM block_keys WHERE record_id = :r"), {"r": rid})
+            dedup_check.queue_records(conn, waiting, now=datetime.now(UTC))
+            assert dedup_check.index_is_current(conn)
+        dedup_scan.scan(
+            hub.engine,
+            ids,
+            master_key=hub.secrets.master_key,
+            cache=match_profiles.ProfileCache(),
+            chunk=5,
+        )
+        with hub.engine.begin() as conn:
+            rows = conn.execute(sa.text("SELECT record_a, record_b, score FROM duplicates")).all()
+            assert dedup_check.count_pending(conn) == 0
+        assert {(a, b): round(v, 4) for a, b, v in rows} == expected
+    finally:
+        hub.engine.dispose()
+
+
 def test_a_new_hub_s_index_is_current(tmp_path: Path) -> None:
     hub = Hub(init_hub(tmp_path / "hub"))
     try:
