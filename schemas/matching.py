@@ -73,14 +73,14 @@ MAX_BLOCK = 200
 """`candidates` skips a key carried by more records than this (a phone a whole site gave,
 a name pair as common as Mohamed Ali): such a block brings hundreds of candidates and
 scarcely a duplicate the record's other keys miss (none at 53,000 records on the bench)."""
-BLOCK_BUDGET = 400
-"""`usable_blocks` takes a record's blocks smallest first while their sizes add up to at
-most this (the rarest keys, documents, phones, exact dates, come first): at a million
-records a name-and-year key alone holds some 70, and a record with a dozen such keys
-brought 500 to 1,200 candidates. On 2,000 records of the 1M bench population this
-kept 1,463 of the 1,467 true pairs at or above the review threshold that blocking
-found (one of the four lost scored above the operating threshold) and cut the 95th
-percentile of candidates a record from 572 to 333."""
+BLOCK_BUDGET = 250
+"""`usable_blocks` takes a record's blocks smallest first (the rarest keys: documents,
+phones, exact dates) until the records in them reach this: at a million records a
+name-and-year key alone holds some 70, and a record with a dozen such keys brought
+500 to 1,200 candidates. On 2,000 records of the 1M bench population this kept
+1,462 of the 1,467 true pairs at or above the review threshold that blocking found
+(one of the five lost scored above the operating threshold) and cut the 95th
+percentile of candidates a record from 572 to 339."""
 YEAR_TOLERANCE: Mapping[str, int] = {"exact": 0, "year": 1, "estimated": 3}
 """How many years a birth date of each precision may be off and still agree."""
 
@@ -323,22 +323,22 @@ def usable_blocks(
     sizes: Mapping[K, int], *, max_block: int = MAX_BLOCK, budget: int = BLOCK_BUDGET
 ) -> list[K]:
     """The keys of one record whose blocks to search, given how many records
-    each is filed for: none above `max_block`, then smallest first while the
-    sizes add up to at most `budget`, keys of one size all or none (so the
-    choice does not depend on how keys are spelt: the hub sees them blinded).
-    The rarest keys carry the most evidence, so a check's cost stays bounded
-    however common the record's names are."""
+    each is filed for: none above `max_block`; of the rest the smallest first
+    until their sizes add up to `budget` or more. Keys of one size are taken
+    together, so the choice does not depend on how keys are spelt (the hub sees
+    them blinded), and a record always gets its rarest blocks. The rarest keys
+    carry the most evidence, so a check's cost stays bounded however common the
+    record's names are."""
     by_size: dict[int, list[K]] = {}
     for key, size in sizes.items():
         by_size.setdefault(size, []).append(key)
     chosen: list[K] = []
     total = 0
     for size in sorted(by_size):
-        keys = by_size[size]
-        if size > max_block or total + size * len(keys) > budget:
+        if size > max_block or total >= budget:
             break
-        chosen += sorted(keys)
-        total += size * len(keys)
+        chosen += sorted(by_size[size])
+        total += size * len(by_size[size])
     return chosen
 
 

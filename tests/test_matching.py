@@ -271,7 +271,7 @@ def test_candidates_skip_oversized_blocks() -> None:
     assert len(candidates(["n:al+mhmt"], index, max_block=10_000)) == MAX_BLOCK + 1
 
 
-def test_candidates_take_the_rarest_blocks_within_the_budget() -> None:
+def test_candidates_take_the_rarest_blocks_until_the_budget_is_reached() -> None:
     index = {
         "d:P1234567": ["x"],
         "y:bkr@1990": [f"y{i}" for i in range(150)],
@@ -279,12 +279,17 @@ def test_candidates_take_the_rarest_blocks_within_the_budget() -> None:
         "y:bkr@1991": [f"z{i}" for i in range(100)],
     }
     sizes = {key: len(ids) for key, ids in index.items()}
-    # 1 + 100 + 150 records fit in BLOCK_BUDGET; the name pair's 190 more would not
-    assert BLOCK_BUDGET == 400
+    # 1 + 100 records are below BLOCK_BUDGET, so the next block is taken; then
+    # 251 are not, and the name pair's 190 more are left out.
+    assert BLOCK_BUDGET == 250
     assert usable_blocks(sizes) == ["d:P1234567", "y:bkr@1991", "y:bkr@1990"]
     assert candidates(list(index), index) == {"x", *index["y:bkr@1991"], *index["y:bkr@1990"]}
     assert len(candidates(list(index), index, budget=10_000)) == 1 + 150 + 190 + 100
-    assert usable_blocks(sizes, budget=0) == []
+    # Keys of one size are taken together, whatever they are called; a record
+    # always gets its rarest blocks, however large.
+    assert usable_blocks({"b": 130, "a": 130, "c": 131}) == ["a", "b"]
+    assert usable_blocks({"a": 180, "b": 190}, budget=100) == ["a"]
+    assert usable_blocks({"a": MAX_BLOCK + 1}) == []
 
 
 # --- properties --------------------------------------------------------------------
