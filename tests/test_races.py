@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 
 from server import accounts
 from server import devices as device_store
-from server.db import is_sqlite, write_lock
+from server.db import write_lock
 from server.hub import Hub
 from sync.changes import Version
 from tests.hubkit import (
@@ -29,15 +30,30 @@ from tests.hubkit import (
 from tests.test_duplicates import PASSWORD, add_operator, login, registration
 
 
-@pytest.fixture(params=database_backends())
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[httpx.Client, Hub]]:
+@contextmanager
+def _served(backend: str, tmp_path: Path) -> Iterator[tuple[httpx.Client, Hub]]:
     with (
-        fresh_database(request.param) as url,
+        fresh_database(backend) as url,
         live_hub(init_hub(tmp_path / "hub", url)) as (base, hub),
         httpx.Client(base_url=base, timeout=60) as http,
     ):
         add_operator(hub, "op", ["border", "camp"])
         yield http, hub
+
+
+@pytest.fixture(params=database_backends())
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[httpx.Client, Hub]]:
+    with _served(request.param, tmp_path) as served:
+        yield served
+
+
+# On SQLite a push's first read already waits for a held write lock, so a
+# revocation cannot be slipped in between its reads and its write: that race
+# exists on PostgreSQL only (no parameter, so not collected, without it).
+@pytest.fixture(params=[b for b in database_backends() if b == "postgresql"])
+def pg_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[httpx.Client, Hub]]:
+    with _served(request.param, tmp_path) as served:
+        yield served
 
 
 # Each registered once at each site: one duplicate pair per person.
@@ -133,13 +149,9 @@ def _waiting_for_a_lock(hub: Hub, count: int) -> None:
 
 
 def test_a_push_waiting_while_its_device_is_revoked_is_refused(
-    env: tuple[httpx.Client, Hub],
+    pg_env: tuple[httpx.Client, Hub],
 ) -> None:
-    http, hub = env
-    if is_sqlite(hub.engine):
-        # The push's first read waits for a held SQLite write lock too, so the
-        # revocation cannot be slipped in between its reads and its write.
-        pytest.skip("PostgreSQL only: a held SQLite lock stops the push earlier")
+    http, hub = pg_env
     dev = HandDevice.enrol(http, hub, "border")
     edit = dev.new_record("Grace")
     answers: list[httpx.Response] = []
@@ -200,5 +212,7 @@ def test_two_reopens_of_one_conflict_at_once_reopen_it_once(
         assert codes == [200, 409], [a.text for a in answers]
         refused = next(a for a in answers if a.status_code == 409)
         assert refused.json()["code"] == "conflict.already_open"
-        [kept] = http.get(path, headers=auth).json()["resolution"]["reopened"]
-        assert kept["reason"] in {f"reopen {turn}.0", f"reopen {turn}.1"}
+        # Each turn's resolution keeps the reopenings before it: one a turn.
+        reopened = http.get(path, headers=auth).json()["resolution"]["reopened"]
+        assert len(reopened) == turn + 1
+        assert reopened[-1]["reason"] in {f"reopen {turn}.0", f"reopen {turn}.1"}
