@@ -269,8 +269,8 @@ def gather(
         if not mine[rid].merged
     }
     # A key only one record carries is the asking record's own: no candidate there.
-    wanted = {h for used in usable.values() for h in used if sizes[h] > 1}
-    blocks = _block_members(conn, wanted)
+    searched = {h for used in usable.values() for h in used if sizes[h] > 1}
+    blocks = _block_members(conn, searched)
     found: dict[str, set[str]] = {}
     for rid, used in sorted(usable.items()):
         near = (o for h in used for o in blocks.get(h, ()))

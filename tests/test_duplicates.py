@@ -9,6 +9,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -397,6 +398,27 @@ def _scan_docs() -> list[tuple[str, dict[str, Any], str]]:
     ]
 
 
+@contextmanager
+def _scan_hub(
+    tmp_path: Path, docs: list[tuple[str, dict[str, Any], str]], url: str | None = None
+) -> Iterator[tuple[Hub, list[str]]]:
+    """A hub holding `docs` (filed, profiled), and its record ids in order."""
+    hub = Hub(init_hub(tmp_path / "hub", url))
+    try:
+        populate(hub, docs)
+        with hub.engine.begin() as conn:
+            ids = dedup_check.all_record_ids(conn)
+        yield hub, ids
+    finally:
+        hub.engine.dispose()
+
+
+def _queued_pairs(hub: Hub) -> dict[tuple[str, str], float]:
+    with hub.engine.begin() as conn:
+        rows = conn.execute(sa.text("SELECT record_a, record_b, score FROM duplicates")).all()
+    return {(a, b): round(v, 4) for a, b, v in rows}
+
+
 @pytest.mark.parametrize("backend", database_backends())
 def test_a_scan_in_two_processes_queues_the_pairs_a_serial_scan_does(
     backend: str, tmp_path: Path
@@ -404,36 +426,25 @@ def test_a_scan_in_two_processes_queues_the_pairs_a_serial_scan_does(
     docs = _scan_docs()
     expected = _blocked_pairs(docs)
     assert len(expected) >= 10  # enough duplicates for the test to mean something
-    with fresh_database(backend) as url:
-        hub = Hub(init_hub(tmp_path / "hub", url))
-        try:
-            populate(hub, docs)
+    with fresh_database(backend) as url, _scan_hub(tmp_path, docs, url) as (hub, ids):
+        found = {}
+        for workers in (1, 2):
             with hub.engine.begin() as conn:
-                ids = dedup_check.all_record_ids(conn)
-            found = {}
-            for workers in (1, 2):
-                with hub.engine.begin() as conn:
-                    conn.execute(sa.text("DELETE FROM duplicates"))
-                shown: list[int] = []
-                queued = dedup_scan.scan(
-                    hub.engine,
-                    ids,
-                    master_key=hub.secrets.master_key,
-                    cache=match_profiles.ProfileCache(),
-                    chunk=5,
-                    workers=workers,
-                    progress=shown.append,
-                )
-                with hub.engine.begin() as conn:
-                    rows = conn.execute(
-                        sa.text("SELECT record_a, record_b, score FROM duplicates")
-                    ).all()
-                found[workers] = {(a, b): round(s, 4) for a, b, s in rows}
-                assert queued == len(rows)
-                assert sum(shown) == len(ids) and len(shown) == -(-len(ids) // 5)
-            assert found[1] == found[2] == expected
-        finally:
-            hub.engine.dispose()
+                conn.execute(sa.text("DELETE FROM duplicates"))
+            shown: list[int] = []
+            queued = dedup_scan.scan(
+                hub.engine,
+                ids,
+                master_key=hub.secrets.master_key,
+                cache=match_profiles.ProfileCache(),
+                chunk=5,
+                workers=workers,
+                progress=shown.append,
+            )
+            found[workers] = _queued_pairs(hub)
+            assert queued == len(found[workers])
+            assert sum(shown) == len(ids) and len(shown) == -(-len(ids) // 5)
+        assert found[1] == found[2] == expected
 
 
 def test_a_check_searches_only_the_blocks_its_budget_allows(
@@ -446,19 +457,11 @@ def test_a_check_searches_only_the_blocks_its_budget_allows(
     small = _blocked_pairs(docs, budget=6)
     assert len(small) < len(_blocked_pairs(docs)) and len(small) >= 5
     monkeypatch.setattr(dedup_check, "usable_blocks", lambda sizes: usable_blocks(sizes, budget=6))
-    hub = Hub(init_hub(tmp_path / "hub"))
-    try:
-        populate(hub, docs)
-        with hub.engine.begin() as conn:
-            ids = dedup_check.all_record_ids(conn)
+    with _scan_hub(tmp_path, docs) as (hub, ids):
         dedup_scan.scan(
             hub.engine, ids, master_key=hub.secrets.master_key, cache=match_profiles.ProfileCache()
         )
-        with hub.engine.begin() as conn:
-            rows = conn.execute(sa.text("SELECT record_a, record_b, score FROM duplicates")).all()
-        assert {(a, b): round(v, 4) for a, b, v in rows} == small
-    finally:
-        hub.engine.dispose()
+        assert _queued_pairs(hub) == small
 
 
 def test_a_scan_after_the_matcher_changed_refiles_every_record_before_checking(
@@ -466,11 +469,8 @@ def test_a_scan_after_the_matcher_changed_refiles_every_record_before_checking(
 ) -> None:
     docs = _scan_docs()
     expected = _blocked_pairs(docs)
-    hub = Hub(init_hub(tmp_path / "hub"))
-    try:
-        populate(hub, docs)
+    with _scan_hub(tmp_path, docs) as (hub, ids):
         with hub.engine.begin() as conn:
-            ids = dedup_check.all_record_ids(conn)
             # An upgrade whose matcher (PROFILE_VERSION 2) files records under other
             # keys: those filed by the old one meet nothing, as if there were none.
             conn.execute(sa.text("DELETE FROM block_keys"))
@@ -511,8 +511,6 @@ def test_a_scan_after_the_matcher_changed_refiles_every_record_before_checking(
         told.clear()
         scan(lambda done, total: told.append((done, total)))
         assert not told  # refiled once, not on every scan
-    finally:
-        hub.engine.dispose()
 
 
 def test_a_scan_files_the_records_still_waiting_for_their_check_first(tmp_path: Path) -> None:
@@ -522,11 +520,8 @@ def test_a_scan_files_the_records_still_waiting_for_their_check_first(tmp_path: 
     pairs found do not depend on the chunks or on which chunk is checked first."""
     docs = _scan_docs()
     expected = _blocked_pairs(docs)
-    hub = Hub(init_hub(tmp_path / "hub"))
-    try:
-        populate(hub, docs)
+    with _scan_hub(tmp_path, docs) as (hub, ids):
         with hub.engine.begin() as conn:
-            ids = dedup_check.all_record_ids(conn)
             waiting = ids[::2]
             for rid in waiting:
                 conn.execute(sa.text("DELETE FROM block_keys WHERE record_id = :r"), {"r": rid})
@@ -540,11 +535,8 @@ def test_a_scan_files_the_records_still_waiting_for_their_check_first(tmp_path: 
             chunk=5,
         )
         with hub.engine.begin() as conn:
-            rows = conn.execute(sa.text("SELECT record_a, record_b, score FROM duplicates")).all()
             assert dedup_check.count_pending(conn) == 0
-        assert {(a, b): round(v, 4) for a, b, v in rows} == expected
-    finally:
-        hub.engine.dispose()
+        assert _queued_pairs(hub) == expected
 
 
 def test_a_new_hub_s_index_is_current(tmp_path: Path) -> None:
