@@ -134,19 +134,25 @@ def add_user(
         raise Problem(
             422, "user.sites_required", f"a {role.value} must be given at least one --site"
         )
+    exists = Problem(409, "user.exists", f"a user named {name!r} exists")
     if conn.execute(sa.select(users.c.id).where(users.c.name == name)).first():
-        raise Problem(409, "user.exists", f"a user named {name!r} exists")
-    conn.execute(
-        sa.insert(users).values(
-            name=name,
-            role=role.value,
-            sites=json.dumps(sorted(set(sites))),
-            password_hash=hash_password(password),
-            is_active=True,
-            created_at=now,
-            failed_logins=0,
+        raise exists
+    try:
+        conn.execute(
+            sa.insert(users).values(
+                name=name,
+                role=role.value,
+                sites=json.dumps(sorted(set(sites))),
+                password_hash=hash_password(password),
+                is_active=True,
+                created_at=now,
+                failed_logins=0,
+            )
         )
-    )
+    except sa.exc.IntegrityError:
+        # Added by another transaction since the check (PostgreSQL: the caller's
+        # transaction is aborted, and rolls back as the Problem leaves it).
+        raise exists from None
     user = get_user(conn, name)
     assert user is not None
     return user

@@ -18,6 +18,7 @@ from server import accounts
 from server import devices as device_store
 from server.db import write_lock
 from server.hub import Hub
+from server.problems import Problem
 from sync.changes import Version
 from tests.hubkit import (
     ADMIN_PASSWORD,
@@ -216,3 +217,39 @@ def test_two_reopens_of_one_conflict_at_once_reopen_it_once(
         reopened = http.get(path, headers=auth).json()["resolution"]["reopened"]
         assert len(reopened) == turn + 1
         assert reopened[-1]["reason"] in {f"reopen {turn}.0", f"reopen {turn}.1"}
+
+
+@pytest.mark.parametrize("backend", database_backends())
+def test_two_admins_adding_one_user_name_at_once_add_it_once(backend: str, tmp_path: Path) -> None:
+    """The second is told the user exists (on PostgreSQL both pass the check
+    before either inserts; its unique index decides), not shown a traceback."""
+    with fresh_database(backend) as url:
+        hub = Hub(init_hub(tmp_path / "hub", url))
+        try:
+            start = threading.Barrier(2)
+            outcomes: list[str] = []
+
+            def add() -> None:
+                start.wait(timeout=30)
+                try:
+                    with hub.engine.begin() as conn:
+                        accounts.add_user(
+                            conn,
+                            name="amina",
+                            role=accounts.Role.HUB_OPERATOR,
+                            sites=["border"],
+                            password=PASSWORD,
+                            now=datetime.now(UTC),
+                        )
+                    outcomes.append("added")
+                except Problem as exc:
+                    outcomes.append(exc.code)
+
+            threads = [threading.Thread(target=add, daemon=True) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+            assert sorted(outcomes) == ["added", "user.exists"]
+        finally:
+            hub.engine.dispose()
