@@ -413,6 +413,17 @@ def _scan_hub(
         hub.engine.dispose()
 
 
+def _scan(hub: Hub, ids: list[str], **options: Any) -> int:
+    """`dedup scan` of `ids` at `hub`, with a fresh profile cache."""
+    return dedup_scan.scan(
+        hub.engine,
+        ids,
+        master_key=hub.secrets.master_key,
+        cache=match_profiles.ProfileCache(),
+        **options,
+    )
+
+
 def _queued_pairs(hub: Hub) -> dict[tuple[str, str], float]:
     with hub.engine.begin() as conn:
         rows = conn.execute(sa.text("SELECT record_a, record_b, score FROM duplicates")).all()
@@ -432,15 +443,7 @@ def test_a_scan_in_two_processes_queues_the_pairs_a_serial_scan_does(
             with hub.engine.begin() as conn:
                 conn.execute(sa.text("DELETE FROM duplicates"))
             shown: list[int] = []
-            queued = dedup_scan.scan(
-                hub.engine,
-                ids,
-                master_key=hub.secrets.master_key,
-                cache=match_profiles.ProfileCache(),
-                chunk=5,
-                workers=workers,
-                progress=shown.append,
-            )
+            queued = _scan(hub, ids, chunk=5, workers=workers, progress=shown.append)
             found[workers] = _queued_pairs(hub)
             assert queued == len(found[workers])
             assert sum(shown) == len(ids) and len(shown) == -(-len(ids) // 5)
@@ -458,9 +461,7 @@ def test_a_check_searches_only_the_blocks_its_budget_allows(
     assert len(small) < len(_blocked_pairs(docs)) and len(small) >= 5
     monkeypatch.setattr(dedup_check, "usable_blocks", lambda sizes: usable_blocks(sizes, budget=6))
     with _scan_hub(tmp_path, docs) as (hub, ids):
-        dedup_scan.scan(
-            hub.engine, ids, master_key=hub.secrets.master_key, cache=match_profiles.ProfileCache()
-        )
+        _scan(hub, ids)
         assert _queued_pairs(hub) == small
 
 
@@ -477,14 +478,7 @@ def test_a_scan_after_the_matcher_changed_refiles_every_record_before_checking(
         monkeypatch.setattr(dedup_check, "PROFILE_VERSION", 2)
 
         def scan(refiling: Any = lambda done, total: None) -> None:
-            dedup_scan.scan(
-                hub.engine,
-                ids,
-                master_key=hub.secrets.master_key,
-                cache=match_profiles.ProfileCache(),
-                chunk=5,
-                refiling=refiling,
-            )
+            _scan(hub, ids, chunk=5, refiling=refiling)
 
         def queued() -> set[tuple[str, str]]:
             with hub.engine.begin() as conn:
@@ -527,13 +521,7 @@ def test_a_scan_files_the_records_still_waiting_for_their_check_first(tmp_path: 
                 conn.execute(sa.text("DELETE FROM block_keys WHERE record_id = :r"), {"r": rid})
             dedup_check.queue_records(conn, waiting, now=datetime.now(UTC))
             assert dedup_check.index_is_current(conn)
-        dedup_scan.scan(
-            hub.engine,
-            ids,
-            master_key=hub.secrets.master_key,
-            cache=match_profiles.ProfileCache(),
-            chunk=5,
-        )
+        _scan(hub, ids, chunk=5)
         with hub.engine.begin() as conn:
             assert dedup_check.count_pending(conn) == 0
         assert _queued_pairs(hub) == expected
@@ -568,11 +556,7 @@ def test_a_scan_whose_worker_dies_stops_with_a_reason_and_keeps_what_it_queued(
     tmp_path: Path,
 ) -> None:
     docs = _scan_docs()
-    hub = Hub(init_hub(tmp_path / "hub"))
-    try:
-        populate(hub, docs)
-        with hub.engine.begin() as conn:
-            ids = dedup_check.all_record_ids(conn)
+    with _scan_hub(tmp_path, docs) as (hub, ids):
         killed: list[int] = []
 
         def kill_a_worker(_checked: int) -> None:
@@ -585,32 +569,14 @@ def test_a_scan_whose_worker_dies_stops_with_a_reason_and_keeps_what_it_queued(
 
         started = time.monotonic()
         with pytest.raises(dedup_scan.ScanStopped, match="died"):
-            dedup_scan.scan(
-                hub.engine,
-                ids,
-                master_key=hub.secrets.master_key,
-                cache=match_profiles.ProfileCache(),
-                chunk=5,
-                workers=2,
-                progress=kill_a_worker,
-            )
+            _scan(hub, ids, chunk=5, workers=2, progress=kill_a_worker)
         assert killed and time.monotonic() - started < 120  # it stops; it does not hang
         # The hub is usable and a scan run again finds every pair, once.
-        assert (
-            dedup_scan.scan(
-                hub.engine,
-                ids,
-                master_key=hub.secrets.master_key,
-                cache=match_profiles.ProfileCache(),
-            )
-            >= 0
-        )
+        assert _scan(hub, ids) >= 0
         with hub.engine.begin() as conn:
             rows = conn.execute(sa.text("SELECT record_a, record_b FROM duplicates")).all()
         assert {(a, b) for a, b in rows} == set(_blocked_pairs(docs))
         assert len(rows) == len({(a, b) for a, b in rows})
-    finally:
-        hub.engine.dispose()
 
 
 @pytest.mark.parametrize("backend", database_backends())
