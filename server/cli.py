@@ -201,14 +201,13 @@ def device_revoke(
     now = datetime.now(UTC)
     try:
         with hub.engine.begin() as conn:
-            before = device_store.get_device(conn, device_id)
-            device = device_store.revoke_device(conn, device_id, reason=reason, now=now)
-            if before is not None and not before.is_revoked:
+            device, revoked = device_store.revoke_device(conn, device_id, reason=reason, now=now)
+            if revoked:
                 audit_cli(hub, conn, "device.revoke", f"device:{device.id}", actor="cli:admin")
     except Problem as exc:
         fail(exc.detail)
-    if before is not None and before.is_revoked:
-        when = f"{before.revoked_at:%Y-%m-%d %H:%M} UTC" if before.revoked_at else "earlier"
+    if not revoked:
+        when = f"{device.revoked_at:%Y-%m-%d %H:%M} UTC" if device.revoked_at else "earlier"
         out.print(
             f"device {device.id} was already revoked on {when} ({device.revoked_reason});"
             " that reason is kept, nothing changed",

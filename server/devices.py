@@ -173,8 +173,12 @@ def touch(conn: sa.Connection, device_id: str, *, now: datetime) -> None:
     conn.execute(sa.update(devices).where(devices.c.id == device_id).values(last_contact_at=now))
 
 
-def revoke_device(conn: sa.Connection, device_id: str, *, reason: str, now: datetime) -> DeviceInfo:
+def revoke_device(
+    conn: sa.Connection, device_id: str, *, reason: str, now: datetime
+) -> tuple[DeviceInfo, bool]:
     """Mark a device revoked; its later requests fail with `device.revoked`.
+    Returns the device and whether this call revoked it (False: it already
+    was, and its first revocation is kept as it was).
 
     The reason is shown in `device list` and kept for auditors: 1 to
     `MAX_REVOKE_REASON` characters of plain text (Problem 422 otherwise).
@@ -189,19 +193,20 @@ def revoke_device(conn: sa.Connection, device_id: str, *, reason: str, now: date
             f"give a reason of 1 to {MAX_REVOKE_REASON} characters on one line, without"
             " control characters",
         )
-    write_lock(conn)
+    write_lock(conn)  # read under it: of two revocations at once, one revokes
     device = get_device(conn, device_id)
     if device is None:
         raise Problem(404, "device.unknown", f"no device {device_id!r}")
-    if not device.is_revoked:
-        conn.execute(
-            sa.update(devices)
-            .where(devices.c.id == device_id)
-            .values(revoked_at=now, revoked_reason=reason)
-        )
+    if device.is_revoked:
+        return device, False
+    conn.execute(
+        sa.update(devices)
+        .where(devices.c.id == device_id)
+        .values(revoked_at=now, revoked_reason=reason)
+    )
     revoked = get_device(conn, device_id)
     assert revoked is not None
-    return revoked
+    return revoked, True
 
 
 def quarantine_envelope(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -171,6 +174,34 @@ def test_a_push_waiting_while_its_device_is_revoked_is_refused(
         assert device_store.last_hub_seq(conn) == 0
         kept = conn.execute(sa.text("SELECT reason FROM quarantine")).scalars().all()
     assert kept == ["device.revoked"]
+
+
+def test_two_revocations_of_one_device_at_once_are_audited_once(
+    pg_env: tuple[httpx.Client, Hub],
+) -> None:
+    http, hub = pg_env
+    dev = HandDevice.enrol(http, hub, "border")
+    env = {
+        **os.environ,
+        "FIELDREG_HUB_DATA_DIR": str(hub.settings.data_dir),
+        "FIELDREG_HUB_DATABASE_URL": hub.settings.resolved_database_url(),
+    }
+    command = [sys.executable, "-m", "server", "device", "revoke", dev.id, "--reason", "lost"]
+    # Both commands wait for the write lock held here, then run one after the other.
+    with hub.engine.begin() as conn:
+        write_lock(conn)
+        runs = [
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
+        ]
+        _waiting_for_a_lock(hub, 2)
+    said = [run.communicate(timeout=120)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0]
+    assert sorted("already revoked" in out for out in said) == [False, True], said
+    with hub.engine.connect() as conn:
+        audited = conn.execute(
+            sa.text("SELECT target FROM audit_log WHERE action = 'device.revoke'")
+        ).scalars()
+        assert list(audited) == [f"device:{dev.id}"]
 
 
 def test_two_reopens_of_one_conflict_at_once_reopen_it_once(
