@@ -20,14 +20,17 @@ from server.problems import Problem
 
 __all__ = [
     "MAX_FAILED_LOGINS",
+    "PasswordCheck",
     "Role",
     "UserInfo",
     "add_user",
     "authenticate",
+    "check_password",
     "get_user",
     "list_users",
     "login",
     "logout",
+    "password_hash",
     "set_active",
     "set_password",
     "site_code_error",
@@ -209,23 +212,59 @@ class LoginOutcome:
     locked_until: datetime | None
 
 
-def authenticate(conn: sa.Connection, name: str, password: str, *, now: datetime) -> LoginOutcome:
-    """Check a password, counting failures and locking after `MAX_FAILED_LOGINS`.
+@dataclass(frozen=True)
+class PasswordCheck:
+    """A password checked against the hash a user had (None: no such user)."""
 
-    An unknown name costs the same Argon2id work as a known one, so timing does
-    not tell which names exist. Locks the user's row until the caller commits
-    (on SQLite `BEGIN IMMEDIATE` already did): on PostgreSQL attempts at once
-    would otherwise each count from the same number, and lock the account late.
+    password_hash: str | None
+    matches: bool
+
+
+def password_hash(conn: sa.Connection, name: str) -> str | None:
+    """The user's stored password hash (None: no such user), for `check_password`."""
+    stmt = sa.select(users.c.password_hash).where(users.c.name == name)
+    hashed: str | None = conn.execute(stmt).scalar_one_or_none()
+    return hashed
+
+
+def check_password(password: str, stored: str | None) -> PasswordCheck:
+    """Run Argon2id on `password` against `stored` (from `password_hash`).
+
+    Call it holding no transaction and no connection: the derivation takes a
+    large fraction of a second, on SQLite any open transaction holds the write
+    lock (`BEGIN IMMEDIATE`) and would stall every push for that long, and
+    logins waiting their turn for Argon2 (`server.passwords`) would each hold
+    a pooled connection. An unknown name (`stored` None) costs the same work
+    as a known one, so timing does not tell which names exist.
+    """
+    return PasswordCheck(stored, verify_password(password, stored or _dummy_hash()))
+
+
+def authenticate(
+    conn: sa.Connection, name: str, password: str, checked: PasswordCheck, *, now: datetime
+) -> LoginOutcome:
+    """Settle a login `check_password` checked, counting failures and locking
+    after `MAX_FAILED_LOGINS`.
+
+    Locks the user's row until the caller commits (on SQLite `BEGIN
+    IMMEDIATE` already did): attempts at once each count from the number the
+    one before left, so the account locks on time. A lock set while the
+    password was being checked wins; a password changed meanwhile is checked
+    again (under the lock: rare).
     """
     stmt = sa.select(users).where(users.c.name == name).with_for_update()
     row = conn.execute(stmt).first()
     if row is None:
-        verify_password(password, _dummy_hash())
         return LoginOutcome(None, 0, None)
     user = _info(row)
     if user.locked_until and user.locked_until > now:
         return LoginOutcome(None, row.failed_logins, user.locked_until)
-    if verify_password(password, row.password_hash) and user.is_active:
+    matches = (
+        checked.matches
+        if checked.password_hash == row.password_hash
+        else verify_password(password, row.password_hash)
+    )
+    if matches and user.is_active:
         conn.execute(
             sa.update(users).where(users.c.id == user.id).values(failed_logins=0, locked_until=None)
         )

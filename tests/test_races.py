@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from server import accounts
 from server import devices as device_store
-from server.db import write_lock
+from server.db import make_engine, write_lock
 from server.hub import Hub
 from server.problems import Problem
 from sync.changes import Version
@@ -202,6 +202,43 @@ def test_two_revocations_of_one_device_at_once_are_audited_once(
             sa.text("SELECT target FROM audit_log WHERE action = 'device.revoke'")
         ).scalars()
         assert list(audited) == [f"device:{dev.id}"]
+
+
+def test_a_login_holds_no_lock_while_it_checks_the_password(
+    env: tuple[httpx.Client, Hub], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    http, hub = env
+    inside, go_on = threading.Event(), threading.Event()
+    real = accounts.verify_password
+
+    def held_in_argon2(password: str, stored: str) -> bool:
+        inside.set()
+        assert go_on.wait(60)
+        return real(password, stored)
+
+    monkeypatch.setattr(accounts, "verify_password", held_in_argon2)
+    answers: list[httpx.Response] = []
+    form = {"username": "op", "password": PASSWORD}
+    login = threading.Thread(
+        target=lambda: answers.append(http.post("/api/v1/auth/token", data=form))
+    )
+    login.start()
+    try:
+        assert inside.wait(60)
+        # While the password is checked, a writer gets the locks a login takes
+        # (on SQLite the database's, on PostgreSQL the user's row) at once.
+        impatient = make_engine(hub.settings.resolved_database_url(), busy_timeout_s=2)
+        try:
+            with impatient.begin() as conn:
+                write_lock(conn)
+                conn.execute(sa.text("UPDATE users SET failed_logins = 0 WHERE name = 'op'"))
+        finally:
+            impatient.dispose()
+    finally:
+        go_on.set()
+        login.join(timeout=60)
+    [answer] = answers
+    assert answer.status_code == 200, answer.text
 
 
 def test_two_reopens_of_one_conflict_at_once_reopen_it_once(

@@ -43,9 +43,12 @@ def token(
     """
     if accounts.user_name_error(form.username):
         raise Problem(422, "request.invalid", "username: not a user name")
+    with hub.engine.begin() as conn:
+        stored = accounts.password_hash(conn, form.username)
+    checked = accounts.check_password(form.password, stored)  # slow: no lock or connection held
     now = datetime.now(UTC)
     with hub.engine.begin() as conn:
-        outcome = accounts.authenticate(conn, form.username, form.password, now=now)
+        outcome = accounts.authenticate(conn, form.username, form.password, checked, now=now)
         if outcome.user is not None:
             issued, lifetime = accounts.login(conn, outcome.user, now=now)
         hub.audit(
