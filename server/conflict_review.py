@@ -176,7 +176,7 @@ def resolve(
     before = cipher.open(row.resolution, "resolution") if row.resolution else {}
     kept: dict[str, Any] = {"reopened": before["reopened"]} if "reopened" in before else {}
     if "choice" in before:
-        earlier = {k: before[k] for k in ("choice", "value", "reason")}
+        earlier = {k: before[k] for k in ("choice", "value", "reason", "by", "at") if k in before}
         kept["earlier"] = [*before.get("earlier", []), earlier]
     if choice in ("current", "incoming"):
         value = payload[choice]["v"]
@@ -238,6 +238,9 @@ def reopen(
         *earlier.get("reopened", []),
         {"by": actor, "reason": reason, "at": now.isoformat()},
     ]
+    # Who resolved it and when leave the row's columns: they stay with the resolution.
+    decided = as_utc(row.resolved_at)
+    earlier |= {"by": row.resolved_by, "at": decided.isoformat() if decided else None}
     conn.execute(
         sa.update(conflicts)
         .where(conflicts.c.id == conflict_id)

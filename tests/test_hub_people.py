@@ -202,12 +202,18 @@ def test_conflict_side_by_side_resolve_propagates_and_reopen(world: World) -> No
     assert again.status_code == 409
     view = world.get(f"/api/v1/records/{world.rec_a.record_id}", "aud").json()
     assert view["fields"]["situation.needs"] == ["food", "shelter"]
+    settled = world.get(f"/api/v1/conflicts/{listed['id']}", "aud").json()["conflict"]
     reopened = world.post(
         f"/api/v1/conflicts/{listed['id']}/reopen", "aud", json={"reason": "the person called back"}
     )
     assert reopened.status_code == 200 and reopened.json()["status"] == "open"
     history = world.get(f"/api/v1/conflicts/{listed['id']}", "aud").json()
     assert history["resolution"]["reopened"][0]["reason"] == "the person called back"
+    # Reopening empties the conflict's resolver columns: who decided, and when, stay here.
+    decided = history["resolution"]
+    assert decided["by"] == settled["resolved_by"] == "user:aud"
+    at = datetime.fromisoformat(decided["at"])
+    assert at == datetime.fromisoformat(settled["resolved_at"]) and at.tzinfo is not None
     anew = world.post(
         f"/api/v1/conflicts/{listed['id']}/resolve",
         "aud",
@@ -219,7 +225,13 @@ def test_conflict_side_by_side_resolve_propagates_and_reopen(world: World) -> No
     assert kept["reason"] == "shelter found since" and kept["value"] == ["food"]
     assert [r["reason"] for r in kept["reopened"]] == ["the person called back"]
     assert kept["earlier"] == [
-        {"choice": "value", "value": ["food", "shelter"], "reason": "both, said the person"}
+        {
+            "choice": "value",
+            "value": ["food", "shelter"],
+            "reason": "both, said the person",
+            "by": "user:aud",
+            "at": decided["at"],
+        }
     ]
 
 
