@@ -47,6 +47,7 @@ __all__ = [
     "gather",
     "index_is_current",
     "index_records",
+    "key_counts",
     "mark_index_current",
     "pending_ids",
     "queue_pairs",
@@ -199,6 +200,13 @@ def _block_sizes(conn: sa.Connection, hashes: Iterable[str]) -> dict[str, int]:
         )
         sizes.update((h, int(n)) for h, n in conn.execute(stmt))
     return sizes
+
+
+def key_counts(conn: sa.Connection, keys: Iterable[str], *, index: BlockIndex) -> dict[str, int]:
+    """How many records are filed under each of `keys` (clear match keys; a key
+    no record is filed under is left out), as a check weighs names by them."""
+    blinded = {index.blind(k): k for k in keys}
+    return {blinded[h]: n for h, n in _block_sizes(conn, blinded).items()}
 
 
 def _block_members(conn: sa.Connection, hashes: Iterable[str]) -> dict[str, list[str]]:

@@ -61,7 +61,9 @@ def dedup_list(
     with hub.engine.begin() as conn:
         pairs = duplicates.list_pairs(conn, sites=None, status=status, limit=1000, offset=0)
         views = [
-            duplicates.get_pair(conn, p.id, sites=None, master_key=hub.secrets.master_key)
+            duplicates.get_pair(
+                conn, p.id, sites=None, master_key=hub.secrets.master_key, index=hub.block_index
+            )
             for p in pairs
         ]
         names = admin.names_of(

@@ -16,11 +16,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from schemas.fields import KNOWN_PATHS, unflatten
-from schemas.matching import REVIEW_THRESHOLD, Match, profile, score
+from schemas.matching import REVIEW_THRESHOLD, Match, Profile, profile, score
 from server.db import write_lock
-from server.hub_edits import hub_edit
+from server.dedup_check import BlockIndex, key_counts
+from server.hub_edits import HUB_DEVICE, hub_edit
 from server.match_profiles import MERGED_INTO
-from server.models import DuplicatePair, as_utc
+from server.models import ChangeRow, DuplicatePair, RecordRow, as_utc
 from server.problems import Problem
 from server.records import HubRecord, load_records, save_records
 from sync.hlc import Clock
@@ -35,6 +36,11 @@ __all__ = [
 ]
 
 pairs = DuplicatePair.__table__  # type: ignore[attr-defined]
+changes = ChangeRow.__table__  # type: ignore[attr-defined]
+records = RecordRow.__table__  # type: ignore[attr-defined]
+# A pair is seen, and decided, by the sites its two records are at now (a
+# record may move to another site after the pair was queued).
+_rec_a, _rec_b = records.alias("rec_a"), records.alias("rec_b")
 
 
 def _doc(rec: HubRecord) -> dict[str, Any]:
@@ -55,9 +61,10 @@ class PairView:
     decided_by: str | None
     survivor: str | None
     explanation: tuple[dict[str, Any], ...] = ()
+    kept: tuple[str, ...] = ()  # fields an unmerge left as they are (changed since the merge)
 
 
-def _view(row: Any, match: Match | None = None) -> PairView:
+def _view(row: Any, match: Match | None = None, kept: tuple[str, ...] = ()) -> PairView:
     explanation = tuple(
         {"field": f.field, "outcome": f.outcome, "weight": round(f.weight, 2), "detail": f.detail}
         for f in (match.explanation if match else ())
@@ -66,8 +73,8 @@ def _view(row: Any, match: Match | None = None) -> PairView:
         row.id,
         row.record_a,
         row.record_b,
-        row.site_a,
-        row.site_b,
+        row.site_now_a,
+        row.site_now_b,
         row.score,
         row.status,
         as_utc(row.created_at) or datetime.now(UTC),
@@ -75,13 +82,22 @@ def _view(row: Any, match: Match | None = None) -> PairView:
         row.decided_by,
         row.survivor,
         explanation,
+        kept,
+    )
+
+
+def _select() -> sa.Select[Any]:
+    return (
+        sa.select(pairs, _rec_a.c.site.label("site_now_a"), _rec_b.c.site.label("site_now_b"))
+        .join(_rec_a, _rec_a.c.id == pairs.c.record_a)
+        .join(_rec_b, _rec_b.c.id == pairs.c.record_b)
     )
 
 
 def _visible(sites: frozenset[str] | None) -> Any:
     if sites is None:
         return sa.true()
-    return sa.and_(pairs.c.site_a.in_(sorted(sites)), pairs.c.site_b.in_(sorted(sites)))
+    return sa.and_(_rec_a.c.site.in_(sorted(sites)), _rec_b.c.site.in_(sorted(sites)))
 
 
 def list_pairs(
@@ -93,40 +109,63 @@ def list_pairs(
     offset: int,
 ) -> list[PairView]:
     """Pairs both of whose records are within the caller's sites, best score first."""
-    stmt = sa.select(pairs).where(_visible(sites)).order_by(pairs.c.score.desc(), pairs.c.id)
+    stmt = _select().where(_visible(sites)).order_by(pairs.c.score.desc(), pairs.c.id)
     if status:
         stmt = stmt.where(pairs.c.status == status)
     return [_view(r) for r in conn.execute(stmt.limit(limit).offset(offset))]
 
 
 def _load(conn: sa.Connection, pair_id: int, sites: frozenset[str] | None) -> Any:
-    row = conn.execute(sa.select(pairs).where(pairs.c.id == pair_id, _visible(sites))).first()
+    row = conn.execute(_select().where(pairs.c.id == pair_id, _visible(sites))).first()
     if row is None:
         raise Problem(404, "duplicate.not_found", f"no duplicate pair {pair_id}")
     return row
 
 
+def _profiles(
+    conn: sa.Connection, recs: dict[str, HubRecord], index: BlockIndex
+) -> tuple[dict[str, Profile], dict[str, int]]:
+    """The records' match profiles, and how many records carry each of their
+    keys: names weigh by it, as when the hub's check scored and queued a pair."""
+    profiles = {rid: profile(_doc(rec)) for rid, rec in recs.items()}
+    keys = {k for p in profiles.values() for k in p.keys}
+    return profiles, key_counts(conn, keys, index=index)
+
+
 def get_pair(
-    conn: sa.Connection, pair_id: int, *, sites: frozenset[str] | None, master_key: bytes
+    conn: sa.Connection,
+    pair_id: int,
+    *,
+    sites: frozenset[str] | None,
+    master_key: bytes,
+    index: BlockIndex,
 ) -> PairView:
     """One pair with its explanation, recomputed from both records as they are now."""
     row = _load(conn, pair_id, sites)
     recs = load_records(conn, [row.record_a, row.record_b], master_key)
-    match = score(_doc(recs[row.record_a]), _doc(recs[row.record_b]))
-    return _view(row, match)
+    profiles, counts = _profiles(conn, recs, index)
+    return _view(row, score(profiles[row.record_a], profiles[row.record_b], key_counts=counts))
 
 
 def _group(conn: sa.Connection, record_id: str) -> set[str]:
-    """A record and the registrations merged into it."""
-    rows = conn.execute(
-        sa.select(pairs.c.record_a, pairs.c.record_b).where(
-            pairs.c.status == "merged", pairs.c.survivor == record_id
+    """A record and every registration merged into it, directly or through
+    another (O merged into V, then V into X: X's group holds V and O)."""
+    group, frontier = {record_id}, [record_id]
+    while frontier:
+        rows = conn.execute(
+            sa.select(pairs.c.record_a, pairs.c.record_b, pairs.c.survivor).where(
+                pairs.c.status == "merged", pairs.c.survivor.in_(frontier)
+            )
         )
-    )
-    return {record_id} | {a if b == record_id else b for a, b in rows}
+        found = {a if b == survivor else b for a, b, survivor in rows} - group
+        group |= found
+        frontier = sorted(found)
+    return group
 
 
-def _check_groups(conn: sa.Connection, survivor: str, other: str, master_key: bytes) -> None:
+def _check_groups(
+    conn: sa.Connection, survivor: str, other: str, master_key: bytes, index: BlockIndex
+) -> None:
     """Refuse a merge that would chain strangers together (`schemas.clustering`):
     every registration already merged into either side must not look like a
     different person from every one on the other side. The pair being decided
@@ -134,13 +173,12 @@ def _check_groups(conn: sa.Connection, survivor: str, other: str, master_key: by
     mine, theirs = _group(conn, survivor), _group(conn, other)
     if len(mine) == len(theirs) == 1:
         return
-    recs = load_records(conn, mine | theirs, master_key)
-    profiles = {rid: profile(_doc(rec)) for rid, rec in recs.items()}
+    profiles, counts = _profiles(conn, load_records(conn, mine | theirs, master_key), index)
     for x in sorted(mine):
         for y in sorted(theirs):
             if {x, y} == {survivor, other} or x not in profiles or y not in profiles:
                 continue
-            value = score(profiles[x], profiles[y]).score
+            value = score(profiles[x], profiles[y], key_counts=counts).score
             if value < REVIEW_THRESHOLD:
                 raise Problem(
                     409,
@@ -197,6 +235,7 @@ def merge(
     actor: str,
     clock: Clock,
     master_key: bytes,
+    index: BlockIndex,
     now: datetime,
 ) -> PairView:
     """Link the pair under `survivor`; copy the other's value of each field in
@@ -222,7 +261,7 @@ def merge(
             "duplicate.already_merged",
             f"{other_id} is merged into {other.value(MERGED_INTO)} already",
         )
-    _check_groups(conn, survivor, other_id, master_key)
+    _check_groups(conn, survivor, other_id, master_key, index)
     _check_takeable(take_from_other, keep, other)
     values = {f: other.value(f) for f in take_from_other if other.value(f) != keep.value(f)}
     restore = {f: keep.value(f) for f in values}
@@ -242,6 +281,65 @@ def merge(
     return _view(_load(conn, pair_id, sites))
 
 
+def _writer(conn: sa.Connection, rec: HubRecord, path: str) -> str | None:
+    """The label of the hub edit that wrote `rec`'s current value of `path`
+    (`merge-7`, `unmerge-7`, `conflict-3`), or None when a device wrote it."""
+    state = rec.fields.get(path)
+    if state is None or state.get("d") != HUB_DEVICE:
+        return None
+    label: str | None = conn.execute(
+        sa.select(changes.c.batch_id).where(
+            changes.c.record_id == rec.id,
+            changes.c.device_id == HUB_DEVICE,
+            changes.c.stamp == state["s"],
+        )
+    ).scalar()
+    return label
+
+
+def _written(conn: sa.Connection, rec: HubRecord, label: str) -> dict[str, Any]:
+    """The values the hub edit `label` wrote on `rec` (from the change log)."""
+    sealed = conn.execute(
+        sa.select(changes.c.sealed).where(
+            changes.c.record_id == rec.id,
+            changes.c.device_id == HUB_DEVICE,
+            changes.c.batch_id == label,
+        )
+    ).scalar()
+    return dict(rec.cipher.open(sealed, "change")["f"]) if sealed else {}
+
+
+def _restorable(
+    conn: sa.Connection, keep: HubRecord, pair_id: int, restore: dict[str, Any]
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Which of the values a merge replaced go back: those of fields still
+    holding what the merge wrote. A field changed since keeps its newer value
+    (a device's correction, a resolution), named in the second part; one a
+    later merge into the same record took again refuses the unmerge until that
+    merge is undone (its own undo puts back what this merge wrote)."""
+    wrote = _written(conn, keep, f"merge-{pair_id}") if restore else {}
+    back: dict[str, Any] = {}
+    kept: list[str] = []
+    for path, value in restore.items():
+        if path in wrote and keep.value(path) == wrote[path]:
+            back[path] = value
+            continue
+        writer = _writer(conn, keep, path) or ""
+        later = writer.removeprefix("merge-")
+        if writer.startswith("merge-") and later.isdigit():
+            status = conn.execute(sa.select(pairs.c.status).where(pairs.c.id == int(later)))
+            if status.scalar() == "merged":
+                raise Problem(
+                    409,
+                    "duplicate.unmerge_order",
+                    f"pair {later} was merged into {keep.id} after this one and took {path}"
+                    f" again: unmerge pair {later} first",
+                    pair=int(later),
+                )
+        kept.append(path)
+    return back, tuple(sorted(kept))
+
+
 def unmerge(
     conn: sa.Connection,
     pair_id: int,
@@ -252,8 +350,10 @@ def unmerge(
     master_key: bytes,
     now: datetime,
 ) -> PairView:
-    """Undo a merge: the survivor gets back the values it had, the other is its own again.
-    The pair stays known (status `unmerged`) so it is not queued again."""
+    """Undo a merge: the other is its own again, and the survivor gets back the
+    values the merge replaced, where nobody changed them since (`kept` names
+    those left as they are). The pair stays known (status `unmerged`) so it is
+    not queued again."""
     write_lock(conn)
     row = _load(conn, pair_id, sites)
     if row.status != "merged" or row.survivor is None:
@@ -262,9 +362,10 @@ def unmerge(
     recs = load_records(conn, [row.survivor, other_id], master_key)
     keep, other = recs[row.survivor], recs[other_id]
     decision = keep.cipher.open(row.decision, "merge")
+    back, kept = _restorable(conn, keep, pair_id, decision["restore"])
     label = f"unmerge-{pair_id}"
-    if decision["restore"]:
-        hub_edit(conn, keep, decision["restore"], actor=actor, label=label, clock=clock, now=now)
+    if back:
+        hub_edit(conn, keep, back, actor=actor, label=label, clock=clock, now=now)
     hub_edit(conn, other, {MERGED_INTO: None}, actor=actor, label=label, clock=clock, now=now)
     save_records(conn, [keep, other], now=now)
     conn.execute(
@@ -272,4 +373,4 @@ def unmerge(
         .where(pairs.c.id == pair_id)
         .values(status="unmerged", decided_at=now, decided_by=actor)
     )
-    return _view(_load(conn, pair_id, sites))
+    return _view(_load(conn, pair_id, sites), kept=kept)

@@ -112,8 +112,11 @@ class HandDevice:
     clock: Clock = field(default_factory=Clock)
 
     @classmethod
-    def enrol(cls, http: httpx.Client, hub: Hub, site: str) -> HandDevice:
-        code = hub.create_enrol_code([site], timedelta(hours=1), request_id="test-enrol")
+    def enrol(
+        cls, http: httpx.Client, hub: Hub, site: str, *, also: tuple[str, ...] = ()
+    ) -> HandDevice:
+        """Enrolled at `site` (where it registers), serving the sites `also` too."""
+        code = hub.create_enrol_code([site, *also], timedelta(hours=1), request_id="test-enrol")
         keys = KeyPairs.generate()
         device_id = str(uuid.uuid4())
         answer = http.post(

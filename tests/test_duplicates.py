@@ -39,6 +39,8 @@ from server.accounts import Role
 from server.dedup_worker import DuplicateChecker
 from server.hub import Hub
 from server.sealing import RecordCipher
+from sync.changes import Version
+from sync.hlc import Stamp
 from sync.protocol import Edit
 from sync.transport import HubClient
 from tests.conftest import PASSPHRASE
@@ -277,6 +279,139 @@ def test_a_merge_that_would_make_strangers_one_person_is_refused(
         f"/api/v1/duplicates/{with_younger}/merge", headers=auth, json={"survivor": vague.record_id}
     )
     assert again.status_code == 200, again.text
+
+
+def _queued(http: httpx.Client, auth: dict[str, str]) -> dict[frozenset[str], int]:
+    return {
+        frozenset((p["record_a"], p["record_b"])): p["id"]
+        for p in http.get("/api/v1/duplicates", headers=auth).json()
+    }
+
+
+def _merge(http: httpx.Client, auth: dict[str, str], pair: int, survivor: Edit, **kw: Any) -> Any:
+    return http.post(
+        f"/api/v1/duplicates/{pair}/merge",
+        headers=auth,
+        json={"survivor": survivor.record_id, **kw},
+    )
+
+
+def test_a_chain_of_merges_is_checked_as_one_person(env: tuple[httpx.Client, Hub, str]) -> None:
+    http, hub, _ = env
+    border = HandDevice.enrol(http, hub, "border")
+    names = {"given": "Tesfaye", "family": "Gebremedhin"}
+    vague, vaguer = (
+        registration(border, names, "1975", None),
+        registration(border, names, "1975", None),
+    )
+    older = registration(border, names, "1975-02-03", "Z7654321")
+    other = registration(border, names, "1975-11-20", "A1234567")
+    border.open_answer(border.push(border.envelope([vague, vaguer, older, other])))
+    auth = login(http)
+    queued = _queued(http, auth)
+    assert frozenset((older.record_id, other.record_id)) not in queued  # two people
+    # `older` into `vague`, then `vague` into `vaguer`: all three are one person,
+    # and `older` is weighed by the name counts the queue used (it scored them).
+    into_vague = queued[frozenset((vague.record_id, older.record_id))]
+    assert _merge(http, auth, into_vague, vague).status_code == 200
+    up = _merge(http, auth, queued[frozenset((vague.record_id, vaguer.record_id))], vaguer)
+    assert up.status_code == 200, up.text
+    # `other` would join `older` two merges down: refused, as if they met directly.
+    chained = _merge(http, auth, queued[frozenset((vaguer.record_id, other.record_id))], vaguer)
+    assert chained.status_code == 409 and chained.json()["code"] == "duplicate.strangers"
+    assert set(chained.json()["records"]) == {older.record_id, other.record_id}
+
+
+def test_a_merge_weighs_names_as_the_queue_did(env: tuple[httpx.Client, Hub, str]) -> None:
+    http, hub, _ = env
+    border = HandDevice.enrol(http, hub, "border")
+    names = {"given": "Tesfaye", "family": "Gebremedhin"}
+    bare, barer = registration(border, names, None, None), registration(border, names, None, None)
+    full = registration(border, names, "1961-07-02", "Z7654321")
+    border.open_answer(border.push(border.envelope([bare, barer, full])))
+    auth = login(http)
+    queued = _queued(http, auth)
+    # Three records carry the name: the queue weighed it by that, and so do
+    # the pair's explanation and the strangers check of a merge.
+    barer_full = queued[frozenset((barer.record_id, full.record_id))]
+    shown = http.get(f"/api/v1/duplicates/{barer_full}", headers=auth).json()
+    [names_weight] = [e for e in shown["explanation"] if e["field"] == "names"]
+    assert "carried by 3 records" in names_weight["detail"]
+    assert _merge(http, auth, queued[frozenset((bare.record_id, full.record_id))], bare).is_success
+    joined = _merge(http, auth, queued[frozenset((bare.record_id, barer.record_id))], barer)
+    assert joined.status_code == 200, joined.text
+
+
+def test_a_pair_is_seen_and_decided_by_the_sites_its_records_are_at_now(
+    env: tuple[httpx.Client, Hub, str],
+) -> None:
+    http, hub, _ = env
+    both = HandDevice.enrol(http, hub, "camp", also=("border",))
+    names = {"given": "Mohamed", "family": "Abdel Rahman"}
+    a, b = (registration(both, names, "1988-03-14", "A1234567") for _ in range(2))
+    both.open_answer(both.push(both.envelope([a, b])))
+    camp = login(http, "op-camp")
+    [pair] = http.get("/api/v1/duplicates", headers=camp).json()
+    moved = {**dict(a.fields)["registration"], "site": "border"}
+    both.open_answer(both.push(both.envelope([both.edit(a.record_id, {"registration": moved})])))
+    # One record is at the border now: out of the camp operator's reach.
+    assert http.get("/api/v1/duplicates", headers=camp).json() == []
+    assert http.get(f"/api/v1/duplicates/{pair['id']}", headers=camp).status_code == 404
+    refused = _merge(http, camp, pair["id"], b)
+    assert refused.status_code == 404 and refused.json()["code"] == "duplicate.not_found"
+    [seen] = http.get("/api/v1/duplicates", headers=login(http)).json()
+    assert {seen["site_a"], seen["site_b"]} == {"border", "camp"}
+
+
+def test_an_unmerge_gives_back_only_what_nobody_changed_since(
+    env: tuple[httpx.Client, Hub, str],
+) -> None:
+    http, hub, _ = env
+    border = HandDevice.enrol(http, hub, "border")
+    family = {"family": "Abdel Rahman"}
+    a, b, c = (
+        registration(border, {"given": given, **family}, "1988-03-14", "A1234567")
+        for given in ("Mohamed", "Muhammad", "Mohammed")
+    )
+    border.open_answer(border.push(border.envelope([a, b, c])))
+    auth = login(http)
+    queued = _queued(http, auth)
+    with_b, with_c = (queued[frozenset((a.record_id, x.record_id))] for x in (b, c))
+
+    def given() -> str:
+        view = http.get(f"/api/v1/records/{a.record_id}", headers=auth).json()
+        return str(view["fields"]["names.given"])
+
+    for pair in (with_b, with_c):
+        assert _merge(http, auth, pair, a, take_from_other=["names.given"]).status_code == 200
+    assert given() == "Mohammed"
+    # The later merge took the name again: it is undone first, or the first
+    # undo would give back a name the later one still relies on.
+    early = http.post(f"/api/v1/duplicates/{with_b}/unmerge", headers=auth)
+    assert early.status_code == 409 and early.json()["code"] == "duplicate.unmerge_order"
+    assert early.json()["pair"] == with_c and given() == "Mohammed"
+    assert http.post(f"/api/v1/duplicates/{with_c}/unmerge", headers=auth).status_code == 200
+    assert given() == "Muhammad"
+    undone = http.post(f"/api/v1/duplicates/{with_b}/unmerge", headers=auth)
+    assert undone.status_code == 200 and undone.json()["kept"] == []
+    assert given() == "Mohamed"
+
+    # A device corrects the merged name afterwards: the unmerge keeps the correction.
+    d = registration(border, {"given": "Mohamad", **family}, "1988-03-14", "A1234567")
+    border.open_answer(border.push(border.envelope([d])))
+    with_d = _queued(http, auth)[frozenset((a.record_id, d.record_id))]
+    assert _merge(http, auth, with_d, a, take_from_other=["names.given"]).status_code == 200
+    view = http.get(f"/api/v1/records/{a.record_id}", headers=auth).json()
+    [merged] = [h for h in view["history"] if h["field"] == "names.given" and h["is_current"]]
+    seen = Version(Stamp.decode(merged["stamp"]), merged["device_id"])
+    border.clock.observe(seen.stamp)
+    fix = border.edit(a.record_id, {"names.given": "Mohammad"}, {"names.given": seen})
+    assert border.open_answer(border.push(border.envelope([fix])))["conflicts"] == []
+    kept = http.post(f"/api/v1/duplicates/{with_d}/unmerge", headers=auth)
+    assert kept.status_code == 200 and kept.json()["kept"] == ["names.given"]
+    assert given() == "Mohammad"
+    d_view = http.get(f"/api/v1/records/{d.record_id}", headers=auth).json()
+    assert d_view["fields"].get("merged_into") is None
 
 
 def test_the_hub_checks_pushed_records_by_itself_after_the_push_answered(

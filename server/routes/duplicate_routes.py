@@ -37,6 +37,11 @@ class PairPublic(BaseModel):
     decided_by: str | None
     survivor: str | None
     explanation: list[dict[str, Any]]
+    kept: list[str] = Field(
+        default_factory=list,
+        description="after an unmerge: fields of the survivor changed since the merge,"
+        " left as they are",
+    )
 
 
 class MergeIn(BaseModel):
@@ -49,7 +54,9 @@ class MergeIn(BaseModel):
 
 
 def _public(view: duplicates.PairView) -> PairPublic:
-    return PairPublic.model_validate({**view.__dict__, "explanation": list(view.explanation)})
+    return PairPublic.model_validate(
+        {**view.__dict__, "explanation": list(view.explanation), "kept": list(view.kept)}
+    )
 
 
 @router.get("/duplicates", response_model=list[PairPublic])
@@ -78,7 +85,11 @@ def get_duplicate(pair_id: ItemId, user: Reader, hub: HubDep, rid: RequestId) ->
     """One pair with its explanation: which fields agreed and what each weighed."""
     with hub.engine.begin() as conn:
         view = duplicates.get_pair(
-            conn, pair_id, sites=_scope(user), master_key=hub.secrets.master_key
+            conn,
+            pair_id,
+            sites=_scope(user),
+            master_key=hub.secrets.master_key,
+            index=hub.block_index,
         )
         hub.audit(
             conn,
@@ -105,6 +116,7 @@ def merge_duplicate(
             actor=f"user:{user.name}",
             clock=hub.clock,
             master_key=hub.secrets.master_key,
+            index=hub.block_index,
             now=datetime.now(UTC),
         )
         hub.audit(
@@ -154,5 +166,6 @@ def unmerge_duplicate(pair_id: ItemId, user: Decider, hub: HubDep, rid: RequestI
             action="duplicates.unmerge",
             target=f"pair:{pair_id}",
             request_id=rid,
+            detail={"kept": list(view.kept)} if view.kept else None,
         )
     return _public(view)
