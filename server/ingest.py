@@ -171,15 +171,15 @@ def _poison_reason(
     problem = edit_field_error(edit.fields, values)
     if problem:
         return f"field.invalid: {problem[0]}: {problem[1]}"
-    site = (
-        values["registration"].get("site")
-        if "registration" in values
-        else rec.site
-        if rec
-        else None
-    )
-    if site not in sites:
-        return f"site.out_of_scope: this device does not serve site {site!r}"
+    # Both the site the edit names and the one the record is at must be the
+    # device's: otherwise a registration naming its own site would move (and
+    # overwrite) another site's record.
+    if "registration" in values:
+        site = values["registration"].get("site")
+        if site not in sites:
+            return f"site.out_of_scope: this device does not serve site {site!r}"
+    if rec is not None and rec.site not in sites:
+        return f"site.out_of_scope: this device does not serve site {rec.site!r}"
     return None
 
 

@@ -173,6 +173,26 @@ def test_poison_edit_is_quarantined_and_the_rest_applies(
     assert count(hub, "records") == 1 and count(hub, "quarantine") == 4
 
 
+def test_a_device_cannot_move_another_sites_record_to_its_own(
+    hub_env: tuple[httpx.Client, Hub, Path],
+) -> None:
+    http, hub, _ = hub_env
+    ours = HandDevice.enrol(http, hub, "ras-jedir")
+    theirs = HandDevice.enrol(http, hub, "port-zarzis")
+    record = theirs.new_record("Amina")
+    theirs.open_answer(theirs.push(theirs.envelope([record])))
+    registration = {**dict(record.fields)["registration"], "site": "ras-jedir"}
+    take = ours.edit(record.record_id, {"registration": registration, "names.given": "Taken"})
+    ack = ours.open_answer(ours.push(ours.envelope([take])))
+    assert [reason for _, reason in ack["quarantined"]] == [
+        "site.out_of_scope: this device does not serve site 'port-zarzis'"
+    ] * 2
+    assert ack["conflicts"] == [] and count(hub, "quarantine") == 1
+    view = hub_record(hub, record.record_id)
+    assert view["registration"] == dict(record.fields)["registration"]
+    assert view["names.given"] == "Amina"
+
+
 def test_revoked_device_is_refused_and_its_batch_quarantined(
     hub_env: tuple[httpx.Client, Hub, Path],
 ) -> None:
