@@ -31,7 +31,6 @@ __all__ = [
     "resolve",
 ]
 
-HUB_DEVICE = "hub"
 conflicts = ConflictRow.__table__  # type: ignore[attr-defined]
 records = RecordRow.__table__  # type: ignore[attr-defined]
 changes = ChangeRow.__table__  # type: ignore[attr-defined]

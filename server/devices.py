@@ -15,11 +15,13 @@ import sqlalchemy as sa
 
 from schemas.record import HIDDEN_IN_LINE
 from server.db import write_lock
+from server.hub_edits import HUB_DEVICE
 from server.models import ChangeRow, Device, EnrolCode, HubMeta, QuarantineRow
 from server.problems import Problem
 from sync.keys import KeyFormatError, PublicKeys
 
 __all__ = [
+    "RESERVED_DEVICE_IDS",
     "DeviceInfo",
     "create_enrol_code",
     "get_device",
@@ -34,6 +36,11 @@ __all__ = [
 ]
 
 MAX_REVOKE_REASON = 500
+# Ids no device may take: the hub authors its own edits and signs its envelopes
+# as `hub`. A device under that id would never receive hub edits (a device's
+# own edits are skipped in its pulls) and its edits would pass for the hub's.
+# Compared case-insensitively, so no device reads as the hub in a list either.
+RESERVED_DEVICE_IDS = frozenset({HUB_DEVICE})
 
 devices = Device.__table__  # type: ignore[attr-defined]
 codes = EnrolCode.__table__  # type: ignore[attr-defined]
@@ -118,6 +125,10 @@ def redeem_code(
             409,
             "enrol.site_mismatch",
             f"the code is for site(s) {', '.join(code_sites)}; the device is set up for {site!r}",
+        )
+    if device_id.casefold() in RESERVED_DEVICE_IDS:
+        raise Problem(
+            409, "device.id_reserved", f"the device id {device_id!r} is the hub's own; use another"
         )
     if conn.execute(sa.select(devices.c.id).where(devices.c.id == device_id)).first():
         raise Problem(409, "device.exists", "a device with this id is already enrolled")

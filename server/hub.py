@@ -27,6 +27,7 @@ from server.feed import (
     read_page,
     released_for,
 )
+from server.hub_edits import HUB_DEVICE
 from server.ingest import DeviceRevoked, PushContext, apply_parked, apply_push, parked_edits
 from server.keystore import HubSecrets
 from server.name_index import IndexKey
@@ -47,7 +48,7 @@ from sync.protocol import dumps
 
 __all__ = ["HUB_ID", "PULL_PATH", "Hub"]
 
-HUB_ID = "hub"
+HUB_ID = HUB_DEVICE  # the sender of the hub's envelopes, as it authors its own edits
 PULL_PATH = "/api/v1/sync/pull"
 log = logging.getLogger("fieldreg.hub")
 

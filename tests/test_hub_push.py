@@ -295,6 +295,32 @@ def test_enrol_codes_are_one_time_and_expire(hub_env: tuple[httpx.Client, Hub, P
     assert bad_keys.status_code == 422 and bad_keys.json()["code"] == "request.invalid"
 
 
+def test_no_device_may_enrol_under_the_hubs_own_id(
+    hub_env: tuple[httpx.Client, Hub, Path],
+) -> None:
+    from server.hub import HUB_ID
+    from server.hub_edits import HUB_DEVICE
+    from sync.keys import KeyPairs
+
+    http, hub, _ = hub_env
+    code = hub.create_enrol_code(["ras-jedir"], timedelta(hours=1), request_id="test-enrol")
+    keys = KeyPairs.generate().public().to_json()
+    for device_id in sorted({HUB_ID, HUB_DEVICE, "HUB", "Hub"}):
+        answer = http.post(
+            "/api/v1/enrol",
+            json={"code": code, "device_id": device_id, "site": "ras-jedir", "public_keys": keys},
+        )
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["code"] == "device.id_reserved"
+        assert answer.headers["content-type"].startswith("application/problem+json")
+    assert count(hub, "devices") == 0
+    fine = http.post(  # the code was not spent
+        "/api/v1/enrol",
+        json={"code": code, "device_id": "hub-2", "site": "ras-jedir", "public_keys": keys},
+    )
+    assert fine.status_code == 200, fine.text
+
+
 def test_device_a_day_ahead_cannot_drag_the_hub_clock(
     hub_env: tuple[httpx.Client, Hub, Path],
 ) -> None:
