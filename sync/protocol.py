@@ -67,13 +67,19 @@ def loads(text: bytes) -> Any:
     pydantic-core's parser gives what `json.loads` gives for everything it
     accepts; what it refuses (a lone surrogate escape, a byte-order mark,
     nesting deeper than 200, any malformed text) goes to `json.loads`, so which
-    text parses and how a refusal is raised stay json's. Short strings it reads
-    are remembered in its process-wide cache (that is where the time goes).
+    text parses and how a refusal is raised stay json's; except that nesting
+    too deep for `json.loads` (a `RecursionError`) is a ValueError like any
+    other text that does not parse. Short strings it reads are remembered in
+    its process-wide cache (that is where the time goes).
     """
     try:
         return from_json(text)
     except ValueError:
+        pass
+    try:
         return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _text(data: dict[str, Any], key: str, limit: int = MAX_TEXT) -> str:

@@ -146,6 +146,22 @@ def test_tampering_is_refused_with_stable_codes(hub_env: tuple[httpx.Client, Hub
     assert stored(hub) == (0, 0, 0, 0)
 
 
+def test_a_body_nested_too_deep_to_parse_is_malformed(
+    hub_env: tuple[httpx.Client, Hub, Path],
+) -> None:
+    http, hub, _ = hub_env
+    dev = HandDevice.enrol(http, hub, "ras-jedir")
+    record = dev.new_record("Amina")
+    for depth in (5_000, 100_000):
+        body = b'{"edits":' + b"[" * depth + b"]" * depth + b"}"
+        answer = dev.push(dev.envelope([record], body=body))
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["code"] == "batch.malformed"
+    assert stored(hub) == (0, 0, 0, 0)
+    dev.open_answer(dev.push(dev.envelope([record])))
+    assert stored(hub) == (1, 1, 1, 0)
+
+
 def test_poison_edit_is_quarantined_and_the_rest_applies(
     hub_env: tuple[httpx.Client, Hub, Path],
 ) -> None:

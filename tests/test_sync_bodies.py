@@ -156,6 +156,12 @@ def test_loads_reads_and_refuses_what_json_loads_does(text: bytes) -> None:
     assert _parsed(loads, text) == _parsed(json.loads, text)
 
 
+@pytest.mark.parametrize("depth", [5_000, 100_000])
+def test_loads_refuses_nesting_too_deep_for_json_as_a_value_error(depth: int) -> None:
+    with pytest.raises(ValueError, match="nested too deeply"):
+        loads(b'{"edits":' + b"[" * depth + b"]" * depth + b"}")
+
+
 @PROPERTY
 @given(values, st.booleans())
 def test_loads_reads_what_dumps_writes(value: Any, ascii_only: bool) -> None:

@@ -954,6 +954,29 @@ def test_answers_not_signed_by_the_pinned_hub_are_refused(
     assert store.sync.pushed_seq() == 0
 
 
+def test_a_pull_page_nested_too_deep_is_a_bad_answer_and_changes_nothing(
+    store: Store, hub: FakeHub, client: HubClient
+) -> None:
+    enrolled(store, hub, client)
+    sealed = hub._seal
+
+    def deep(kind: str, device_id: str, like: Header, body: dict[str, Any]) -> bytes:
+        if kind != "pull":
+            return sealed(kind, device_id, like, body)
+        keys = hub.devices[device_id].public_keys
+        header = dataclasses.replace(
+            like, kind=kind, recipient=device_id, kem=keys.kem_algorithm.value
+        )
+        return seal(header, b"[" * 100_000 + b"]" * 100_000, recipient=keys, sender=hub.keys)
+
+    hub._seal = deep  # type: ignore[method-assign]
+    before = store.sync.pull_position()
+    with pytest.raises(HubProblem) as info:
+        run_sync(store, client)
+    assert info.value.code == "hub.bad_answer" and "not JSON" in info.value.detail
+    assert store.sync.pull_position() == before
+
+
 def test_revoked_device_is_marked_and_keeps_its_data(
     store: Store, hub: FakeHub, client: HubClient
 ) -> None:

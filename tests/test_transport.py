@@ -159,6 +159,15 @@ def test_problem_body_becomes_hub_problem_with_extra() -> None:
         ),
         (
             httpx.Response(
+                403,
+                content=b"[" * 100_000 + b"]" * 100_000,
+                headers={"content-type": "application/problem+json"},
+            ),
+            403,
+            "unreadable problem body",
+        ),
+        (
+            httpx.Response(
                 409,
                 json={"detail": "no code"},
                 headers={"content-type": "application/problem+json"},
@@ -177,6 +186,14 @@ def test_answers_outside_the_protocol_are_bad_answers(
         client.push(b"x")
     assert (info.value.code, info.value.status) == ("hub.bad_answer", status)
     assert fragment in info.value.detail
+
+
+def test_a_json_answer_nested_too_deep_is_a_bad_answer() -> None:
+    deep = httpx.Response(
+        200, content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"}
+    )
+    with hub_client(lambda _: deep) as client, pytest.raises(HubProblem, match="not valid JSON"):
+        client.hub_info()
 
 
 def test_json_calls_refuse_other_content() -> None:
