@@ -9,8 +9,9 @@ not a silent merge.
 A record may also hold paths this schema version does not know: a field an
 older version had and this one retired or renamed (the hub keeps such fields
 from older devices, see `other_path_error`), or a field of a newer version.
-They are kept as received, never validated nor dropped: `split_fields` sets
-them apart from the fields of this version.
+They are kept as received, never validated (only their nesting is bounded,
+`kept_value_error`) nor dropped: `split_fields` sets them apart from the
+fields of this version.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ __all__ = [
     "FIELD_PATHS",
     "KNOWN_PATHS",
     "LIST_FIELDS",
+    "MAX_KEPT_DEPTH",
     "SPLIT_OBJECTS",
     "TEXT_FIELDS",
     "field_error",
     "flatten",
     "flatten_doc",
     "is_path_shaped",
+    "kept_value_error",
     "other_path_error",
     "parse_date_of_birth",
     "parse_field_value",
@@ -150,6 +153,34 @@ def other_path_error(path: str) -> str | None:
         return "not a field path (lower-case names, at most one '.')"
     if path == "id" or path in SPLIT_OBJECTS:
         return "a reserved name, not a field of any schema version"
+    return None
+
+
+# How deep the value of a kept field may nest: far more than any field of any
+# schema version (a few levels), far less than what JSON encoders and parsers on
+# the hub and the devices take (pydantic-core stops at about 250, `json` at the
+# interpreter's recursion limit).
+MAX_KEPT_DEPTH = 32
+
+
+def kept_value_error(value: Any) -> str | None:
+    """Why `value` cannot be kept as the value of another version's field, or None.
+
+    Kept values are not validated (`field_error` knows nothing of them); only
+    their nesting is bounded, so every replica can write and read them back.
+    """
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:  # not recursive: the value may be as deep as its parser allowed
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > MAX_KEPT_DEPTH:
+            return f"nested deeper than {MAX_KEPT_DEPTH} levels"
+        pending.extend((child, depth + 1) for child in children)
     return None
 
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
-from schemas.fields import KNOWN_PATHS, is_path_shaped, other_path_error
+from schemas.fields import KNOWN_PATHS, is_path_shaped, kept_value_error, other_path_error
 from schemas.record import SCHEMA_VERSION
 from server.bulk import insert_rows, mark, rows_in
 from server.db import write_lock
@@ -168,6 +168,10 @@ def _poison_reason(
         reason = _unknown_path_reason(unknown, schema_version)
         if reason:
             return reason
+        for path in unknown:  # kept as sent: only their nesting is bounded
+            too_deep = kept_value_error(values[path])
+            if too_deep:
+                return f"field.invalid: {path}: {too_deep}"
     problem = edit_field_error(edit.fields, values)
     if problem:
         return f"field.invalid: {problem[0]}: {problem[1]}"

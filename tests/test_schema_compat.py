@@ -26,7 +26,13 @@ import sqlalchemy as sa
 from field_client.enrolment import enrol
 from field_client.forms import prompt_record
 from field_client.store import Store
-from schemas.fields import FIELD_PATHS, other_path_error, split_fields
+from schemas.fields import (
+    FIELD_PATHS,
+    MAX_KEPT_DEPTH,
+    kept_value_error,
+    other_path_error,
+    split_fields,
+)
 from schemas.record import MIN_SCHEMA_VERSION, SCHEMA_VERSION, RegistrationCreate
 from schemas.validation import InvalidRecord, validate
 from server.hub import PULL_PATH, Hub
@@ -251,6 +257,37 @@ def test_a_device_on_this_version_sending_an_unknown_field_is_quarantined(
     assert count(live, "quarantine") == 2 + len(odd)
 
 
+def nested(depth: int) -> Any:
+    value: Any = "tent 4"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_kept_field_nested_too_deep_is_quarantined_and_the_rest_applies(
+    hub: tuple[httpx.Client, Hub, Path],
+) -> None:
+    http, live, _ = hub
+    dev = HandDevice.enrol(http, live, SITE)
+    create = older_record(dev, "Amina")
+    deepest = dev.edit(create.record_id, {RETIRED: nested(MAX_KEPT_DEPTH)})
+    too_deep = dev.edit(create.record_id, {RETIRED: "PLACEHOLDER", "phone": "+218 91 000 0003"})
+    later = dev.edit(create.record_id, {"occupation": "driver"})
+    edits = [create, deepest, too_deep, later]
+    body = dumps({"edits": [e.to_json() for e in edits]})
+    # 900 deep: more than the hub's JSON encoder takes (it answered 500, for ever).
+    body = body.replace(b'"PLACEHOLDER"', b"[" * 900 + b"]" * 900)
+    first, last = create.first_seq or 0, later.last_seq or 0
+    kem = dev.hub_keys.kem_algorithm.value
+    header = Header(1, OLDER, "push", dev.id, "hub", f"{first}-{last}", first, last, 1, kem)
+    ack = dev.open_answer(dev.push(seal(header, body, recipient=dev.hub_keys, sender=dev.keys)))
+    reason = f"field.invalid: {RETIRED}: nested deeper than {MAX_KEPT_DEPTH} levels"
+    assert ack["quarantined"] == [[too_deep.first_seq, reason], [too_deep.last_seq, reason]]
+    fields = hub_fields(live, create.record_id)
+    assert fields[RETIRED] == nested(MAX_KEPT_DEPTH) and fields["occupation"] == "driver"
+    assert "phone" not in fields and count(live, "quarantine") == 1
+
+
 @pytest.mark.parametrize(
     ("version", "update"),
     [(SCHEMA_VERSION + 1, "update the hub"), (MIN_SCHEMA_VERSION - 1, "update fieldreg")],
@@ -346,6 +383,10 @@ def test_which_unknown_paths_an_older_version_may_have_had() -> None:
         assert "reserved" in (other_path_error(path) or ""), path
     for path in ("Shelter", "shelter location", "a.b.c", "_x", "x" * 40, "names.", ""):
         assert "not a field path" in (other_path_error(path) or ""), path
+    assert kept_value_error({"a": [1, {"b": None}]}) is None
+    assert kept_value_error(nested(MAX_KEPT_DEPTH)) is None
+    assert kept_value_error(nested(MAX_KEPT_DEPTH + 1)) == "nested deeper than 32 levels"
+    assert kept_value_error({"a": nested(100_000)}) == "nested deeper than 32 levels"
     known, other = split_fields({"names.given": "A", "names.nickname": "B", RETIRED: 1})
     assert known == {"names.given": "A"} and other == {"names.nickname": "B", RETIRED: 1}
 
