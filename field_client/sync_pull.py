@@ -23,6 +23,7 @@ from field_client.sync_link import (
     open_answer,
 )
 from field_client.sync_store import PullPosition
+from sync.hlc import ClockOverflow
 from sync.http_signature import sign_request
 from sync.protocol import ProtocolError, PullPage
 from sync.transport import PULL_PATH, HubClient, HubProblem
@@ -106,9 +107,12 @@ def pull_pages(
             if page.cursor == position.cursor and not page.edits:
                 raise bad_answer("the hub says there is more but does not move the cursor")
             next_page = fetch(page.cursor)  # fetched while this page is merged
-        merged = store.sync.apply_pull(
-            page.edits, cursor=page.cursor, epoch=page.epoch, released=page.released
-        )
+        try:
+            merged = store.sync.apply_pull(
+                page.edits, cursor=page.cursor, epoch=page.epoch, released=page.released
+            )
+        except ClockOverflow as exc:  # nothing of the page was stored
+            raise bad_answer(f"pull page: an edit is stamped past any clock: {exc}") from None
         summary.received_edits += len(page.edits)
         summary.released += merged.released
         high_water = page.high_water if page.high_water is not None else high_water

@@ -295,6 +295,7 @@ class Hub:
             clock=self.clock,
             now=now,
             hub_now_ms=self._wall_ms(),
+            refuse_ahead_ms=self.settings.clock_refuse_ahead_ms,
             epoch=self.epoch,
         )
 

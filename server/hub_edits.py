@@ -28,11 +28,13 @@ changes = ChangeRow.__table__  # type: ignore[attr-defined]
 
 
 def _stamp_above(clock: Clock, rec: HubRecord, paths: list[str]) -> Stamp:
+    # Above the clock and every version replaced; a full counter carries into
+    # the next millisecond (`Stamp.successor`), so the stamp keeps its format.
     stamp = clock.now()
     for path in paths:
         held = rec.state(path)
         if held is not None and stamp <= held.version.stamp:
-            stamp = Stamp(held.version.stamp.wall_ms, held.version.stamp.counter + 1)
+            stamp = held.version.stamp.successor()
     return stamp
 
 

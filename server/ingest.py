@@ -48,6 +48,7 @@ hub_meta = HubMeta.__table__  # type: ignore[attr-defined]
 released = ReleasedEdit.__table__  # type: ignore[attr-defined]
 
 _UNKNOWN = "record.unknown"
+_DAY_MS = 86_400_000
 _LOG_COLUMNS = (
     "hub_seq",
     "record_id",
@@ -82,6 +83,8 @@ class PushContext:
     clock: Clock
     now: datetime
     hub_now_ms: int
+    # An edit stamped further ahead of `hub_now_ms` is quarantined (`_stamp_reason`).
+    refuse_ahead_ms: int
     epoch: str
     quarantined: list[list[Any]] = field(default_factory=list)
     # Filled by `apply_push`: the records, as merged and saved, that an applied
@@ -155,6 +158,24 @@ def _unknown_path_reason(paths: list[str], schema_version: int) -> str | None:
             named = path if is_path_shaped(path) else "a path"
             return f"field.unknown: {named}: {problem}"
     return None
+
+
+def _stamp_reason(edit: Edit, hub_now_ms: int, refuse_ahead_ms: int) -> str | None:
+    """Why an edit's stamp is too far ahead of the hub's clock to take, or None.
+
+    The hub's own clock follows a device at most `clock_max_ahead_ms` (60 s),
+    and device clocks a day off are expected; but every device that pulls an
+    edit follows its stamp, whatever it is. One stamped years ahead, or at the
+    last stamp the format holds, would drag every clock of its sites there and
+    leave them no stamp to go on with.
+    """
+    ahead_ms = edit.version.stamp.wall_ms - hub_now_ms
+    if ahead_ms <= refuse_ahead_ms:
+        return None
+    return (
+        f"clock.ahead: stamped {ahead_ms / _DAY_MS:.1f} days ahead of the hub's clock"
+        f" (at most {refuse_ahead_ms / _DAY_MS:g} taken): set the device's clock right"
+    )
 
 
 def _poison_reason(
@@ -360,7 +381,9 @@ def _merge_edit(
     first_seq = edit.first_seq
     assert first_seq is not None
     rec = recs.get(edit.record_id)
-    reason = _poison_reason(edit, rec, ctx.sites, ctx.header.schema_version)
+    reason = _stamp_reason(edit, ctx.hub_now_ms, ctx.refuse_ahead_ms) or _poison_reason(
+        edit, rec, ctx.sites, ctx.header.schema_version
+    )
     if reason is not None:
         pending.quarantine_rows.append(_quarantine_row(ctx, edit, reason))
         seqs = range(first_seq, first_seq + len(edit.fields))

@@ -9,6 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["HubSettings"]
 
+_DAY_MS = 86_400_000
+
 
 class HubSettings(BaseSettings):
     """Everything the hub reads from its environment, with sane defaults.
@@ -29,6 +31,13 @@ class HubSettings(BaseSettings):
     pull_page_bytes: int = Field(default=1024 * 1024, ge=1024)
     clock_max_ahead_ms: int = Field(default=60_000, ge=0)
     clock_flag_ms: int = Field(default=300_000, ge=0)
+    clock_refuse_ahead_ms: int = Field(
+        default=30 * _DAY_MS,
+        ge=_DAY_MS,
+        le=3650 * _DAY_MS,
+        description="An edit stamped further than this ahead of the hub's clock is"
+        " quarantined (clock.ahead). At least a day: device clocks may be a day off.",
+    )
     busy_timeout_s: float = Field(
         default=30.0,
         gt=0,

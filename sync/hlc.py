@@ -14,11 +14,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-__all__ = ["Clock", "Stamp", "system_ms"]
+__all__ = ["Clock", "ClockOverflow", "Stamp", "system_ms"]
 
 _WALL_HEX = 12  # 48 bits of milliseconds: good until the year 10889
 _COUNTER_HEX = 6
 _COUNTER_MAX = (1 << (4 * _COUNTER_HEX)) - 1
+_WALL_MAX = (1 << (4 * _WALL_HEX)) - 1
+
+
+class ClockOverflow(ValueError):
+    """No stamp the format holds is above this one: the clock cannot go on.
+
+    Only a stamp from a clock set thousands of years ahead gets here; the hub
+    refuses edits stamped far ahead, so none should reach a device.
+    """
 
 
 def system_ms() -> int:
@@ -46,6 +55,15 @@ class Stamp:
             return cls(int(text[:_WALL_HEX], 16), int(text[_WALL_HEX:], 16))
         except ValueError:
             raise ValueError(f"not an HLC stamp: {text!r}") from None
+
+    def successor(self) -> Stamp:
+        """The least stamp above this one: the next counter, or with the counter
+        full the next millisecond. Raises `ClockOverflow` past the last stamp."""
+        if self.counter < _COUNTER_MAX:
+            return Stamp(self.wall_ms, self.counter + 1)
+        if self.wall_ms >= _WALL_MAX:
+            raise ClockOverflow(f"no stamp follows {self.encode()}")
+        return Stamp(self.wall_ms + 1, 0)
 
     def isoformat(self) -> str:
         """Human form: the wall time in UTC and the counter."""
@@ -84,11 +102,15 @@ class Clock:
         return self._last
 
     def now(self) -> Stamp:
-        """Return a stamp for a local event, greater than every earlier one."""
+        """Return a stamp for a local event, greater than every earlier one
+        (`ClockOverflow` if the clock is at the very last stamp)."""
         return self._advance(self._wall_ms(), ZERO)
 
     def observe(self, remote: Stamp) -> Stamp:
-        """Take a remote stamp into account; return a stamp greater than both."""
+        """Take a remote stamp into account; return a stamp greater than both.
+
+        Raises `ClockOverflow`, changing nothing, when no stamp the format
+        holds is greater (`remote` is the very last one)."""
         wall = self._wall_ms()
         if self._max_ahead_ms is not None and remote.wall_ms > wall + self._max_ahead_ms:
             remote = Stamp(wall + self._max_ahead_ms, remote.counter)
@@ -107,5 +129,7 @@ class Clock:
             counter = 0
         if counter > _COUNTER_MAX:  # millions of events within one frozen millisecond
             top, counter = top + 1, 0
+        if top > _WALL_MAX:  # never a stamp `encode` cannot write in its 18 digits
+            raise ClockOverflow(f"the clock cannot go past {Stamp(_WALL_MAX, _COUNTER_MAX)}")
         self._last = Stamp(top, counter)
         return self._last

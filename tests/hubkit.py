@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import uvicorn
@@ -22,11 +23,12 @@ import uvicorn
 from schemas.record import SCHEMA_VERSION
 from server.admin import initialise
 from server.app import create_app
-from server.hub import Hub
+from server.hub import PULL_PATH, Hub
 from server.settings import HubSettings
 from sync.changes import Version
 from sync.envelope import Header, open_sealed, seal
 from sync.hlc import Clock
+from sync.http_signature import sign_request
 from sync.keys import KeyPairs, PublicKeys
 from sync.protocol import Edit, dumps
 
@@ -191,6 +193,19 @@ class HandDevice:
             content=envelope,
             headers={"content-type": "application/octet-stream"},
         )
+
+    def pull(self, cursor: str = "", limit: int = 500) -> httpx.Response:
+        """A signed pull request, as a device makes it."""
+        query = f"cursor={quote(cursor, safe='')}&limit={limit}"
+        headers = sign_request(
+            method="GET",
+            path=PULL_PATH,
+            query=query,
+            key_id=self.id,
+            private_key=self.keys.signing,
+            created=int(time.time()),
+        )
+        return self.http.get(f"{PULL_PATH}?{query}", headers=headers)
 
     def open_answer(self, answer: httpx.Response) -> dict[str, Any]:
         assert answer.status_code == 200, answer.text

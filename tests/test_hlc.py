@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sync.hlc import Clock, Stamp
+from sync.hlc import Clock, ClockOverflow, Stamp
+
+WALL_MAX = 2**48 - 1
+COUNTER_MAX = 2**24 - 1
+LAST = Stamp(WALL_MAX, COUNTER_MAX)  # ffffffffffffffffff
 
 
 class FakeWall:
@@ -66,6 +71,31 @@ def test_counter_overflow_moves_the_wall_on() -> None:
     assert clock.now() == Stamp(1_001, 0)
 
 
+def test_a_full_counter_carries_into_the_next_millisecond() -> None:
+    assert Stamp(1_000, 7).successor() == Stamp(1_000, 8)
+    assert Stamp(1_000, COUNTER_MAX).successor() == Stamp(1_001, 0)
+    assert Stamp(WALL_MAX, COUNTER_MAX - 1).successor() == LAST
+    with pytest.raises(ClockOverflow):
+        LAST.successor()
+
+
+def test_the_clock_never_goes_past_the_last_stamp_the_format_holds() -> None:
+    clock = Clock(wall_ms=FakeWall(1_000))
+    with pytest.raises(ClockOverflow):
+        clock.observe(LAST)  # it once became Stamp(2**48, 0): 19 digits, unreadable
+    assert clock.last == Stamp(0, 0)  # unchanged
+    assert clock.observe(Stamp(WALL_MAX, COUNTER_MAX - 1)) == LAST
+    assert Stamp.decode(clock.last.encode()) == LAST
+    with pytest.raises(ClockOverflow):
+        clock.now()
+    with pytest.raises(ClockOverflow):
+        clock.observe(Stamp(5, 0))
+    assert clock.last == LAST
+    restarted = Clock(wall_ms=FakeWall(1_000), last=Stamp.decode(LAST.encode()))
+    with pytest.raises(ClockOverflow):
+        restarted.now()
+
+
 def test_decode_refuses_garbage() -> None:
     for text in ["", "zz", "0" * 17, "G" * 18, "0000000003E8000000"]:
         try:
@@ -100,6 +130,23 @@ def test_stamps_strictly_increase_whatever_the_wall_and_remotes_do(
         if remote is not None:
             assert stamp > remote
         previous = stamp
+
+
+stamps = st.builds(
+    Stamp, st.integers(WALL_MAX - 3, WALL_MAX), st.integers(COUNTER_MAX - 3, COUNTER_MAX)
+)
+
+
+@given(st.lists(st.one_of(st.none(), stamps), min_size=1, max_size=20))
+def test_every_stamp_issued_at_the_end_of_the_range_encodes(remotes: list[Stamp | None]) -> None:
+    clock = Clock(wall_ms=FakeWall(WALL_MAX - 2))
+    for remote in remotes:
+        try:
+            stamp = clock.now() if remote is None else clock.observe(remote)
+        except ClockOverflow:
+            assert clock.last == LAST or remote == LAST
+            continue
+        assert Stamp.decode(stamp.encode()) == stamp
 
 
 @given(

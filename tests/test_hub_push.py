@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -11,12 +12,13 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from server import name_index
+from server import conflict_review, name_index
 from server.hub import Hub
 from server.records import load_records
 from sync.changes import Version
 from sync.envelope import Header, seal
-from sync.hlc import Clock, system_ms
+from sync.hlc import Clock, Stamp, system_ms
+from sync.protocol import Edit
 from tests.hubkit import HandDevice, database_backends, fresh_database, init_hub, live_hub
 
 
@@ -351,6 +353,65 @@ def test_device_a_day_ahead_cannot_drag_the_hub_clock(
             sa.text("SELECT clock_offset_ms FROM devices WHERE id = :i"), {"i": dev.id}
         ).scalar_one()
     assert offset > day_ms - 60_000
+
+
+def test_an_edit_stamped_too_far_ahead_is_quarantined_and_never_served(
+    hub_env: tuple[httpx.Client, Hub, Path],
+) -> None:
+    http, hub, _ = hub_env
+    bound = hub.settings.clock_refuse_ahead_ms
+    dev = HandDevice.enrol(http, hub, "ras-jedir")
+    reader = HandDevice.enrol(http, hub, "ras-jedir")
+    edits = [dev.new_record(name) for name in ("Amina", "Yusuf", "Idris")]
+    hub_clock_before = hub.clock.last
+    far = [Stamp(2**48 - 1, 2**24 - 1), Stamp(system_ms() + bound + 3_600_000, 0)]
+    for i, stamp in enumerate(far):
+        edits[i] = dataclasses.replace(edits[i], version=Version(stamp, dev.id))
+    ack = dev.open_answer(dev.push(dev.envelope(edits)))
+    held = {seq for seq, _ in ack["quarantined"]}
+    assert held == set(range(1, (edits[1].last_seq or 0) + 1))
+    assert {reason.split(":")[0] for _, reason in ack["quarantined"]} == {"clock.ahead"}
+    assert "set the device's clock right" in ack["quarantined"][0][1]
+    assert count(hub, "records") == 1 and count(hub, "quarantine") == 2
+    assert hub.clock.last.wall_ms <= max(hub_clock_before.wall_ms, system_ms()) + 60_000
+    page = reader.open_answer(reader.pull())
+    assert {e["r"] for e in page["edits"]} == {edits[2].record_id}
+
+
+def test_a_hub_edit_above_a_full_counter_carries_into_the_next_millisecond(
+    hub_env: tuple[httpx.Client, Hub, Path],
+) -> None:
+    http, hub, _ = hub_env
+    a = HandDevice.enrol(http, hub, "ras-jedir")
+    b = HandDevice.enrol(http, hub, "ras-jedir")
+    record = a.new_record("Amina")
+    a.open_answer(a.push(a.envelope([record])))
+    ahead = Stamp(system_ms() + 86_400_000, 2**24 - 1)  # a day ahead, counter full: taken
+    other = Edit(record.record_id, Version(ahead, b.id), "t", (("names.given", "Amna"),), {}, 1)
+    b.seq = 1
+    assert b.open_answer(b.push(b.envelope([other])))["conflicts"] == [1]
+    with hub.engine.connect() as conn:
+        conflict = conn.execute(sa.text("SELECT id FROM conflicts")).scalar_one()
+    with hub.engine.begin() as conn:
+        seq = conflict_review.resolve(
+            conn,
+            conflict,
+            sites=None,
+            choice="current",
+            value=None,
+            reason="the registration is right",
+            actor="user:auditor",
+            clock=hub.clock,
+            master_key=hub.secrets.master_key,
+            now=hub.now(),
+        )
+    with hub.engine.connect() as conn:
+        stamp = conn.execute(
+            sa.text("SELECT stamp FROM changes WHERE hub_seq = :s"), {"s": seq}
+        ).scalar_one()
+    assert Stamp.decode(stamp) == Stamp(ahead.wall_ms + 1, 0)
+    page = a.open_answer(a.pull())  # every pull of the site answered 500 before
+    assert [(e["s"], e["d"]) for e in page["edits"]] == [(ahead.encode(), b.id), (stamp, "hub")]
 
 
 def test_edits_sent_before_their_record_was_registered_apply_when_it_is(

@@ -40,6 +40,7 @@ from sync.transport import HubClient, HubProblem, HubUnreachable
 from tests.conftest import PASSPHRASE, run_cli, sample_record
 
 SITE = "ras-jedir"
+LAST_STAMP = Stamp(2**48 - 1, 2**24 - 1)  # the largest stamp the format holds
 OTHER = "0190a5a0-0000-7000-8000-00000000beef"  # another device's id
 
 
@@ -975,6 +976,28 @@ def test_a_pull_page_nested_too_deep_is_a_bad_answer_and_changes_nothing(
         run_sync(store, client)
     assert info.value.code == "hub.bad_answer" and "not JSON" in info.value.detail
     assert store.sync.pull_position() == before
+
+
+def test_a_pulled_stamp_no_clock_can_follow_is_a_bad_answer_and_the_store_still_opens(
+    store: Store, hub: FakeHub, client: HubClient, tmp_path: Path
+) -> None:
+    enrolled(store, hub, client)
+    _, fine = other_record("Ada", wall_ms=1_800_000_000_000, number=2)
+    _, last = other_record("Bola", wall_ms=0, number=3)
+    hub._apply([fine, dataclasses.replace(last, version=Version(LAST_STAMP, OTHER))])
+    clock_before = store.status().last_stamp
+    with pytest.raises(HubProblem) as info:
+        run_sync(store, client)
+    assert info.value.code == "hub.bad_answer" and "past any clock" in info.value.detail
+    assert store.sync.pull_position().cursor == ""  # nothing of the page was stored
+    assert store.status().last_stamp == clock_before
+    store.close()
+    reopened = Store.open(tmp_path / "dev", PASSPHRASE)  # it once overflowed: unopenable
+    try:
+        assert reopened.status().last_stamp == clock_before
+        assert reopened.list_records() == []
+    finally:
+        reopened.close()
 
 
 def test_revoked_device_is_marked_and_keeps_its_data(
