@@ -123,7 +123,8 @@ def enrol(
 ) -> EnrolmentResult:
     """Enrol `store` with the hub behind `client` using a one-time `code`.
 
-    Generates this device's key pairs, checks the hub (protocol, and
+    Makes this device's key pairs (or takes those an earlier try made and
+    kept: its answer may have been lost after the hub enrolled them), checks the hub (protocol, and
     `expect_fingerprint` when given) before spending the code, posts the
     enrolment and checks the answer; then stores keys, hub keys, URL, sites
     and epoch in one transaction. Returns the hub fingerprint and sites.
@@ -141,7 +142,7 @@ def enrol(
             f"the hub's fingerprint is {fingerprint}, not the expected {expect_fingerprint};"
             " the code was not used and nothing was stored"
         )
-    keys = KeyPairs.generate()
+    keys = store.sync.enrolment_keys()
     sites, epoch = _enrolled(store, client, code, keys, hub_keys)
     store.sync.save_enrolment(
         Enrolment(

@@ -162,6 +162,20 @@ class SyncStore:
             enrolled_at_ms=int(meta["enrolled_at"]),
         )
 
+    def enrolment_keys(self) -> KeyPairs:
+        """The key pairs to enrol with: those a first try made and kept, else new
+        ones, kept here before they are sent. If the hub's answer is lost, the
+        hub enrolled these keys: the next try must present the same ones."""
+        with self._conn.begin():
+            kept = self._meta().get("pending_device_keys")
+            if kept:
+                return KeyPairs.from_bytes(base64.b64decode(kept))
+            keys = KeyPairs.generate()
+            self._put_meta(
+                {"pending_device_keys": base64.b64encode(keys.to_bytes()).decode("ascii")}
+            )
+        return keys
+
     def save_enrolment(self, enrolment: Enrolment) -> None:
         """Store the enrolment in one transaction; `AlreadyEnrolled` (nothing written) if any.
 
@@ -171,6 +185,7 @@ class SyncStore:
         with self._conn.begin():
             if "device_keys" in self._meta():
                 raise AlreadyEnrolled("this store is enrolled with a hub already")
+            self._conn.execute(sa.delete(db.meta).where(db.meta.c.key == "pending_device_keys"))
             self._put_meta(
                 {
                     "device_keys": base64.b64encode(enrolment.keys.to_bytes()).decode("ascii"),

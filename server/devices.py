@@ -102,8 +102,10 @@ def redeem_code(
     site: str,
     public_keys: Mapping[str, Any],
     now: datetime,
-) -> DeviceInfo:
+) -> tuple[DeviceInfo, bool]:
     """Use an enrolment code to register a device; refuses used, expired or unknown codes.
+    Returns the device and whether it is new: the device a code enrolled may
+    ask again with the same keys (its answer was lost) and is answered again.
 
     The code is judged first: a request with a bad code is refused for the code,
     whatever else is wrong with it. Keys that do not parse are a 422 raised
@@ -116,6 +118,9 @@ def redeem_code(
     if row is None:
         raise Problem(403, "enrol.code_invalid", "this enrolment code is not known")
     if row.used_at is not None:
+        again = _asked_again(conn, row.used_by, device_id, public_keys)
+        if again is not None:
+            return again, False
         raise Problem(403, "enrol.code_invalid", "this enrolment code was already used")
     if _as_utc(row.expires_at) <= now:
         raise Problem(403, "enrol.code_invalid", "this enrolment code has expired")
@@ -152,7 +157,26 @@ def redeem_code(
     )
     device = get_device(conn, device_id)
     assert device is not None
-    return device
+    return device, True
+
+
+def _asked_again(
+    conn: sa.Connection, used_by: str | None, device_id: str, public_keys: Mapping[str, Any]
+) -> DeviceInfo | None:
+    """The device a spent code enrolled, when that device asks again with the
+    same keys: the answer to its first request was lost on the way, and it
+    cannot enrol otherwise (the code is spent, its id taken). Nothing changes;
+    a revoked device is not answered."""
+    if used_by != device_id:
+        return None
+    device = get_device(conn, device_id)
+    if device is None or device.is_revoked:
+        return None
+    try:
+        keys = PublicKeys.from_json(dict(public_keys))
+    except KeyFormatError:
+        return None
+    return device if keys == device.public_keys else None
 
 
 def _info(row: sa.Row[object]) -> DeviceInfo:

@@ -151,7 +151,7 @@ class Hub:
     # -- enrolment ---------------------------------------------------------------------
     def enrol(self, request: EnrolRequest, *, request_id: str = "-") -> dict[str, Any]:
         with self.engine.begin() as conn:
-            device = device_store.redeem_code(
+            device, is_new = device_store.redeem_code(
                 conn,
                 code=request.code,
                 device_id=request.device_id,
@@ -165,7 +165,7 @@ class Hub:
                 action="device.enrol",
                 target=f"device:{device.id}",
                 request_id=request_id,
-                detail={"sites": sorted(device.sites)},
+                detail={"sites": sorted(device.sites), **({} if is_new else {"again": True})},
             )
         return {"device_id": device.id, "sites": sorted(device.sites), "hub": self.info()}
 

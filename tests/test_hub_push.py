@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
 
-from server import conflict_review, name_index
+from server import conflict_review, devices, name_index
 from server.hub import Hub
 from server.records import load_records
 from sync.changes import Version
@@ -216,10 +216,6 @@ def test_revoked_device_is_refused_and_its_batch_quarantined(
 ) -> None:
     http, hub, _ = hub_env
     dev = HandDevice.enrol(http, hub, "ras-jedir")
-    from datetime import UTC, datetime
-
-    from server import devices
-
     with hub.engine.begin() as conn:
         devices.revoke_device(conn, dev.id, reason="phone lost", now=datetime.now(UTC))
     answer = dev.push(dev.envelope([dev.new_record("Amina")]))
@@ -289,6 +285,15 @@ def test_enrol_codes_are_one_time_and_expire(hub_env: tuple[httpx.Client, Hub, P
         json={"code": code, "device_id": "d2", "site": "ras-jedir", "public_keys": keys},
     )
     assert again.status_code == 403 and "already used" in again.json()["detail"]
+    # The device it enrolled may ask again (its answer lost), with the same keys only.
+    repeat = {"code": code, "device_id": "d1", "site": "ras-jedir", "public_keys": keys}
+    assert http.post("/api/v1/enrol", json=repeat).json()["device_id"] == "d1"
+    other_keys = KeyPairs.generate().public().to_json()
+    taken = http.post("/api/v1/enrol", json={**repeat, "public_keys": other_keys})
+    assert taken.status_code == 403 and "already used" in taken.json()["detail"]
+    with hub.engine.begin() as conn:
+        devices.revoke_device(conn, "d1", reason="phone lost", now=datetime.now(UTC))
+    assert http.post("/api/v1/enrol", json=repeat).status_code == 403
     expired = hub.create_enrol_code(["ras-jedir"], timedelta(seconds=-1), request_id="test-enrol")
     late = http.post(
         "/api/v1/enrol",

@@ -42,7 +42,7 @@ from schemas.fields import flatten
 from schemas.record import RegistrationCreate
 from server.hub import Hub
 from server.records import load_records
-from sync.transport import PULL_PATH, PUSH_PATH, HubClient, HubUnreachable
+from sync.transport import ENROL_PATH, PULL_PATH, PUSH_PATH, HubClient, HubUnreachable
 from tests.conftest import PASSPHRASE, run_cli, sample_record
 from tests.faults import Cut, Direction, FaultProxy, LoseAnswer, Request, SlowLink
 from tests.hubkit import database_backends, fresh_database, init_hub, live_hub
@@ -159,6 +159,43 @@ def changes_of(hub: Hub, device_id: str) -> tuple[int, int]:
 
 
 # -- the hub's answer lost after it committed ----------------------------------------------
+def test_an_enrolment_whose_answer_was_lost_is_run_again_with_the_same_code(
+    tmp_path: Path, hub: tuple[str, Hub]
+) -> None:
+    url, live = hub
+    enrols = [0]
+
+    def plan(request: Request) -> LoseAnswer | None:
+        if request.path != ENROL_PATH:
+            return None
+        enrols[0] += 1
+        return LoseAnswer() if enrols[0] == 1 else None  # the hub enrols, the device hears nothing
+
+    home = tmp_path / "dev"
+    code = live.create_enrol_code(["ras-jedir"], timedelta(hours=1), request_id="test-enrol")
+    Store.init(home, PASSPHRASE, site="ras-jedir", operator="amina", kdf_memory_kib=1024).close()
+    with FaultProxy(port_of(url), plan) as proxy:
+        lost = run_cli(home, "enrol", "--hub", proxy.url, "--code", code)
+        assert lost.returncode == 2 and "hub unreachable" in lost.stderr, lost.stderr
+        assert "run again" in lost.stderr and "Traceback" not in lost.stderr
+        # The hub holds the device; the code is spent. The same command again
+        # presents the same keys and is answered as the first time would have been.
+        again = run_cli(home, "enrol", "--hub", proxy.url, "--code", code)
+        assert again.returncode == 0, again.stderr
+        with Store.open(home, PASSPHRASE) as store:
+            store.register([RegistrationCreate.model_validate(sample_record())])
+        assert fieldreg_sync(home).returncode == 0
+    assert int(scalar(live, "SELECT count(*) FROM devices")) == 1
+    assert int(scalar(live, "SELECT count(*) FROM records")) == 1
+    enrolled = "SELECT count(*) FROM audit_log WHERE action = 'device.enrol'"
+    assert int(scalar(live, enrolled)) == 2
+    # Anyone else presenting the spent code, or other keys, is refused as before.
+    other = tmp_path / "other"
+    Store.init(other, PASSPHRASE, site="ras-jedir", operator="x", kdf_memory_kib=1024).close()
+    refused = run_cli(other, "enrol", "--hub", url, "--code", code)
+    assert refused.returncode == 2 and "enrol.code_invalid" in refused.stderr
+
+
 def test_answers_lost_after_commit_are_recovered_from_the_stored_acks(
     tmp_path: Path, hub: tuple[str, Hub], caplog: pytest.LogCaptureFixture
 ) -> None:
