@@ -180,11 +180,11 @@ class ConflictView:
 def list_conflicts(
     engine: sa.Engine, master_key: bytes, *, status: str = "open"
 ) -> list[ConflictView]:
-    """Conflicts with both sides unsealed."""
+    """Conflicts with both sides unsealed, each with its record's current site."""
     out = []
     with engine.connect() as conn:
         stmt = (
-            sa.select(conflicts, records.c.wrapped_key)
+            sa.select(conflicts, records.c.wrapped_key, records.c.site.label("record_site"))
             .join(records, records.c.id == conflicts.c.record_id)
             .where(conflicts.c.status == status)
             .order_by(conflicts.c.id)
@@ -197,7 +197,7 @@ def list_conflicts(
                 ConflictView(
                     row.id,
                     row.record_id,
-                    row.site,
+                    row.record_site,
                     row.field,
                     row.status,
                     payload["current"],

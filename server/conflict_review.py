@@ -35,6 +35,13 @@ conflicts = ConflictRow.__table__  # type: ignore[attr-defined]
 records = RecordRow.__table__  # type: ignore[attr-defined]
 changes = ChangeRow.__table__  # type: ignore[attr-defined]
 
+# A conflict belongs to its record's site today, not the one it was opened at:
+# `conflicts.site` is copied when the conflict opens and a record can move since
+# (a device serving both sites sends a new `registration`). Scope, the `site`
+# filter and the site shown all read `records.site`.
+_SITE = records.c.site
+_COLUMNS = (*(c for c in conflicts.c if c.name != "site"), _SITE)
+
 
 @dataclass(frozen=True)
 class ConflictSummary:
@@ -82,14 +89,21 @@ def list_conflicts(
     limit: int,
     offset: int,
 ) -> list[ConflictSummary]:
-    """Conflicts within the caller's sites, oldest first; no values (those are identifying)."""
-    stmt = sa.select(conflicts).order_by(conflicts.c.id).limit(limit).offset(offset)
+    """Conflicts of records within the caller's sites, oldest first; no values
+    (those are identifying)."""
+    stmt = (
+        sa.select(*_COLUMNS)
+        .join(records, records.c.id == conflicts.c.record_id)
+        .order_by(conflicts.c.id)
+        .limit(limit)
+        .offset(offset)
+    )
     if sites is not None:
-        stmt = stmt.where(conflicts.c.site.in_(sorted(sites)))
+        stmt = stmt.where(_SITE.in_(sorted(sites)))
     for column, value in (
         (conflicts.c.status, status),
         (conflicts.c.field, field),
-        (conflicts.c.site, site),
+        (_SITE, site),
     ):
         if value:
             stmt = stmt.where(column == value)
@@ -97,8 +111,9 @@ def list_conflicts(
 
 
 def _load(conn: sa.Connection, conflict_id: int, sites: frozenset[str] | None) -> Any:
+    """The conflict with its record's current site and key; 404 outside `sites`."""
     row = conn.execute(
-        sa.select(conflicts, records.c.wrapped_key)
+        sa.select(*_COLUMNS, records.c.wrapped_key)
         .join(records, records.c.id == conflicts.c.record_id)
         .where(conflicts.c.id == conflict_id)
     ).first()
