@@ -34,7 +34,12 @@ def _since(text: str) -> datetime:
         when = datetime.fromisoformat(text)
     except ValueError:
         fail(f"--since {text!r}: use ISO 8601, e.g. 2026-11-29 or 2026-11-29T10:00:00Z")
-    return when if when.tzinfo else when.replace(tzinfo=UTC)  # naive means UTC
+    if when.tzinfo is None:
+        return when.replace(tzinfo=UTC)  # naive means UTC
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:  # an offset past year 1 or 9999 in UTC: every entry, or none
+        return (datetime.min if when.year == 1 else datetime.max).replace(tzinfo=UTC)
 
 
 @audit_app.command("verify")

@@ -130,7 +130,8 @@ def list_people(conn: sa.Connection, flt: PersonFilter, *, master_key: bytes) ->
     if flt.registered_from:
         start = datetime.combine(flt.registered_from, time.min, tzinfo=UTC)
         stmt = stmt.where(records.c.registered_at >= start)
-    if flt.registered_to:
+    # The last calendar day has no next day to stop before: no upper bound then.
+    if flt.registered_to and flt.registered_to < date.max:
         end = datetime.combine(flt.registered_to + timedelta(days=1), time.min, tzinfo=UTC)
         stmt = stmt.where(records.c.registered_at < end)
     if not flt.text:

@@ -453,6 +453,17 @@ def test_cli_export_writes_json_lines(hub: Hub, tmp_path: Path) -> None:
     assert [json.loads(line) for line in to_stdout.stdout.splitlines()] == lines
 
 
+def test_cli_export_since_an_offset_past_either_end_of_the_calendar(hub: Hub) -> None:
+    ids = fill(hub, 5)
+    first = cli(hub, "audit", "export", "--since", "0001-01-01T00:00:00+05:00")
+    assert first.exit_code == 0, first.output
+    entries = [json.loads(line) for line in first.stdout.splitlines()]
+    assert [x["id"] for x in entries if x["kind"] == "entry"] == list(range(1, ids[-1] + 1))
+    last = cli(hub, "audit", "export", "--since", "9999-12-31T23:59:59-05:00")
+    assert last.exit_code == 0, last.output
+    assert last.stdout == ""
+
+
 def test_cli_export_refuses_a_bad_since(hub: Hub) -> None:
     bad = cli(hub, "audit", "export", "--since", "last tuesday")
     assert bad.exit_code == 2

@@ -175,6 +175,19 @@ def test_record_filters_search_and_history(world: World) -> None:
     assert {h["operator"] for h in needs} == {"tester"}
 
 
+def test_registration_days_at_the_ends_of_the_calendar(world: World) -> None:
+    def ids(**params: str) -> list[str]:
+        answer = world.get("/api/v1/records", "ada", params=params)
+        assert answer.status_code == 200, answer.text
+        return sorted(r["id"] for r in answer.json())
+
+    both = sorted([world.rec_a.record_id, world.rec_b.record_id])
+    assert ids(registered_to="9999-12-31") == both
+    assert ids(registered_from="0001-01-01", registered_to="9999-12-31") == both
+    assert ids(registered_from="9999-12-31", registered_to="9999-12-31") == []
+    assert ids(registered_from="0001-01-01", registered_to="0001-01-01") == []
+
+
 def test_conflict_side_by_side_resolve_propagates_and_reopen(world: World) -> None:
     [listed] = world.get("/api/v1/conflicts", "opa").json()
     detail = world.get(f"/api/v1/conflicts/{listed['id']}", "aud").json()
