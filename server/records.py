@@ -125,10 +125,13 @@ def projection(rec: HubRecord, today: date) -> dict[str, Any]:
     registration = value("registration")
     if not isinstance(registration, dict):
         registration = {}
-    registered_at = None
     try:
         registered_at = datetime.fromisoformat(str(registration.get("registered_at")))
-    except ValueError:
+        if registered_at.tzinfo:
+            # Stored in UTC; an offset can carry a time at either end of the
+            # calendar past year 1 or 9999 there, which no column holds.
+            registered_at = registered_at.astimezone(UTC)
+    except (ValueError, OverflowError):
         registered_at = None
     born = value("date_of_birth")
     try:

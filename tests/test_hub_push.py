@@ -211,6 +211,26 @@ def test_a_device_cannot_move_another_sites_record_to_its_own(
     assert view["names.given"] == "Amina"
 
 
+def test_a_registration_time_past_either_end_of_the_calendar_is_kept_but_not_listed(
+    hub_env: tuple[httpx.Client, Hub, Path],
+) -> None:
+    http, hub, _ = hub_env
+    dev = HandDevice.enrol(http, hub, "ras-jedir")
+    # Valid times whose UTC falls before year 1 or after year 9999.
+    for at in ("0001-01-01T00:00:00+05:00", "9999-12-31T23:00:00-05:00"):
+        made = dev.new_record("Amina")
+        fields = dict(made.fields)
+        fields["registration"] = {**fields["registration"], "registered_at": at}
+        edit = type(made)(
+            made.record_id, made.version, "t", tuple(fields.items()), {}, made.first_seq
+        )
+        ack = dev.open_answer(dev.push(dev.envelope([edit])))
+        assert ack["quarantined"] == [] and ack["high_water"] == edit.last_seq
+    with hub.engine.connect() as conn:
+        kept = conn.execute(sa.text("SELECT registered_at FROM records")).scalars().all()
+    assert kept == [None, None]  # the sealed registration keeps what the device sent
+
+
 def test_revoked_device_is_refused_and_its_batch_quarantined(
     hub_env: tuple[httpx.Client, Hub, Path],
 ) -> None:
