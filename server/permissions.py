@@ -3,7 +3,9 @@
 `docs/permissions.md` shows it to people; `tests/test_hub_people.py` walks
 every route with every role and checks allowed / 401 / 403 against it.
 Site scope is separate: a scoped user only ever sees records of their sites
-(another site's record is a 404, never the record).
+(another site's record is a 404, never the record). A permission in `HUB_WIDE`
+reads what no site scope can cut (the audit log names devices, users and
+records of every site): only a user with no site scope holds it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from enum import StrEnum
 
 from server.accounts import Role
 
-__all__ = ["PERMISSIONS", "Permission", "is_allowed"]
+__all__ = ["HUB_WIDE", "PERMISSIONS", "Permission", "is_allowed"]
 
 
 class Permission(StrEnum):
@@ -36,6 +38,8 @@ PERMISSIONS: dict[Permission, frozenset[Role]] = {
     Permission.DUPLICATES_DECIDE: frozenset({Role.HUB_OPERATOR, Role.ADMIN}),
     Permission.USERS_READ: frozenset({Role.ADMIN}),
 }
+
+HUB_WIDE: frozenset[Permission] = frozenset({Permission.AUDIT_READ})
 
 
 def is_allowed(role: Role, permission: Permission) -> bool:

@@ -13,7 +13,7 @@ import pytest
 from server import accounts, admin
 from server.accounts import Role
 from server.hub import Hub
-from server.permissions import PERMISSIONS, Permission
+from server.permissions import HUB_WIDE, PERMISSIONS, Permission
 from sync.changes import Version
 from tests.hubkit import HandDevice, database_backends, fresh_database, init_hub, live_hub
 
@@ -23,6 +23,8 @@ USERS = {
     "aud": (Role.AUDITOR, []),
     "opa": (Role.HUB_OPERATOR, ["site-a"]),
     "fwa": (Role.FIELD_WORKER, ["site-a"]),
+    "auda": (Role.AUDITOR, ["site-a"]),
+    "adab": (Role.ADMIN, ["site-b"]),
 }
 
 
@@ -133,13 +135,15 @@ def test_every_route_with_every_role_and_no_token(world: World) -> None:
         no_token = world.http.request(method, path, **kwargs)
         assert no_token.status_code == 401, (method, path)
         assert no_token.headers["content-type"] == "application/problem+json"
-        for name, (role, _) in USERS.items():
+        for name, (role, sites) in USERS.items():
             if (method, template) == ("POST", "/api/v1/auth/logout"):
                 continue  # would end the session the rest of the walk uses
             answer = world.http.request(
                 method, path, headers={"Authorization": f"Bearer {world.tokens[name]}"}, **kwargs
             )
-            allowed = permission is None or role in PERMISSIONS[permission]
+            allowed = permission is None or (
+                role in PERMISSIONS[permission] and not (permission in HUB_WIDE and sites)
+            )
             if allowed:
                 assert answer.status_code not in (401, 403), (method, path, name, answer.text)
             else:
@@ -302,6 +306,23 @@ def test_a_conflict_follows_its_record_to_another_site(world: World) -> None:
     assert refused.status_code == 404 and refused.json()["code"] == "conflict.not_found"
     still = world.get(f"/api/v1/conflicts/{listed['id']}", "aud").json()["conflict"]
     assert still["status"] == "resolved" and still["resolved_by"] == "user:aud"
+
+
+def test_the_audit_log_is_for_auditors_and_admins_of_every_site(world: World) -> None:
+    world.get(f"/api/v1/records/{world.rec_b.record_id}", "aud")  # site-b, in the log
+    for who in ("auda", "adab"):
+        refused = world.get("/api/v1/audit", who, params={"limit": 1000})
+        assert refused.status_code == 403, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["code"] == "auth.forbidden"
+        assert "covers every site" in refused.json()["detail"]
+        assert world.rec_b.record_id not in refused.text
+        # Their own sites' records they still read.
+        assert world.get("/api/v1/records", who).status_code == 200
+    for who in ("aud", "ada"):
+        read = world.get("/api/v1/audit", who, params={"limit": 1000})
+        assert read.status_code == 200
+        assert f"record:{world.rec_b.record_id}" in {e["target"] for e in read.json()}
 
 
 def test_login_failures_slow_down_then_lock(world: World) -> None:

@@ -1,4 +1,5 @@
-"""The audit log for auditors and admins (it holds no identifying values)."""
+"""The audit log for auditors and admins with no site scope (it is hub-wide and holds
+no identifying values)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def list_audit(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Offset = 0,
 ) -> list[AuditEntryPublic]:
-    """Newest entries first; `fieldreg-hub audit verify` proves the chain."""
+    """Newest entries first (403 to a user scoped to sites); `fieldreg-hub audit verify`
+    proves the chain."""
     with hub.engine.connect() as conn:
         entries = audit.recent(conn, limit=limit, offset=offset, actor=actor, action=action)
     return [AuditEntryPublic.model_validate(e) for e in entries]

@@ -14,7 +14,7 @@ from fastapi.security import OAuth2PasswordBearer
 from server import accounts
 from server.accounts import UserInfo
 from server.hub import Hub
-from server.permissions import Permission, is_allowed
+from server.permissions import HUB_WIDE, Permission, is_allowed
 from server.problems import Problem
 
 __all__ = [
@@ -89,11 +89,19 @@ CurrentUser = Annotated[UserInfo, Depends(current_user)]
 
 
 def require(permission: Permission) -> Callable[[UserInfo], UserInfo]:
-    """A dependency: the current user, if their role has `permission` (else 403)."""
+    """A dependency: the current user, if their role has `permission` and, for a
+    `HUB_WIDE` one, they have no site scope (else 403)."""
 
     def check(user: CurrentUser) -> UserInfo:
         if not is_allowed(user.role, permission):
             raise Problem(403, "auth.forbidden", f"a {user.role.value} may not {permission.value}")
+        if permission in HUB_WIDE and not user.is_global:
+            raise Problem(
+                403,
+                "auth.forbidden",
+                f"{permission.value} covers every site: a {user.role.value} scoped to"
+                " sites may not have it",
+            )
         return user
 
     return check
