@@ -287,10 +287,10 @@ _ADAPTERS: dict[str, Any] = {}
 def field_error(path: str, value: Any) -> str | None:
     """Why `value` cannot be the value of field `path`, or None if it can.
 
-    Paths this schema does not know are not judged here (None): whether such
-    a field is kept depends on who sends it (see `other_path_error` and the
-    hub's ingest). Only the field itself is checked; rules across fields are
-    checked on whole records.
+    Paths this schema does not know are judged by their nesting only
+    (`kept_value_error`): whether such a field is kept at all depends on who
+    sends it (see `other_path_error` and the hub's ingest). Only the field
+    itself is checked; rules across fields are checked on whole records.
     """
     from pydantic import ValidationError
 
@@ -300,7 +300,7 @@ def field_error(path: str, value: Any) -> str | None:
         _ADAPTERS.update(_field_adapters())
     adapter = _ADAPTERS.get(path)
     if adapter is None:
-        return None
+        return kept_value_error(value)
     try:
         adapter.validate_python(value)
     except ValidationError as exc:

@@ -164,17 +164,20 @@ def _stamp_reason(edit: Edit, hub_now_ms: int, refuse_ahead_ms: int) -> str | No
     """Why an edit's stamp is too far ahead of the hub's clock to take, or None.
 
     The hub's own clock follows a device at most `clock_max_ahead_ms` (60 s),
-    and device clocks a day off are expected; but every device that pulls an
-    edit follows its stamp, whatever it is. One stamped years ahead, or at the
-    last stamp the format holds, would drag every clock of its sites there and
-    leave them no stamp to go on with.
+    and device clocks a day, or a mistyped year, off are expected and taken;
+    but every device that pulls an edit follows its stamp, whatever it is. One
+    stamped at the last stamp the format holds would drag every clock of its
+    sites there and leave them no stamp to go on with. The bound is wide
+    (years): a device's clock keeps the highest stamp it made, so one that ran
+    past the bound stays past it after its clock is set right, and its edits
+    stay in quarantine.
     """
     ahead_ms = edit.version.stamp.wall_ms - hub_now_ms
     if ahead_ms <= refuse_ahead_ms:
         return None
     return (
         f"clock.ahead: stamped {ahead_ms / _DAY_MS:.1f} days ahead of the hub's clock"
-        f" (at most {refuse_ahead_ms / _DAY_MS:g} taken): set the device's clock right"
+        f" (at most {refuse_ahead_ms / _DAY_MS:g} taken): kept here, not applied"
     )
 
 

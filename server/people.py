@@ -130,10 +130,13 @@ def list_people(conn: sa.Connection, flt: PersonFilter, *, master_key: bytes) ->
     if flt.registered_from:
         start = datetime.combine(flt.registered_from, time.min, tzinfo=UTC)
         stmt = stmt.where(records.c.registered_at >= start)
-    # The last calendar day has no next day to stop before: no upper bound then.
+    # The last calendar day has no next day to stop before: no upper bound then,
+    # but a record whose registration time is unknown is on no day.
     if flt.registered_to and flt.registered_to < date.max:
         end = datetime.combine(flt.registered_to + timedelta(days=1), time.min, tzinfo=UTC)
         stmt = stmt.where(records.c.registered_at < end)
+    elif flt.registered_to:
+        stmt = stmt.where(records.c.registered_at.is_not(None))
     if not flt.text:
         stmt = (
             stmt.order_by(records.c.registered_at.desc(), records.c.id)

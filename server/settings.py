@@ -32,11 +32,13 @@ class HubSettings(BaseSettings):
     clock_max_ahead_ms: int = Field(default=60_000, ge=0)
     clock_flag_ms: int = Field(default=300_000, ge=0)
     clock_refuse_ahead_ms: int = Field(
-        default=30 * _DAY_MS,
+        default=3650 * _DAY_MS,
         ge=_DAY_MS,
-        le=3650 * _DAY_MS,
+        le=100 * 3650 * _DAY_MS,
         description="An edit stamped further than this ahead of the hub's clock is"
-        " quarantined (clock.ahead). At least a day: device clocks may be a day off.",
+        " quarantined (clock.ahead), never applied nor served: every device that"
+        " pulled it would follow its stamp. Large by default: a device whose clock"
+        " ran that far ahead keeps stamping ahead after its clock is set right.",
     )
     busy_timeout_s: float = Field(
         default=30.0,

@@ -44,7 +44,14 @@ from sync.http_signature import sign_request
 from sync.protocol import Edit, dumps
 from sync.transport import HubClient
 from tests.conftest import PASSPHRASE, run_cli, sample_record
-from tests.hubkit import HandDevice, database_backends, fresh_database, init_hub, live_hub
+from tests.hubkit import (
+    ADMIN_PASSWORD,
+    HandDevice,
+    database_backends,
+    fresh_database,
+    init_hub,
+    live_hub,
+)
 
 SITE = "ras-jedir"
 OLDER = SCHEMA_VERSION - 1
@@ -286,6 +293,32 @@ def test_a_kept_field_nested_too_deep_is_quarantined_and_the_rest_applies(
     fields = hub_fields(live, create.record_id)
     assert fields[RETIRED] == nested(MAX_KEPT_DEPTH) and fields["occupation"] == "driver"
     assert "phone" not in fields and count(live, "quarantine") == 1
+
+
+def test_a_conflict_on_a_kept_field_is_resolved_within_the_same_nesting_bound(
+    hub: tuple[httpx.Client, Hub, Path],
+) -> None:
+    http, live, _ = hub
+    a, b = HandDevice.enrol(http, live, SITE), HandDevice.enrol(http, live, SITE)
+    create = older_record(a, "Amina", **{RETIRED: "tent 1"})
+    a.open_answer(a.push(envelope(a, [create], schema_version=OLDER)))
+    other = b.edit(create.record_id, {RETIRED: "tent 2"})
+    assert b.open_answer(b.push(envelope(b, [other], schema_version=OLDER)))["conflicts"]
+    token = http.post(
+        "/api/v1/auth/token", data={"username": "admin", "password": ADMIN_PASSWORD}
+    ).json()["access_token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    [conflict] = http.get("/api/v1/conflicts", headers=auth).json()
+    resolve = f"/api/v1/conflicts/{conflict['id']}/resolve"
+    for depth in (MAX_KEPT_DEPTH + 1, 300):  # 300: past what the hub's encoder takes
+        chosen = {"choice": "value", "value": nested(depth), "reason": "asked the person"}
+        refused = http.post(resolve, headers=auth, json=chosen)
+        assert refused.status_code == 422, refused.text
+        assert f"nested deeper than {MAX_KEPT_DEPTH} levels" in refused.json()["detail"]
+    assert hub_fields(live, create.record_id)[RETIRED] in ("tent 1", "tent 2")
+    chosen = {"choice": "value", "value": nested(MAX_KEPT_DEPTH - 1), "reason": "asked the person"}
+    assert http.post(resolve, headers=auth, json=chosen).status_code == 200
+    assert hub_fields(live, create.record_id)[RETIRED] == nested(MAX_KEPT_DEPTH - 1)
 
 
 @pytest.mark.parametrize(
