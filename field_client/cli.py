@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import sqlalchemy as sa
 import typer
-from rich.markup import escape
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,6 +26,7 @@ from rich.progress import (
 )
 from rich.prompt import Prompt
 from rich.table import Table
+from rich.text import Text
 
 from field_client import hub_commands
 from field_client.cli_common import (
@@ -37,6 +38,7 @@ from field_client.cli_common import (
     opened,
     out,
     passphrase_of,
+    print_error,
 )
 from field_client.forms import parse_json_records, prompt_record, validate_all
 from field_client.store import Store, operator_name
@@ -51,6 +53,15 @@ from schemas.validation import InvalidRecord, validate
 __all__ = ["app", "main"]
 
 LIST_MAX = 1_000_000
+
+# Rich's prompt writes its own messages ("Please select one of the available
+# options") as markup, so it gets a console that reads markup; the questions
+# are given to it as `Text`, so nothing typed or stored is read as markup.
+_asking = Console(emoji=False)
+
+
+def _ask(question: str, default: str, choices: list[str] | None = None) -> str:
+    return Prompt.ask(Text(question), default=default, choices=choices, console=_asking)
 
 
 @app.command()
@@ -71,7 +82,11 @@ def init(
         fail(str(exc))
     with store:
         out.print(
-            f"Store created in {data_dir} for site [bold]{site}[/bold]; device {store.device_id}"
+            Text.assemble(
+                f"Store created in {data_dir} for site ",
+                (site, "bold"),
+                f"; device {store.device_id}",
+            )
         )
 
 
@@ -121,7 +136,7 @@ def register(
             items = validate_all(parse_json_records(text))
         except InvalidRecord as exc:
             for error in exc.errors:
-                err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+                print_error(str(error))
             err.print("nothing was registered", highlight=False)
             raise typer.Exit(2) from None
     elif not sys.stdin.isatty():
@@ -131,9 +146,9 @@ def register(
         operator = operator_name(store.operator if operator is None else operator)
         if json_file is None:
             raw = prompt_record(
-                lambda q, d: Prompt.ask(q, default=d, console=out),
+                _ask,
                 operator=operator,
-                say=lambda m: out.print(f"[red]{escape(m)}[/red]", highlight=False, soft_wrap=True),
+                say=lambda m: out.print(m, style="red", highlight=False, soft_wrap=True),
             )
             items = [_review_duplicates(store, validate(RegistrationCreate, raw), ask=True)]
         elif check_duplicates:
@@ -182,15 +197,10 @@ def _review_duplicates(store: Store, item: RegistrationCreate, *, ask: bool) -> 
         table.add_row(
             str(number), dup.id, dup.name, dup.site, dup.registered_at, f"{dup.score:.2f}", dup.why
         )
-    out.print("[bold]Possibly already registered:[/bold]")
+    out.print("Possibly already registered:", style="bold")
     out.print(table)
     choices = ["r", "c", *[str(n) for n in range(1, len(found) + 1)]]
-    answer = Prompt.ask(
-        "Register anyway (r), link to one of them (its #), or cancel (c)",
-        choices=choices,
-        default="r",
-        console=out,
-    )
+    answer = _ask("Register anyway (r), link to one of them (its #), or cancel (c)", "r", choices)
     if answer == "c":
         fail("cancelled: nothing was registered", code=2)
     if answer == "r":
@@ -262,12 +272,14 @@ def show(
         doc = record.model_dump(mode="json")
         out.print_json(json.dumps({**doc, "other_fields": other} if other else doc))
         return
-    out.print(f"[bold]{display_name(record.model_dump(mode='json'))}[/bold]  {record.id}")
+    out.print(
+        Text.assemble((display_name(record.model_dump(mode="json")), "bold"), f"  {record.id}")
+    )
     out.print(_history_table([e for e in history if e.field not in other]))
     if other:
         # Fields this version does not know (an older version's retired field,
         # a newer one's): kept as received, synced, not editable here.
-        out.print("[bold]Other fields (another schema version, kept as received)[/bold]")
+        out.print("Other fields (another schema version, kept as received)", style="bold")
         out.print(_history_table([e for e in history if e.field in other]))
 
 
@@ -276,12 +288,11 @@ def _history_table(entries: list[HistoryEntry]) -> Table:
     for entry in entries:
         value = json.dumps(entry.value, ensure_ascii=False)
         table.add_row(
-            # Values are people's text (or kept as received): never read as markup.
-            escape(entry.field),
-            escape(value if len(value) < 60 else value[:57] + "..."),
+            entry.field,
+            value if len(value) < 60 else value[:57] + "...",
             entry.stamp.isoformat(),
-            escape(entry.device_id[-8:]),
-            escape(entry.operator),
+            entry.device_id[-8:],
+            entry.operator,
             "current" if entry.is_current else "",
         )
     return table
@@ -362,7 +373,11 @@ def status(data_dir: DataDir = DEFAULT_DIR) -> None:
     if link.quarantined:
         out.print(f"quarantine {link.quarantined} of your changes held by the hub for review")
     if link.is_revoked:
-        out.print("[red]REVOKED[/red]    the hub ordered this device wiped: see your coordinator")
+        out.print(
+            Text.assemble(
+                ("REVOKED", "red"), "    the hub ordered this device wiped: see your coordinator"
+            )
+        )
 
 
 hub_commands.register(app)  # enrol, sync: after status in --help, as before
@@ -396,10 +411,8 @@ def main() -> None:
         # command writing, a sync in another window) or the disk failed: one
         # line, never a traceback. The transaction that failed wrote nothing.
         reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
-        err.print(
-            f"[red]error:[/red] the store did not answer ({reason}); is another fieldreg"
-            " command using it? Nothing was lost: run the command again",
-            highlight=False,
-            soft_wrap=True,
+        print_error(
+            f"the store did not answer ({reason}); is another fieldreg"
+            " command using it? Nothing was lost: run the command again"
         )
         raise SystemExit(1) from None

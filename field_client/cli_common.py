@@ -17,6 +17,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from typer.core import TyperGroup
 
 from field_client.db import DatabaseLocked, MissingDatabase, NewerStore
@@ -36,6 +37,7 @@ __all__ = [
     "opened",
     "out",
     "passphrase_of",
+    "print_error",
 ]
 
 # A store that cannot be made or opened as it is: what is wrong is in the message.
@@ -69,8 +71,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     cls=_Commands,
 )
-out = Console()
-err = Console(stderr=True)
+# What is printed holds people's names and answers, paths and a hub's words:
+# none of it is read as Rich markup ("[/b]" would be an error, "[red]" would
+# vanish) or emoji codes (":flag_ly:"). Styles are given as `style=` or `Text`.
+out = Console(markup=False, emoji=False)
+err = Console(stderr=True, markup=False, emoji=False)
 
 DataDir = Annotated[
     Path,
@@ -81,8 +86,13 @@ DataDir = Annotated[
 DEFAULT_DIR = Path.home() / ".fieldreg"
 
 
+def print_error(message: str) -> None:
+    """One `error: ...` line on stderr, the message printed as it is."""
+    err.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    print_error(message)
     raise typer.Exit(code)
 
 
@@ -112,7 +122,7 @@ def opened(data_dir: Path) -> Iterator[Store]:
         yield store
     except InvalidRecord as exc:
         for error in exc.errors:
-            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            print_error(str(error))
         raise typer.Exit(2) from None
     except NotFound as exc:
         fail(str(exc.args[0]))

@@ -235,7 +235,7 @@ def _yes_no(ask: Ask, say: Say, question: str, default: str) -> bool:
 
 
 def _say_on_console(message: str) -> None:
-    Console(stderr=True).print(message, markup=False, highlight=False, soft_wrap=True)
+    Console(stderr=True, emoji=False).print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def _names(ask: Ask, say: Say) -> dict[str, Any]:

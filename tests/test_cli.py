@@ -114,3 +114,39 @@ def test_schema_is_json_schema() -> None:
     assert schema["title"] == "Registration"
     assert "names" in schema["properties"]
     assert "Scenario" in schema["$defs"]
+
+
+# Rich markup and emoji codes that a person may type or a store may hold.
+MARKUP_NAMES = {"given": "Ali [/b]", "family": "[unknown] Musa :sparkles:"}
+MARKUP_NAME = "Ali [/b] [unknown] Musa :sparkles:"
+
+
+def test_names_are_printed_as_typed_never_as_markup(home: Path) -> None:
+    record = sample_record(names=MARKUP_NAMES, notes="[bold]see [/b] :warning:")
+    result = run(home, "register", "--json", "-", input=json.dumps(record))
+    assert result.returncode == 0, result.stderr
+    assert f"({MARKUP_NAME})" in result.stdout and result.stderr == ""
+    rid = result.stdout.split()[1]
+    for args in (("list",), ("search", "Musa"), ("show", rid)):
+        shown = run(home, *args)
+        assert shown.returncode == 0 and shown.stderr == "", shown.stderr
+        assert MARKUP_NAME in shown.stdout, shown.stdout
+    assert '"[bold]see [/b] :warning:"' in run(home, "show", rid).stdout
+
+
+def test_error_lines_print_what_was_given_as_it_is(home: Path, tmp_path: Path) -> None:
+    for args, line in (
+        (("list", "--from", "[/b]"), "error: --from: '[/b]' is not a date (YYYY-MM-DD)"),
+        (("show", "[/b]:sparkles:"), "error: no record '[/b]:sparkles:' in this store"),
+        (("edit", "[/b]", "--set", "[red]"), "error: --set '[red]': expected field=value"),
+    ):
+        result = run(home, *args)
+        assert result.returncode == 2 and result.stderr == line + "\n", result.stderr
+    bad = sample_record(nationalities=["[/b]"])
+    result = run(home, "register", "--json", "-", input=json.dumps(bad))
+    assert result.returncode == 2
+    assert "error: nationalities[0]: '[/b]' is not an ISO 3166-1 alpha-3 code\n" in result.stderr
+    made = run(tmp_path / "x[/b]", "init", "--site", "[/x]", "--operator", "A")
+    assert made.returncode == 2 and made.stderr.startswith("error: site: '[/x]' is not a site")
+    made = run(tmp_path / "p[/b]", "init", "--site", "s1", "--operator", "A")
+    assert made.returncode == 0 and f"Store created in {tmp_path / 'p[/b]'} for" in made.stdout

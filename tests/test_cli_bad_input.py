@@ -199,3 +199,11 @@ def test_a_hub_failing_with_a_5xx_is_not_called_a_refusal(
     with pytest.raises(typer.Exit):
         hub_commands._hub_failure(refused, "http://127.0.0.1:9", is_stored=True)
     assert "the hub refused (batch.id_reused)" in capsys.readouterr().err
+
+
+def test_a_hub_problem_is_printed_as_the_hub_said_it(capsys: pytest.CaptureFixture[str]) -> None:
+    down = HubProblem(503, "hub.maintenance", "down [/maintenance] :construction:")
+    with pytest.raises(typer.Exit):
+        hub_commands._hub_failure(down, "http://127.0.0.1:9/[/b]", is_stored=True)
+    said = capsys.readouterr().err
+    assert "(HTTP 503, hub.maintenance): down [/maintenance] :construction:; nothing" in said

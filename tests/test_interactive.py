@@ -231,3 +231,29 @@ def test_a_wrong_date_in_a_real_terminal_is_asked_again(tmp_path: Path) -> None:
     shown = json.loads(run_cli(home, "show", new_id, "--json").stdout)
     assert shown["date_of_birth"] == {"value": "1988-03-14", "precision": "exact"}
     assert shown["names"]["given"] == "Amina" and shown["situation"]["scenario"] == "trapped"
+
+
+def test_the_duplicate_table_shows_names_as_typed(tmp_path: Path) -> None:
+    home = tmp_path / "device"
+    assert run_cli(home, "init", "--site", "camp-1", "--operator", "Yusuf").returncode == 0
+    earlier = {
+        "names": {"given": "Amina [/b]", "family": "Haroun [red]:sparkles:"},
+        "sex": "female",
+        "nationalities": ["TCD"],
+        "date_of_birth": {"value": "1990-01-01", "precision": "estimated"},
+        "situation": {"scenario": "trapped"},
+        "consent": {
+            "given": True,
+            "legal_basis": "consent",
+            "scope": ["registration"],
+            "recorded_by": "Yusuf",
+        },
+    }
+    saved = run_cli(home, "register", "--json", "-", input=json.dumps(earlier))
+    assert saved.returncode == 0, saved.stderr
+    code, text, _ = _register_in_terminal(home)
+    plain = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", text)
+    assert code == 0 and "Traceback" not in plain, plain
+    assert "Possibly already registered" in plain
+    assert "Amina [/b] Haroun [red]:sparkles:" in plain
+    assert "records    2" in run_cli(home, "status").stdout
