@@ -28,7 +28,7 @@ from rich.prompt import Prompt
 from rich.table import Table
 from rich.text import Text
 
-from field_client import hub_commands
+from field_client import db, hub_commands
 from field_client.cli_common import (
     DEFAULT_DIR,
     DataDir,
@@ -406,13 +406,24 @@ def passphrase(data_dir: DataDir = DEFAULT_DIR) -> None:
 def main() -> None:
     try:
         app()
-    except sa.exc.OperationalError as exc:
+    except (sa.exc.DBAPIError, db.DriverError) as exc:
+        # One line, never a traceback: SQLAlchemy's message would show the
+        # statement's parameters, a person's names and documents among them.
+        print_error(_database_failure(exc))
+        raise SystemExit(1) from None
+
+
+def _database_failure(exc: Exception) -> str:
+    """The line for a database error: the driver's reason, never the statement."""
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    reason = (str(orig).splitlines() or [type(orig).__name__])[0]
+    if isinstance(orig, db.DriverOperationalError):
         # The store stayed locked past its busy timeout (another fieldreg
-        # command writing, a sync in another window) or the disk failed: one
-        # line, never a traceback. The transaction that failed wrote nothing.
-        reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
-        print_error(
+        # command writing, a sync in another window) or the disk failed.
+        # The transaction that failed wrote nothing.
+        return (
             f"the store did not answer ({reason}); is another fieldreg"
             " command using it? Nothing was lost: run the command again"
         )
-        raise SystemExit(1) from None
+    # SQLCipher checks every page it reads: one that fails is damaged on disk.
+    return f"the store is damaged ({reason}): restore it from a backup"

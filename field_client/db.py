@@ -31,6 +31,8 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "DatabaseLocked",
+    "DriverError",
+    "DriverOperationalError",
     "MissingDatabase",
     "NewerStore",
     "changes",
@@ -129,6 +131,12 @@ match_keys = sa.Table(
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
+DriverError = sqlcipher.Error
+"""What the driver raises where SQLAlchemy does not wrap it (a raw connection)."""
+DriverOperationalError = sqlcipher.OperationalError
+"""The driver's error for a store it could not use now (busy, disk), not a damaged one."""
+
+
 class DatabaseLocked(RuntimeError):
     """The key does not open this database file (or the file is not a store)."""
 
@@ -146,6 +154,9 @@ def _pragmas(dbapi_conn: Any, key_hex: str | None, *, empty_ok: bool) -> None:
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     try:
+        # SQLCipher logs a page that fails its check in three lines on stderr:
+        # `DatabaseLocked`, or the CLI's line for a damaged store, says it in one.
+        cur.execute("PRAGMA cipher_log_level = NONE")
         if key_hex is not None:
             cur.execute(f"PRAGMA key = \"x'{key_hex}'\"")
         objects = _count_objects(cur)
@@ -161,19 +172,11 @@ def _pragmas(dbapi_conn: Any, key_hex: str | None, *, empty_ok: bool) -> None:
 
 
 def _count_objects(cur: Any) -> int:
-    """The number of tables and indexes: the first read, so it checks the key.
-
-    SQLCipher's own log of a failed check (three lines on stderr) is silenced
-    for it: `DatabaseLocked` says it in one.
-    """
-    [(level,)] = cur.execute("PRAGMA cipher_log_level").fetchall()
-    cur.execute("PRAGMA cipher_log_level = NONE")
+    """The number of tables and indexes: the first read, so it checks the key."""
     try:
         [(objects,)] = cur.execute("SELECT count(*) FROM sqlite_master").fetchall()
     except sqlcipher.DatabaseError:
         raise DatabaseLocked("the key does not open this store") from None
-    finally:
-        cur.execute(f"PRAGMA cipher_log_level = {level}")
     return int(objects)
 
 

@@ -13,7 +13,7 @@ from field_client import db
 from field_client.store import Store
 from field_client.store_files import NoStore, UnfinishedStore, UnusableDataDir
 from field_client.unlock import DamagedKeyFile, KeyFile, new_key_file
-from tests.conftest import PASSPHRASE
+from tests.conftest import PASSPHRASE, sample_record
 from tests.conftest import run_cli as run
 
 
@@ -158,3 +158,29 @@ def test_no_store_is_said_before_asking_for_a_passphrase(tmp_path: Path) -> None
     assert not (tmp_path / "nowhere").exists()
     with pytest.raises(NoStore):
         Store.check_present(tmp_path / "nowhere")
+
+
+def test_a_damaged_page_is_one_line_that_shows_no_one(home: Path) -> None:
+    record = json.dumps(sample_record())
+    for _ in range(3):
+        assert run(home, "register", "--json", "-", input=record).returncode == 0
+    with Store.open(home, PASSPHRASE) as store, store._engine.connect() as conn:
+        page = int(
+            conn.exec_driver_sql(
+                "SELECT rootpage FROM sqlite_master WHERE name = 'changes'"
+            ).scalar_one()
+        )
+        size = int(conn.exec_driver_sql("PRAGMA page_size").scalar_one())
+    assert not (home / "store.db-wal").exists()  # all of it is in store.db
+    with (home / "store.db").open("r+b") as file:  # the key opens the store, one page is wrong
+        file.seek((page - 1) * size + 200)
+        file.write(b"\x5a" * 100)
+    # The failing INSERT's parameters are the person: SQLAlchemy's message shows them.
+    for result in (run(home, "register", "--json", "-", input=record), run(home, "status")):
+        assert result.returncode == 1, result.stderr
+        assert result.stderr == (
+            "error: the store is damaged (database disk image is malformed):"
+            " restore it from a backup\n"
+        )
+        for secret in ("Mohamed", "Abdel Rahman", "A1234567", "INSERT", "SELECT"):
+            assert secret not in result.stdout + result.stderr
