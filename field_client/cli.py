@@ -42,7 +42,7 @@ from field_client.cli_common import (
 )
 from field_client.forms import parse_json_records, prompt_record, validate_all
 from field_client.store import Store, operator_name
-from field_client.store_files import StoreExists
+from field_client.store_files import StoreBusy, StoreExists
 from field_client.store_reads import HistoryEntry, display_name
 from field_client.unlock import WeakPassphrase, WrongPassphrase
 from schemas.enums import Need, Scenario
@@ -400,6 +400,8 @@ def passphrase(data_dir: DataDir = DEFAULT_DIR) -> None:
             store.change_passphrase(old, new)
     except (WrongPassphrase, WeakPassphrase, FileNotFoundError) as exc:
         fail(str(exc))
+    except StoreBusy as exc:
+        fail(str(exc), code=1)  # busy, as any store past its timeout: run it again
     out.print("passphrase changed; the store is re-encrypted under a new key")
 
 

@@ -12,6 +12,7 @@ hands the opened engine to `field_client.store.Store`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "KEY_NAME",
     "PENDING_KEY_NAME",
     "NoStore",
+    "StoreBusy",
     "StoreExists",
     "UnfinishedStore",
     "UnusableDataDir",
@@ -52,6 +54,10 @@ class NoStore(FileNotFoundError):
 
 class StoreExists(FileExistsError):
     """`init` on a directory that already holds a store."""
+
+
+class StoreBusy(RuntimeError):
+    """A passphrase change while another connection has the store open: nothing changed."""
 
 
 class UnfinishedStore(ValueError):
@@ -222,6 +228,10 @@ def change_passphrase(conn: sa.Connection, data_dir: Path, old: str, new: str) -
     old one first, the database is re-keyed, then the new file replaces the
     old. `unlock` finishes a change that stopped after the re-keying (the new
     passphrase opens the store) and forgets one that stopped before it.
+
+    Raises `StoreBusy`, the new key file removed and the store as it was, when
+    another connection has the database open (another `fieldreg` command, a
+    `sync --watch`): SQLite then can neither leave WAL mode nor re-key.
     """
     check_passphrase_strength(new)
     key_path = data_dir / KEY_NAME
@@ -233,9 +243,20 @@ def change_passphrase(conn: sa.Connection, data_dir: Path, old: str, new: str) -
     raw = conn.connection.dbapi_connection
     assert raw is not None
     conn.commit()
-    # SQLCipher cannot re-key a database in WAL mode: leave it, re-key, return.
-    raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    raw.execute("PRAGMA journal_mode = DELETE")
-    raw.execute(f"PRAGMA rekey = \"x'{new_key.hex()}'\"")
-    raw.execute("PRAGMA journal_mode = WAL")
+    try:
+        # SQLCipher cannot re-key a database in WAL mode: leave it, re-key, return.
+        raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        raw.execute("PRAGMA journal_mode = DELETE")
+        raw.execute(f"PRAGMA rekey = \"x'{new_key.hex()}'\"")
+    except db.DriverOperationalError:
+        # Refused as a whole (a re-key is one transaction): still the old key.
+        pending.unlink()
+        with contextlib.suppress(db.DriverOperationalError):
+            raw.execute("PRAGMA journal_mode = WAL")  # else the next opening sets it
+        raise StoreBusy(
+            "another fieldreg command has the store open (a sync --watch?): close other"
+            " fieldreg commands and try again; the passphrase was not changed"
+        ) from None
+    with contextlib.suppress(db.DriverOperationalError):
+        raw.execute("PRAGMA journal_mode = WAL")  # re-keyed: the next opening sets it else
     os.replace(pending, key_path)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from field_client.store import Store
+from tests.conftest import PASSPHRASE, sample_record
 from tests.conftest import run_cli as run
-from tests.conftest import sample_record
 
 
 def test_init_refuses_weak_passphrase(tmp_path: Path) -> None:
@@ -106,6 +107,19 @@ def test_passphrase_change(home: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert run(home, "status").returncode == 2
     assert "records    1" in run(home, "status", env={"FIELDREG_PASSPHRASE": new}).stdout
+
+
+def test_passphrase_change_while_a_sync_has_the_store_open(home: Path) -> None:
+    run(home, "register", "--json", "-", input=json.dumps(sample_record()))
+    new = "four quite random words"
+    with Store.open(home, PASSPHRASE) as watching:  # as `fieldreg sync --watch` does
+        watching.status()
+        result = run(home, "passphrase", env={"FIELDREG_NEW_PASSPHRASE": new})
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "close other fieldreg commands and try again" in result.stderr
+    assert sorted(p.name for p in home.iterdir()) == ["store.db", "store.key"]
+    assert "records    1" in run(home, "status").stdout
+    assert run(home, "status", env={"FIELDREG_PASSPHRASE": new}).returncode == 2
 
 
 def test_schema_is_json_schema() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from field_client.store import Store
-from field_client.store_files import StoreExists
+from field_client.store_files import StoreBusy, StoreExists
 from field_client.store_reads import NotFound
 from field_client.unlock import WeakPassphrase, WrongPassphrase
 from schemas.record import RegistrationCreate
@@ -238,6 +238,28 @@ def test_an_init_that_fails_part_way_leaves_nothing_behind(
         tmp_path / "dev", PASSPHRASE, site="s", operator="  Amina  ", kdf_memory_kib=1024
     ) as store:
         assert store.operator == "Amina"  # kept as the change log will write it
+
+
+def test_change_passphrase_while_another_process_has_the_store_open(
+    store: Store, tmp_path: Path
+) -> None:
+    """SQLite cannot leave WAL mode (nor re-key) while another connection has the
+    database open (`fieldreg sync --watch`): refused, nothing changed or left behind."""
+    [saved] = store.register([create()])
+    key_before = (tmp_path / "dev" / "store.key").read_bytes()
+    with Store.open(tmp_path / "dev", PASSPHRASE) as other:
+        other.status()
+        with pytest.raises(StoreBusy, match="close other fieldreg commands and try again"):
+            store.change_passphrase(PASSPHRASE, "a whole new set of words")
+        assert other.get(str(saved.id)) == saved
+    assert store.get(str(saved.id)) == saved
+    store.close()
+    assert sorted(p.name for p in (tmp_path / "dev").iterdir()) == ["store.db", "store.key"]
+    assert (tmp_path / "dev" / "store.key").read_bytes() == key_before
+    with pytest.raises(WrongPassphrase):
+        Store.open(tmp_path / "dev", "a whole new set of words")
+    with Store.open(tmp_path / "dev", PASSPHRASE) as again:
+        assert again.get(str(saved.id)) == saved
 
 
 class _Killed(BaseException):
