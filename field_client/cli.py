@@ -40,6 +40,7 @@ from field_client.cli_common import (
     passphrase_of,
     print_error,
 )
+from field_client.duplicate_review import CANDIDATES_SHOWN, review_all, with_changes
 from field_client.forms import parse_json_records, prompt_record, validate_all
 from field_client.store import Store, operator_name
 from field_client.store_files import StoreBusy, StoreExists
@@ -150,9 +151,9 @@ def register(
                 operator=operator,
                 say=lambda m: out.print(m, style="red", highlight=False, soft_wrap=True),
             )
-            items = [_review_duplicates(store, validate(RegistrationCreate, raw), ask=True)]
+            items = [_review_duplicates(store, validate(RegistrationCreate, raw))]
         elif check_duplicates:
-            items = [_review_duplicates(store, item, ask=False) for item in items]
+            items = review_all(store, items)
             flagged = sum(1 for item in items if item.duplicate_review is not None)
             if flagged:
                 out.print(
@@ -181,17 +182,13 @@ def _checked_operator(operator: str | None) -> str | None:
         fail(f"--operator: {exc.errors[0].reason}")
 
 
-def _review_duplicates(store: Store, item: RegistrationCreate, *, ask: bool) -> RegistrationCreate:
+def _review_duplicates(store: Store, item: RegistrationCreate) -> RegistrationCreate:
     """Show possible earlier registrations and record the field worker's decision."""
-    found = store.possible_duplicates(item)
+    found = store.possible_duplicates(item, limit=CANDIDATES_SHOWN)
     if not found:
         return item
     candidates = [d.id for d in found]
     review: dict[str, Any] = {"candidates": candidates, "best_score": found[0].score}
-    if not ask:
-        return item.model_copy(
-            update={"duplicate_review": {**review, "decision": "registered_anyway"}}
-        )
     table = Table("#", "id", "name", "site", "registered", "score", "why")
     for number, dup in enumerate(found, start=1):
         table.add_row(
@@ -207,9 +204,7 @@ def _review_duplicates(store: Store, item: RegistrationCreate, *, ask: bool) -> 
         decision = {**review, "decision": "registered_anyway"}
     else:
         decision = {**review, "decision": "linked", "linked_to": found[int(answer) - 1].id}
-    return RegistrationCreate.model_validate(
-        {**item.model_dump(mode="json", exclude_none=True), "duplicate_review": decision}
-    )
+    return with_changes(item, duplicate_review=decision)
 
 
 @app.command("list")
