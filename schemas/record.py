@@ -21,11 +21,12 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, date, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -60,6 +61,7 @@ __all__ = [
     "Document",
     "DuplicateReview",
     "Household",
+    "IsoDate",
     "Location",
     "Names",
     "Referral",
@@ -146,6 +148,21 @@ LongText = Annotated[  # tabs and line breaks allowed
     StringConstraints(strip_whitespace=True, min_length=1, max_length=4000),
     _shown_as_is(_HIDDEN_IN_TEXT),
 ]
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _iso_date(value: Any) -> Any:
+    # Pydantic's lax mode reads a number, or a string of digits, as a Unix
+    # timestamp (0 and "0" were 1970-01-01) and takes a datetime at midnight:
+    # a date is written YYYY-MM-DD (or given as a `date`), nothing else.
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and _ISO_DATE.fullmatch(value):
+        return value  # its day and month are checked as a date next
+    raise PydanticCustomError("iso_date", "input should be a valid date (YYYY-MM-DD)")
+
+
+IsoDate = Annotated[date, BeforeValidator(_iso_date)]
 CountryCode = Annotated[str, AfterValidator(_country)]
 SiteCode = Annotated[str, AfterValidator(_site)]
 LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")]
@@ -183,7 +200,7 @@ class DateOfBirth(_Model):
     For `year` precision the month and day are ignored (conventionally 1 January).
     """
 
-    value: date
+    value: IsoDate
     precision: DatePrecision = DatePrecision.EXACT
 
     @model_validator(mode="after")
@@ -203,7 +220,7 @@ class Document(_Model):
         Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)] | None
     ) = None
     issuing_country: CountryCode | None = None
-    expiry: date | None = None
+    expiry: IsoDate | None = None
 
 
 class Situation(_Model):
@@ -226,8 +243,8 @@ class Referral(_Model):
     service: Need
     status: ReferralStatus = ReferralStatus.PENDING
     reason: LongText | None = None
-    referred_on: date
-    updated_on: date | None = None
+    referred_on: IsoDate
+    updated_on: IsoDate | None = None
 
     @model_validator(mode="after")
     def _dates_in_order(self) -> Referral:

@@ -207,3 +207,21 @@ def test_a_hub_problem_is_printed_as_the_hub_said_it(capsys: pytest.CaptureFixtu
         hub_commands._hub_failure(down, "http://127.0.0.1:9/[/b]", is_stored=True)
     said = capsys.readouterr().err
     assert "(HTTP 503, hub.maintenance): down [/maintenance] :construction:; nothing" in said
+
+
+# -- a date of birth given as a number is not a Unix timestamp ------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", 0, 1990])
+def test_a_date_of_birth_given_as_a_number_is_refused(home: Path, value: object) -> None:
+    born = sample_record(date_of_birth={"value": value, "precision": "year"})
+    result = run(home, "register", "--json", "-", input=json.dumps(born))
+    _refused(result, "error: date_of_birth.value: input should be a valid date (YYYY-MM-DD)")
+    assert "records    0" in _status(home)
+    rid = _registered(home)
+    edited = run(home, "edit", rid, "--set", f'date_of_birth={{"value": {json.dumps(value)}}}')
+    _refused(edited, "date_of_birth.value: input should be a valid date (YYYY-MM-DD)")
+    edited = run(home, "edit", rid, "--set", "date_of_birth=1990")  # a year, as typed
+    assert edited.returncode == 0, edited.stderr
+    shown = json.loads(run(home, "show", rid, "--json").stdout)
+    assert shown["date_of_birth"] == {"value": "1990-01-01", "precision": "year"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 
 import pytest
@@ -110,6 +110,35 @@ def test_date_of_birth_short_forms() -> None:
     assert parse_field_value("situation.needs", "food, shelter") == ["food", "shelter"]
     assert parse_field_value("names.given", "007") == "007"
     assert parse_field_value("notes", "") is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["0", 0, 1990, 86400.0, True, "1990", "19880314", "1988-03-14T00:00:00", " 1988-03-14",
+     "1988-3-14", "١٩٨٨-٠٣-١٤", datetime(1988, 3, 14)],
+)  # fmt: skip
+def test_a_date_is_written_yyyy_mm_dd_never_read_as_a_timestamp(value: Any) -> None:
+    refused = "input should be a valid date (YYYY-MM-DD)"
+    born = sample_record(date_of_birth={"value": value, "precision": "year"})
+    assert errors(born) == [f"date_of_birth.value: {refused}"]
+    document = {"type": "passport", "status": "held", "expiry": value}
+    assert errors(sample_record(documents=[document])) == [f"documents[0].expiry: {refused}"]
+    referral = {"service": "food", "referred_on": value, "updated_on": value}
+    assert errors(sample_record(referrals=[referral])) == [
+        f"referrals[0].referred_on: {refused}",
+        f"referrals[0].updated_on: {refused}",
+    ]
+
+
+def test_a_date_is_still_taken_as_text_or_as_a_date() -> None:
+    as_text = validate(RegistrationCreate, sample_record())
+    assert as_text.date_of_birth == DateOfBirth(value=date(1988, 3, 14))
+    as_json = RegistrationCreate.model_validate_json(as_text.model_dump_json())
+    assert as_json == as_text
+    assert errors(sample_record(date_of_birth={"value": "1987-02-30"})) == [
+        "date_of_birth.value: input should be a valid date or datetime, day value is outside"
+        " expected range"
+    ]
 
 
 def test_set_text_meant_as_json_must_be_json() -> None:
