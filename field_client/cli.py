@@ -126,11 +126,9 @@ def register(
     items: list[RegistrationCreate]
     if json_file is not None:
         try:
-            text = (
-                sys.stdin.read()
-                if json_file == "-"
-                else Path(json_file).read_text(encoding="utf-8")
-            )
+            # utf-8-sig: Windows Notepad starts UTF-8 with a byte-order mark.
+            raw = sys.stdin.buffer.read() if json_file == "-" else Path(json_file).read_bytes()
+            text = raw.decode("utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             fail(f"cannot read {json_file}: {exc}")
         try:

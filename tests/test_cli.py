@@ -164,3 +164,20 @@ def test_error_lines_print_what_was_given_as_it_is(home: Path, tmp_path: Path) -
     assert made.returncode == 2 and made.stderr.startswith("error: site: '[/x]' is not a site")
     made = run(tmp_path / "p[/b]", "init", "--site", "s1", "--operator", "A")
     assert made.returncode == 0 and f"Store created in {tmp_path / 'p[/b]'} for" in made.stdout
+
+
+def test_input_starting_with_a_byte_order_mark_is_read(home: Path, tmp_path: Path) -> None:
+    """Windows Notepad starts a UTF-8 file with a byte-order mark."""
+    one, two = sample_record(), sample_record(names={"given": "Grace", "family": "Okafor"})
+    texts = {
+        "one.json": json.dumps(one),
+        "array.json": json.dumps([one, two]),
+        "lines.jsonl": f"{json.dumps(one)}\r\n{json.dumps(two)}\r\n",
+    }
+    for name, text in texts.items():
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        result = run(home, "register", "--json", str(tmp_path / name))
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+    result = run(home, "register", "--json", "-", input="\ufeff" + json.dumps(one))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "records    6" in run(home, "status").stdout
