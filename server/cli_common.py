@@ -4,6 +4,10 @@
 `server.cli` builds the app; command groups in their own modules
 (`audit_commands`, `dedup_commands`, `restore_commands`) register on it and
 import these instead of keeping copies.
+
+Text from the hub or the operator (names, ids, reasons, paths) may hold
+anything, `[/b]` included: it reaches the consoles escaped (`escape`), as a
+`Text`, or through `fail`, never as Rich markup.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Annotated, Any, NoReturn
 import sqlalchemy as sa
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 from server.hub import Hub
 from server.settings import HubSettings
@@ -25,14 +31,15 @@ __all__ = [
     "audit_cli",
     "cli_request_id",
     "err",
+    "escape",
     "fail",
     "open_hub",
     "out",
     "settings_for",
 ]
 
-out = Console()
-err = Console(stderr=True)
+out = Console(emoji=False)  # a name like ":flag_sy:" stays as it is
+err = Console(stderr=True, emoji=False)
 
 DataDir = Annotated[
     Path | None,
@@ -43,8 +50,10 @@ DataDir = Annotated[
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """One line on stderr and exit `code` (2: the command cannot do it)."""
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    """One line on stderr and exit `code` (2: the command cannot do it).
+
+    `message` is plain text, shown as it is: never read as markup."""
+    err.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

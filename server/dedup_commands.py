@@ -28,7 +28,7 @@ from rich.progress import (
 
 from schemas.matching import OPERATING_THRESHOLD
 from server import admin, dedup_check, duplicates
-from server.cli_common import DataDir, audit_cli, err, fail, open_hub, out
+from server.cli_common import DataDir, audit_cli, err, escape, fail, open_hub, out
 from server.dedup_file import InputError, Pair, Parsed, find_pairs, parse, write_pairs
 from server.dedup_scan import ScanStopped, scan
 
@@ -73,10 +73,10 @@ def dedup_list(
     for v in views:
         out.print(f"[bold]pair {v.id}[/bold] score {v.score:.2f} ({v.status})")
         for rid, site in ((v.record_a, v.site_a), (v.record_b, v.site_b)):
-            out.print(f"  {names.get(rid, '?')}  {rid}  site {site}")
+            out.print(escape(f"  {names.get(rid, '?')}  {rid}  site {site}"))
         for e in v.explanation:
             if e["outcome"] != "missing":
-                out.print(f"    {e['field']:14} {e['outcome']:9} {e['detail']}")
+                out.print(escape(f"    {e['field']:14} {e['outcome']:9} {e['detail']}"))
     out.print(f"{len(views)} {status} pair(s)")
 
 
@@ -242,7 +242,7 @@ def dedup_file(
     except InputError as exc:
         fail(f"{input_file}: {exc}")
     for bad in parsed.bad[:_SHOWN_BAD_LINES]:
-        err.print(f"[yellow]skipped[/yellow] {bad}")
+        err.print(f"[yellow]skipped[/yellow] {escape(str(bad))}", highlight=False)
     if len(parsed.bad) > _SHOWN_BAD_LINES:
         err.print(f"[yellow]skipped[/yellow] {len(parsed.bad) - _SHOWN_BAD_LINES} more lines")
     if parsed.bad and strict:
@@ -251,7 +251,7 @@ def dedup_file(
         fail(f"{input_file}: no readable record")
     pairs = _pairs(parsed, limit)
     _write(pairs, out)
-    where = "stdout" if out == "-" else out
+    where = "stdout" if out == "-" else escape(out)
     err.print(
         f"{len(parsed.records):,} records, {len(parsed.bad):,} skipped; "
         f"{len(pairs):,} pairs at or above {limit} written to {where}"

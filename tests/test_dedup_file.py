@@ -281,3 +281,32 @@ def test_real_command_in_a_subprocess(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error: cannot read")
     assert "Traceback" not in bad.stderr
+
+
+def _dedup_file(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`fieldreg-hub dedup-file ARGS` as an operator runs it, in `cwd`."""
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "server", "dedup-file", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_ids_and_paths_holding_rich_markup_are_shown_as_they_are(tmp_path: Path) -> None:
+    (tmp_path / "legacy[bold].csv").write_text(
+        "id,names.given,names.family\nx[/b],Ahmed,Ali\nx[/b],Ahmad,Ali\n[i]y,Ahmad,Ali\n",
+        encoding="utf-8",
+    )
+    done = _dedup_file("legacy[bold].csv", "--out", "pairs[old].csv", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "skipped line 3: id 'x[/b]' already used on line 2" in done.stderr
+    assert "written to pairs[old].csv" in done.stderr
+    assert set(pairs_of(tmp_path / "pairs[old].csv")) == {frozenset(("x[/b]", "[i]y"))}
+    missing = _dedup_file("[bold]gone.csv", "--out", "-", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error: cannot read [bold]gone.csv"), missing.stderr

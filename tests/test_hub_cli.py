@@ -7,6 +7,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import httpx
@@ -145,3 +146,73 @@ def test_init_against_another_hubs_database_makes_no_keys(tmp_path: Path) -> Non
     assert not (tmp_path / "b").exists()
     third = hub(tmp_path / "a", "init", env=shared)
     assert third.returncode == 2 and "already holds a hub" in third.stderr
+
+
+def _markup_hub(data: Path) -> str:
+    """A hub whose records, conflict, duplicate pair and quarantined batch hold
+    Rich markup; returns the id of its device."""
+    settings = HubSettings(data_dir=data)
+    with (
+        live_hub(settings) as (url, live),
+        httpx.Client(base_url=url, timeout=30) as http,
+    ):
+        a = HandDevice.enrol(http, live, "ras-jedir")
+        b = HandDevice.enrol(http, live, "ras-jedir")
+        same = {
+            "date_of_birth": {"value": "1987-05-04", "precision": "day"},
+            "sex": "male",
+            "phone": "+21698765432",
+            "place_of_birth": "[/i]Sfax",
+        }
+        one, two = a.new_record("Mahmoud[/b]"), a.new_record("Mahmoud[/b]")
+        edits = [one, two, a.edit(one.record_id, same), a.edit(two.record_id, same)]
+        first = a.new_record("Amal[/b]")
+        edits += [first, a.new_record(":warning: [bold]mallory")]
+        assert a.push(a.envelope(edits)).status_code == 200
+        held = a.edit(first.record_id, {"names.family": "[/red]A"})
+        assert a.push(a.envelope([held])).status_code == 200
+        stale = {"names.family": first.version}
+        late = b.edit(first.record_id, {"names.family": "[i]B"}, bases=stale)
+        assert b.push(b.envelope([late])).status_code == 200
+        orphan = b.edit(str(uuid.uuid4()), {"names.given": "x"})
+        assert b.push(b.envelope([orphan], batch_id="evil[/b]")).status_code == 200
+        return a.id
+
+
+def _shown(result: subprocess.CompletedProcess[str], *texts: str) -> None:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    for text in texts:
+        assert text in result.stdout, result.stdout
+
+
+def test_text_holding_rich_markup_is_shown_as_it_is(tmp_path: Path) -> None:
+    """Names, reasons, ids and user names are data: `[/b]` in them is neither
+    markup that crashes the command after it saved, nor dropped."""
+    data = tmp_path / "hub"
+    made = hub(data, "init", "--admin", "root[/b]")
+    _shown(made, "admin 'root[/b]' password (shown once): ")
+    password = made.stdout.split("(shown once): ")[1].split()[0]
+    assert len(password) == 24  # token_urlsafe(18), whole
+    device = _markup_hub(data)
+    _shown(hub(data, "records"), "Amal[/b]", ":warning: [bold]mallory")
+    _shown(hub(data, "conflicts"), "'[/red]A'", "'[i]B'")
+    _shown(hub(data, "quarantine"), "batch evil[/b]:")
+    _shown(hub(data, "dedup", "list"), "  Mahmoud[/b] Testperson  ", "'Mahmoud[/b] Testperson' ~")
+    _shown(hub(data, "device", "revoke", device, "--reason", "lost [/b]"), f"device {device}")
+    _shown(hub(data, "device", "revoke", device), "(lost [/b])")
+    _shown(hub(data, "device", "list"), "revoked (lost [/b])")
+    added = hub(
+        data,
+        "user",
+        "add",
+        "eve[/b]",
+        "--role",
+        "auditor",
+        env={"FIELDREG_HUB_USER_PASSWORD": "a long user password"},
+    )
+    _shown(added, "user eve[/b] added as auditor")
+    _shown(hub(data, "user", "list"), "eve[/b]", "root[/b]")
+    _shown(hub(data, "user", "disable", "eve[/b]"), "user eve[/b] disabled")
+    refused = hub(data, "user", "disable", "[bold]nobody")
+    assert refused.returncode == 2 and "[bold]nobody" in refused.stderr, refused.stderr
