@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets as pysecrets
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,28 +51,84 @@ class InitResult:
 
 def initialise(settings: HubSettings, *, admin: str, admin_password: str | None) -> InitResult:
     """Create keys, master key, database and the first admin. Refuses an existing hub,
-    and an admin name no one could log in with (ValueError, before anything is made)."""
+    and an admin name no one could log in with (ValueError, before anything is made).
+
+    All or nothing: when a step fails (the database refuses, a file cannot be
+    written, another hub's database), what this call made (key files, a new
+    SQLite file, directories) is removed again and the error raised as it was.
+    """
     problem = user_name_error(admin)
     if problem:
         raise ValueError(f"--admin {admin!r}: {problem}")
     HubSecrets.check_absent(settings.data_dir)
-    made_dir = not settings.data_dir.exists()
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    engine = make_engine(
-        settings.resolved_database_url(),
-        busy_timeout_s=settings.busy_timeout_s,
-        mmap_mb=settings.sqlite_mmap_mb,
-    )
+    made = _Made.before(settings)
+    engine: sa.Engine | None = None
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        engine = make_engine(
+            settings.resolved_database_url(),
+            busy_timeout_s=settings.busy_timeout_s,
+            mmap_mb=settings.sqlite_mmap_mb,
+        )
+        result = _initialise(settings, engine, made, admin=admin, admin_password=admin_password)
+    except BaseException:
+        if engine is not None:
+            engine.dispose()
+        made.undo(settings.data_dir)
+        raise
+    engine.dispose()
+    return result
+
+
+@dataclass
+class _Made:
+    """What `initialise` made, and so removes when it fails."""
+
+    new_dirs: list[Path]  # data_dir and the parents it creates, deepest first
+    new_database: Path | None  # a SQLite file that did not exist
+    has_keys: bool = False  # whether it wrote hub.keys and master.key
+
+    @classmethod
+    def before(cls, settings: HubSettings) -> _Made:
+        new_dirs = [settings.data_dir]
+        while not new_dirs[-1].exists() and new_dirs[-1].parent != new_dirs[-1]:
+            new_dirs.append(new_dirs[-1].parent)
+        url = sa.make_url(settings.resolved_database_url())
+        database = url.database if url.get_backend_name() == "sqlite" else None
+        file = Path(database) if database and database != ":memory:" else None
+        return cls(new_dirs[:-1], file if file is not None and not file.exists() else None)
+
+    def undo(self, data_dir: Path) -> None:
+        """Remove what was made; what cannot be removed stays (the error that
+        made init fail is the one worth reporting)."""
+        if self.has_keys:
+            with suppress(OSError):
+                HubSecrets.remove(data_dir)
+        if self.new_database is not None:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                with suppress(OSError):
+                    Path(f"{self.new_database}{suffix}").unlink(missing_ok=True)
+        for directory in self.new_dirs:
+            with suppress(OSError):
+                directory.rmdir()  # only when empty: nothing else is taken with it
+
+
+def _initialise(
+    settings: HubSettings,
+    engine: sa.Engine,
+    made: _Made,
+    *,
+    admin: str,
+    admin_password: str | None,
+) -> InitResult:
     old_umask = os.umask(0o077)  # the SQLite file and its WAL: owner only
     try:
         # Another hub's database is refused before any key is made: keys that
         # do not match the database would leave this directory unusable.
         if _holds_hub(engine):
-            engine.dispose()
-            if made_dir:
-                settings.data_dir.rmdir()
             raise FileExistsError("this database already holds a hub")
         secrets = HubSecrets.create(settings.data_dir)
+        made.has_keys = True
         migrate(engine)
     finally:
         os.umask(old_umask)
@@ -93,7 +150,6 @@ def initialise(settings: HubSettings, *, admin: str, admin_password: str | None)
                 created_at=datetime.now(UTC),
             )
         )
-    engine.dispose()
     return InitResult(
         settings.data_dir,
         secrets.keys.public().fingerprint(),

@@ -7,7 +7,7 @@ import getpass
 import os
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import sqlalchemy as sa
 import typer
@@ -27,9 +27,11 @@ from server.cli_common import (
     DataDir,
     audit_cli,
     cli_request_id,
+    database_reason,
     err,
     escape,
     fail,
+    file_reason,
     open_hub,
     out,
     settings_for,
@@ -81,8 +83,12 @@ def init(
     password = os.environ.get("FIELDREG_HUB_ADMIN_PASSWORD")
     try:
         result = admin.initialise(settings, admin=admin_name, admin_password=password)
-    except (FileExistsError, ValueError) as exc:
+    except ValueError as exc:
         fail(str(exc))
+    except OSError as exc:  # FileExistsError: a hub is there already
+        fail(f"init: {file_reason(exc)}; nothing was kept")
+    except sa.exc.DBAPIError as exc:
+        fail(f"init: the database refused ({database_reason(exc)}); nothing was kept")
     out.print(f"hub initialised in {escape(str(result.data_dir))}")
     out.print(f"hub key fingerprint: [bold]{escape(result.fingerprint)}[/bold]")
     admin_shown = escape(repr(result.admin))
@@ -405,18 +411,27 @@ dedup_commands.register(app)
 restore_commands.register(app)
 
 
+def _stop(message: str) -> NoReturn:
+    err.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
+    raise SystemExit(1)
+
+
 def main() -> None:
+    # Database errors end in one line, never a traceback nor the statement and
+    # its parameters (identifying data). The transaction that failed changed
+    # nothing; one committed before it stays.
     try:
         app()
     except sa.exc.OperationalError as exc:
         # Locked past FIELDREG_HUB_BUSY_TIMEOUT_S (another hub process busy), or
-        # PostgreSQL gone: one line, never a traceback. The transaction that
-        # failed changed nothing; one committed before it stays.
-        reason = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
-        err.print(
-            f"[red]error:[/red] the database did not answer ({escape(reason)}); the step that"
-            " failed changed nothing: run the command again when the hub is less busy",
-            highlight=False,
-            soft_wrap=True,
+        # PostgreSQL gone.
+        _stop(
+            f"the database did not answer ({database_reason(exc)}); the step that"
+            " failed changed nothing: run the command again when the hub is less busy"
         )
-        raise SystemExit(1) from None
+    except sa.exc.DBAPIError as exc:  # refused: rights, constraints, a schema not migrated
+        _stop(
+            f"the database refused ({database_reason(exc)}); the step that failed changed nothing"
+        )
+    except sa.exc.ArgumentError as exc:  # FIELDREG_HUB_DATABASE_URL unusable
+        _stop(f"FIELDREG_HUB_DATABASE_URL cannot be used: {exc}")

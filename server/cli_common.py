@@ -30,9 +30,11 @@ __all__ = [
     "DataDir",
     "audit_cli",
     "cli_request_id",
+    "database_reason",
     "err",
     "escape",
     "fail",
+    "file_reason",
     "open_hub",
     "out",
     "settings_for",
@@ -55,6 +57,20 @@ def fail(message: str, code: int = 2) -> NoReturn:
     `message` is plain text, shown as it is: never read as markup."""
     err.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def file_reason(exc: OSError) -> str:
+    """Which file and why, from an error of the file system."""
+    if exc.filename is None:
+        return str(exc)
+    return f"{exc.filename}: {exc.strerror or exc}"
+
+
+def database_reason(exc: sa.exc.DBAPIError) -> str:
+    """The database's own first line about `exc`: never the statement or its parameters."""
+    if exc.orig is None:
+        return type(exc).__name__
+    return (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
 
 
 def settings_for(data_dir: Path | None) -> HubSettings:

@@ -21,11 +21,16 @@ MASTER_FILE = "master.key"
 
 
 def _write_private(path: Path, data: bytes) -> None:
+    """Write a new 0600 file whole, or leave none (a half-written key is no key)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)
@@ -35,13 +40,24 @@ class HubSecrets:
 
     @classmethod
     def create(cls, data_dir: Path) -> HubSecrets:
-        """Make new key pairs and a new master key; refuse to overwrite existing ones."""
+        """Make new key pairs and a new master key; refuse to overwrite existing ones.
+        Writes both files or, failing, neither (`remove` takes them away again)."""
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cls.check_absent(data_dir)
         secrets = cls(keys=KeyPairs.generate(), master_key=os.urandom(32))
         _write_private(data_dir / KEYS_FILE, secrets.keys.to_bytes())
-        _write_private(data_dir / MASTER_FILE, secrets.master_key)
+        try:
+            _write_private(data_dir / MASTER_FILE, secrets.master_key)
+        except BaseException:
+            (data_dir / KEYS_FILE).unlink(missing_ok=True)
+            raise
         return secrets
+
+    @staticmethod
+    def remove(data_dir: Path) -> None:
+        """Delete the files `create` wrote (an `init` that failed after it)."""
+        for name in (KEYS_FILE, MASTER_FILE):
+            (data_dir / name).unlink(missing_ok=True)
 
     @staticmethod
     def check_absent(data_dir: Path) -> None:

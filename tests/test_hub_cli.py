@@ -11,9 +11,11 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
+import sqlalchemy as sa
 
 from server.settings import HubSettings
-from tests.hubkit import HandDevice, live_hub
+from tests.hubkit import POSTGRES_ENV, HandDevice, fresh_database, live_hub
 
 
 def hub(
@@ -216,3 +218,149 @@ def test_text_holding_rich_markup_is_shown_as_it_is(tmp_path: Path) -> None:
     _shown(hub(data, "user", "disable", "eve[/b]"), "user eve[/b] disabled")
     refused = hub(data, "user", "disable", "[bold]nobody")
     assert refused.returncode == 2 and "[bold]nobody" in refused.stderr, refused.stderr
+
+
+def test_an_init_the_database_refuses_keeps_nothing_and_can_run_again(tmp_path: Path) -> None:
+    """The database is someone else's (a table named like one of the hub's):
+    the migration fails, and init takes away its keys and the directory it made."""
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE users (login TEXT)")
+    shared = {"FIELDREG_HUB_DATABASE_URL": f"sqlite:///{other}"}
+    data = tmp_path / "new" / "hub"
+    for _ in range(2):  # not "already holds a hub" the second time
+        failed = hub(data, "init", env=shared)
+        assert failed.returncode == 2, failed.stderr
+        assert "Traceback" not in failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+        assert "users already exists" in failed.stderr and "nothing was kept" in failed.stderr
+        assert not (tmp_path / "new").exists()
+    with sqlite3.connect(other) as db:  # not ours: kept as it was
+        tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        assert tables == [("users",)]
+        db.execute("DROP TABLE users")
+    done = hub(data, "init", env=shared)
+    assert done.returncode == 0, done.stderr
+    assert hub(data, "device", "list", env=shared).returncode == 0
+
+
+_REFUSING_MIGRATION = """
+import sys
+import sqlalchemy as sa
+import server.admin
+
+def refuse(engine):
+    with engine.connect():  # the SQLite file is made by then
+        pass
+    raise sa.exc.ProgrammingError(
+        "CREATE TABLE users (name)", {"name": "secret-param"},
+        Exception("permission denied for schema public\\nLINE 1: CREATE TABLE users"),
+    )
+
+server.admin.migrate = refuse
+from server.cli import main
+sys.argv = ["fieldreg-hub", *sys.argv[1:]]
+main()
+"""
+
+
+_REFUSED_READ = """
+import sys
+import sqlalchemy as sa
+import server.admin
+
+def refuse(*args, **kwargs):
+    raise sa.exc.IntegrityError(
+        "SELECT * FROM records WHERE name = ?", ("secret-param",),
+        Exception("permission denied for table records\\nDETAIL: secret-detail"),
+    )
+
+server.admin.list_records = refuse
+from server.cli import main
+sys.argv = ["fieldreg-hub", *sys.argv[1:]]
+main()
+"""
+
+
+def test_any_database_error_is_one_line_without_the_statement(tmp_path: Path) -> None:
+    data = tmp_path / "hub"
+    assert hub(data, "init").returncode == 0
+    env = {**os.environ, "FIELDREG_HUB_DATA_DIR": str(data), "COLUMNS": "200"}
+    env.pop("FIELDREG_HUB_DATABASE_URL", None)
+    failed = subprocess.run(
+        [sys.executable, "-c", _REFUSED_READ, "records"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert failed.returncode == 1
+    assert failed.stderr.strip() == (
+        "error: the database refused (permission denied for table records);"
+        " the step that failed changed nothing"
+    )
+
+
+def test_an_init_failing_after_its_keys_removes_its_keys_database_and_directory(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "hub"
+    env = {**os.environ, "FIELDREG_HUB_DATA_DIR": str(data), "COLUMNS": "200"}
+    env.pop("FIELDREG_HUB_DATABASE_URL", None)
+
+    def refused_init() -> None:
+        failed = subprocess.run(
+            [sys.executable, "-c", _REFUSING_MIGRATION, "init"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+        assert failed.returncode == 2, failed.stderr
+        assert failed.stderr.strip() == (
+            "error: init: the database refused (permission denied for schema public);"
+            " nothing was kept"
+        )
+
+    for _ in range(2):  # not "already holds a hub" the second time
+        refused_init()
+        assert not data.exists()
+    (data / "kept").mkdir(parents=True)  # a directory that was there stays, with its files
+    refused_init()
+    assert sorted(p.name for p in data.iterdir()) == ["kept"]
+
+
+@pytest.mark.skipif(not os.environ.get(POSTGRES_ENV), reason=f"needs {POSTGRES_ENV}")
+def test_init_as_a_postgresql_role_without_create_keeps_nothing(tmp_path: Path) -> None:
+    import psycopg
+
+    admin_url = os.environ[POSTGRES_ENV]
+    role = f"fieldreg_limited_{uuid.uuid4().hex[:8]}"
+    data = tmp_path / "hub"
+    try:
+        with fresh_database("postgresql") as url:
+            assert url is not None
+            with psycopg.connect(url) as db:
+                db.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+                db.execute(f'CREATE ROLE "{role}" LOGIN')
+                db.commit()
+            limited = sa.make_url(url).set(username=role).render_as_string(hide_password=False)
+            env = {"FIELDREG_HUB_DATABASE_URL": limited}
+            for _ in range(2):  # the same answer again, not "already holds a hub"
+                failed = hub(data, "init", env=env)
+                assert failed.returncode == 2, failed.stderr
+                assert failed.stderr.strip() == (
+                    "error: init: the database refused (permission denied for schema public);"
+                    " nothing was kept"
+                )
+                assert not data.exists()
+            with psycopg.connect(url) as db:
+                db.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+                db.commit()
+            done = hub(data, "init", env=env)
+            assert done.returncode == 0, done.stderr
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as db:
+            db.execute(f'DROP ROLE IF EXISTS "{role}"')
