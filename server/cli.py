@@ -85,7 +85,9 @@ def init(
         result = admin.initialise(settings, admin=admin_name, admin_password=password)
     except ValueError as exc:
         fail(str(exc))
-    except OSError as exc:  # FileExistsError: a hub is there already
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) and exc.filename is None:
+            fail(str(exc))  # a hub is there already: nothing was made
         fail(f"init: {file_reason(exc)}; nothing was kept")
     except sa.exc.DBAPIError as exc:
         fail(f"init: the database refused ({database_reason(exc)}); nothing was kept")

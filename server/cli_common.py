@@ -63,7 +63,14 @@ def file_reason(exc: OSError) -> str:
     """Which file and why, from an error of the file system."""
     if exc.filename is None:
         return str(exc)
-    return f"{exc.filename}: {exc.strerror or exc}"
+    reason = f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, FileExistsError) and Path(exc.filename).is_file():
+        reason = f"{exc.filename} is a file, not a directory"
+    if isinstance(exc, NotADirectoryError):
+        blocker = next((p for p in Path(exc.filename).parents if p.is_file()), None)
+        if blocker is not None:
+            reason += f" ({blocker} is a file)"
+    return reason
 
 
 def database_reason(exc: sa.exc.DBAPIError) -> str:
@@ -81,9 +88,15 @@ def settings_for(data_dir: Path | None) -> HubSettings:
 
 
 def open_hub(data_dir: Path | None) -> Hub:
+    """The hub in `data_dir`, or one line saying why it cannot be opened: not
+    initialised, a key file unreadable (which one, why) or damaged."""
     try:
         return Hub(settings_for(data_dir))
-    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+    except FileNotFoundError as exc:
+        fail(file_reason(exc))
+    except OSError as exc:  # PermissionError, IsADirectoryError, NotADirectoryError
+        fail(f"cannot read the hub's keys: {file_reason(exc)}")
+    except (RuntimeError, ValueError) as exc:
         fail(str(exc))
 
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sync.keys import KeyPairs
+from sync.keys import KeyFormatError, KeyPairs
 
 __all__ = ["KEYS_FILE", "MASTER_FILE", "HubSecrets"]
 
@@ -70,11 +70,20 @@ class HubSecrets:
 
     @classmethod
     def load(cls, data_dir: Path) -> HubSecrets:
-        """Read the hub's secrets; raise FileNotFoundError with a hint when absent."""
+        """Read the hub's secrets; raise FileNotFoundError with a hint when absent,
+        OSError when a file cannot be read (its `filename` says which) and
+        ValueError naming the file when its content is not a key."""
         keys_path, master_path = data_dir / KEYS_FILE, data_dir / MASTER_FILE
         if not keys_path.exists() or not master_path.exists():
             raise FileNotFoundError(f"no hub keys in {data_dir}: run `fieldreg-hub init` first")
         master = master_path.read_bytes()
         if len(master) != 32:
-            raise ValueError(f"{master_path} is not a 32-byte key")
-        return cls(keys=KeyPairs.from_bytes(keys_path.read_bytes()), master_key=master)
+            raise ValueError(f"{master_path} is not a 32-byte key: {_RESTORE}")
+        try:
+            keys = KeyPairs.from_bytes(keys_path.read_bytes())
+        except KeyFormatError as exc:
+            raise ValueError(f"{keys_path} is damaged ({exc}): {_RESTORE}") from None
+        return cls(keys=keys, master_key=master)
+
+
+_RESTORE = "restore it from its backup (docs/deployment.md)"

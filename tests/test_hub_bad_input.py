@@ -5,8 +5,10 @@ directory, as `tests/test_hub_cli.py` runs them."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -251,3 +253,51 @@ def test_revoking_a_revoked_device_says_when_and_why_and_keeps_the_reason(
     with sqlite3.connect(data / "hub.db") as db:
         [reason] = db.execute("SELECT revoked_reason FROM devices").fetchone()
     assert reason == "phone lost"
+
+
+_UNREADABLE_MASTER_KEY = """
+import pathlib
+import sys
+
+read_bytes = pathlib.Path.read_bytes
+
+def refuse(path):  # what a master.key of another user gives (root reads any file)
+    if path.name == "master.key":
+        raise PermissionError(13, "Permission denied", str(path))
+    return read_bytes(path)
+
+pathlib.Path.read_bytes = refuse
+from server.cli import main
+sys.argv = ["fieldreg-hub", *sys.argv[1:]]
+main()
+"""
+
+
+def test_unreadable_or_damaged_key_files_are_named_in_one_line(data: Path, tmp_path: Path) -> None:
+    unreadable = subprocess.run(
+        [sys.executable, "-c", _UNREADABLE_MASTER_KEY, "device", "list", "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    _refused(unreadable, f"{data / 'master.key'}: Permission denied")
+    directory = tmp_path / "directory"
+    shutil.copytree(data, directory)
+    (directory / "master.key").unlink()
+    (directory / "master.key").mkdir()
+    _refused(hub(directory, "device", "list"), f"{directory / 'master.key'}: Is a directory")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(data, truncated)
+    keys = truncated / "hub.keys"
+    keys.write_bytes(keys.read_bytes()[:50])
+    _refused(hub(truncated, "user", "list"), f"{keys} is damaged", "backup")
+
+
+def test_init_under_a_regular_file_says_which_and_makes_nothing(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("notes\n", encoding="utf-8")
+    _refused(hub(afile / "hub", "init"), f"({afile} is a file)", "nothing was kept")
+    _refused(hub(afile, "init"), f"{afile} is a file, not a directory")
+    assert afile.read_text(encoding="utf-8") == "notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
