@@ -110,8 +110,10 @@ def _write_file(hub: Hub, since: datetime | None, out: Path) -> tuple[int, int]:
         with os.fdopen(handle, "w", encoding="utf-8") as sink:
             counts = _write(hub, since, sink)
         os.replace(temporary, out)
+        temporary = None
     except OSError as exc:
+        fail(f"--out {out}: cannot write it ({exc.strerror or exc}); nothing was written")
+    finally:  # a database error or an interrupt too: no .audit-*.jsonl left
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)
-        fail(f"--out {out}: cannot write it ({exc.strerror or exc}); nothing was written")
     return counts

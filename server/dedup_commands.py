@@ -188,10 +188,12 @@ def _write(pairs: list[Pair], out: str) -> None:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
             write_pairs(pairs, stream)
         os.replace(temporary, target)
+        temporary = None
     except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror or exc}")
+    finally:  # whatever stopped the writing (an interrupt too): no .dedup-*.csv left
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)
-        fail(f"cannot write {out}: {exc.strerror or exc}")
 
 
 def _pairs(parsed: Parsed, threshold: float) -> list[Pair]:

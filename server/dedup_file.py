@@ -17,13 +17,16 @@ Input is UTF-8 text in one of two shapes:
   ``date_of_birth`` beside ``date_of_birth.value``) are refused.
 
 A record's ``id`` column or member names it in the output; without one the
-record is named by its line number (JSON Lines, CSV) or position (array).
+record is named ``line:N``, N its line number as an editor shows it (JSON
+Lines, CSV; blank lines count, a byte-order mark does not) or its position (a
+JSON array). No id of the file is taken for it: when an id reads
+``line:N`` too, the record without one is ``line:N.2``.
 Records are matched as they are: any field may be missing and nothing is
 validated beyond what matching reads. A line that cannot be read at all (not
-JSON, not an object, a repeated id, a malformed ``documents`` cell) is
-reported with its line number and skipped; the command fails only when the
-file itself cannot be read or no record is left (or, with ``--strict``, on any
-skipped line).
+JSON, not an object, a repeated id, text with an unpaired surrogate such as
+``"\\ud800"``, a malformed ``documents`` cell) is reported with its line
+number and skipped; the command fails only when the file itself cannot be read
+or no record is left (or, with ``--strict``, on any skipped line).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +44,7 @@ from schemas.matching import OPERATING_THRESHOLD, candidates, profile, score
 
 __all__ = [
     "CSV_FIELDS",
+    "MAX_CELL_CHARS",
     "BadLine",
     "InputError",
     "Pair",
@@ -72,6 +77,10 @@ CSV_FIELDS = (
 """The CSV columns matching reads (plus ``documents.<n>.type|number|issuing_country``)."""
 _LISTS = frozenset({"nationalities", "names.aliases", "languages"})
 _MAX_POSITION = 20  # documents.<n>: no one carries twenty documents
+MAX_CELL_CHARS = 16 * 1024 * 1024
+"""The longest CSV cell read (a photo or scanned document as base64 fits);
+Python's default, 131,072, refused a whole file for one such cell."""
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # not U+2028 and the like: JSON text may hold them
 
 
 class InputError(ValueError):
@@ -125,7 +134,8 @@ def parse(text: str, *, fmt: str = "auto", name: str = "") -> Parsed:
     """
     if fmt not in ("auto", "json", "csv"):
         raise InputError(f"unknown format {fmt!r}: use auto, json or csv")
-    stripped = text.lstrip("\ufeff \t\r\n")
+    body = text.removeprefix("\ufeff")  # not a line: line 1 starts after it
+    stripped = body.lstrip("\ufeff \t\r\n")
     if not stripped:
         raise InputError("no records: the input is empty")
     if fmt == "auto":
@@ -134,14 +144,13 @@ def parse(text: str, *, fmt: str = "auto", name: str = "") -> Parsed:
         if not lower.endswith((".csv", ".tsv", ".json", ".jsonl", ".ndjson")):
             fmt = "json" if stripped[0] in "{[" else "csv"
     delimiter = "\t" if name.lower().endswith(".tsv") else ","
-    items = (
-        _json_items(stripped)
-        if fmt == "json"
-        else _csv_items(text.lstrip("\ufeff"), delimiter=delimiter)
-    )
-    records: list[Record] = []
+    if fmt == "json":
+        items = _json_items(body, first=stripped[0])
+    else:
+        items = _csv_items(body.lstrip("\ufeff"), delimiter=delimiter)
+    may_hold_surrogates = fmt == "json" and "\\u" in body  # only JSON escapes make them
+    readable: list[tuple[int, dict[str, Any]]] = []
     bad: list[BadLine] = []
-    seen: dict[str, int] = {}
     for line, item in items:
         if isinstance(item, BadLine):
             bad.append(item)
@@ -149,21 +158,61 @@ def parse(text: str, *, fmt: str = "auto", name: str = "") -> Parsed:
             bad.append(BadLine(line, f"expected a JSON object, got {type(item).__name__}"))
         elif not isinstance(item.get("id", ""), str | int) or isinstance(item.get("id"), bool):
             bad.append(BadLine(line, "id must be a string or a number"))
+        elif may_hold_surrogates and (where := _unpaired_surrogate(item)) is not None:
+            bad.append(BadLine(line, f"{where}: text with an unpaired surrogate (not Unicode)"))
         else:
-            ident = str(item.get("id", "")).strip() or str(line)
-            if ident in seen:
-                bad.append(BadLine(line, f"id {ident!r} already used on line {seen[ident]}"))
-                continue
-            seen[ident] = line
-            records.append(Record(ident, line, item))
-    return Parsed(records, bad)
+            readable.append((line, item))
+    records, repeated = _named(readable)
+    return Parsed(records, sorted(bad + repeated, key=lambda b: b.line))
+
+
+def _named(readable: list[tuple[int, dict[str, Any]]]) -> tuple[list[Record], list[BadLine]]:
+    """Records named by their id, or `line:N` when they have none; a repeated id
+    is a bad line (the first keeps it)."""
+    own = {str(item.get("id", "")).strip() for _, item in readable}
+    records: list[Record] = []
+    repeated: list[BadLine] = []
+    seen: dict[str, int] = {}
+    for line, item in readable:
+        ident = str(item.get("id", "")).strip()
+        if not ident:
+            ident, copy = f"line:{line}", 1
+            while ident in own:  # an id of the file's own reads the same: ends by len(own)
+                copy += 1
+                ident = f"line:{line}.{copy}"
+        elif ident in seen:
+            repeated.append(BadLine(line, f"id {ident!r} already used on line {seen[ident]}"))
+            continue
+        seen[ident] = line
+        records.append(Record(ident, line, item))
+    return records, repeated
+
+
+def _unpaired_surrogate(item: dict[str, Any]) -> str | None:
+    """The dotted path of the first text in `item` holding an unpaired surrogate
+    (which `json` decodes from an escape such as "\\ud800"), or None."""
+    todo: list[tuple[str, Any]] = [("", item)]
+    while todo:  # not recursive: nesting may be as deep as json.loads allows
+        path, value = todo.pop()
+        if isinstance(value, str):
+            if any("\ud800" <= char <= "\udfff" for char in value):
+                return path or "a value"
+        elif isinstance(value, dict):
+            for key, child in value.items():
+                if any("\ud800" <= char <= "\udfff" for char in key):
+                    return f"{path}.{key!r}".lstrip(".")
+                todo.append((f"{path}.{key}".lstrip("."), child))
+        elif isinstance(value, list):
+            todo.extend((f"{path}.{i}".lstrip("."), child) for i, child in enumerate(value))
+    return None
 
 
 _TOO_DEEP = "nested too deeply (more than Python's recursion limit)"
 
 
-def _json_items(text: str) -> Iterator[tuple[int, Any]]:
-    if text[0] == "[":
+def _json_items(text: str, *, first: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of `text` whose first non-blank character is `first`."""
+    if first == "[":
         try:
             data = json.loads(text)
         except ValueError as exc:
@@ -173,11 +222,14 @@ def _json_items(text: str) -> Iterator[tuple[int, Any]]:
         yield from enumerate(data if isinstance(data, list) else [data], start=1)
         return
     try:
-        yield 1, json.loads(text)  # one object, possibly over several lines
-        return
+        value = json.loads(text)  # one object, possibly over several lines
     except (ValueError, RecursionError):
         pass
-    for number, line in enumerate(text.splitlines(), start=1):
+    else:
+        blank = text[: len(text) - len(text.lstrip())]
+        yield 1 + len(_LINE_BREAK.findall(blank)), value
+        return
+    for number, line in enumerate(_LINE_BREAK.split(text), start=1):
         if line.strip():
             try:
                 yield number, json.loads(line)
@@ -189,6 +241,8 @@ def _json_items(text: str) -> Iterator[tuple[int, Any]]:
 
 
 def _csv_items(text: str, *, delimiter: str = ",") -> Iterator[tuple[int, Any]]:
+    # Process-wide, and only ever raised: no other reader wants fewer.
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_CELL_CHARS))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = [column.strip() for column in next(reader)]

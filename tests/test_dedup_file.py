@@ -108,9 +108,9 @@ def test_jsonl_pairs_with_bad_lines_reported(tmp_path: Path) -> None:
     assert "8 records, 2 skipped" in result.stderr
     found = pairs_of(out)
     # one person: every pair among these four, or enough of them to join all four
-    same = {"egy-1", "egy-2", "egy-3", "10"}
+    same = {"egy-1", "egy-2", "egy-3", "line:10"}  # line 10 has no id
     assert set().union(*found) == same
-    assert {frozenset(("egy-1", "egy-2")), frozenset(("egy-3", "10"))} <= set(found)
+    assert {frozenset(("egy-1", "egy-2")), frozenset(("egy-3", "line:10"))} <= set(found)
     assert all(value >= OPERATING_THRESHOLD for value in found.values())
 
 
@@ -215,7 +215,7 @@ def test_parse_and_unflatten() -> None:
     with pytest.raises(ValueError, match="clashes"):
         unflatten({"sex": "male", "sex.code": "m"})
     parsed = parse('[{"id": 1}, {"id": 1}, {"id": {"x": 1}}, {}]')
-    assert [r.id for r in parsed.records] == ["1", "4"]
+    assert [r.id for r in parsed.records] == ["1", "line:4"]
     assert [str(b) for b in parsed.bad] == [
         "line 2: id '1' already used on line 1",
         "line 3: id must be a string or a number",
@@ -310,3 +310,79 @@ def test_ids_and_paths_holding_rich_markup_are_shown_as_they_are(tmp_path: Path)
     missing = _dedup_file("[bold]gone.csv", "--out", "-", cwd=tmp_path)
     assert missing.returncode == 2
     assert missing.stderr.startswith("error: cannot read [bold]gone.csv"), missing.stderr
+
+
+_AHMED = {"names": {"given": "Ahmed", "family": "Ali"}, "date_of_birth": "1987-05-04"}
+_AHMAD = {"names": {"given": "Ahmad", "family": "Ali"}, "date_of_birth": "1987-05-04"}
+
+
+def test_text_with_an_unpaired_surrogate_is_skipped_and_no_temporary_file_is_left(
+    tmp_path: Path,
+) -> None:
+    lines = [
+        json.dumps({**_AHMED, "id": "\ud800a"}),  # json writes it as the escape "\ud800a"
+        json.dumps({**_AHMAD, "id": "b"}),
+        json.dumps({**_AHMAD, "id": "c", "names": {"given": "x\udfff", "family": "Ali"}}),
+        json.dumps({**_AHMED, "id": "d"}),
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    done = _dedup_file("in.jsonl", "--out", "pairs.csv", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "skipped line 1: id: text with an unpaired surrogate" in done.stderr
+    assert "skipped line 3: names.given: text with an unpaired surrogate" in done.stderr
+    assert set(pairs_of(tmp_path / "pairs.csv")) == {frozenset(("b", "d"))}
+    strict = _dedup_file("in.jsonl", "--out", "strict.csv", "--strict", cwd=tmp_path)
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "pairs.csv"]
+
+
+def test_line_numbers_are_the_files_and_records_without_id_never_take_an_id(
+    tmp_path: Path,
+) -> None:
+    """A byte-order mark and blank lines before the first record, a name holding
+    U+2028 (JSON text may): the lines reported are the lines an editor shows.
+    A record without an id is `line:N`, which no id of the file takes from it."""
+    lines = [
+        "",
+        "",
+        json.dumps(_AHMED),
+        "{not json",
+        json.dumps({**_AHMAD, "place_of_birth": "Sfax\u2028Tunisia"}, ensure_ascii=False),
+        "{again not json",
+        json.dumps({**_AHMAD, "id": "line:7"}),
+        json.dumps({**_AHMED, "id": 3}),
+    ]
+    (tmp_path / "in.jsonl").write_text("\ufeff" + "\r\n".join(lines), encoding="utf-8")
+    done = _dedup_file("in.jsonl", "--out", "-", "--threshold", "0.5", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "skipped line 4: not valid JSON" in done.stderr
+    assert "skipped line 6: not valid JSON" in done.stderr
+    assert "4 records, 2 skipped" in done.stderr
+    names = {name for row in done.stdout.splitlines()[1:] for name in row.split(",")[:2]}
+    assert names == {"line:3", "line:5", "line:7", "3"}
+    (tmp_path / "in.csv").write_text(
+        "id,names.given,names.family,date_of_birth\n"
+        ",Ahmed,Ali,1987-05-04\n"
+        ",Samir,Haddad,1990-01-01\n"
+        "3,Ahmad,Ali,1987-05-04\n"
+        "line:2,Ahmad,Ali,1987-05-04\n",
+        encoding="utf-8",
+    )
+    done = _dedup_file("in.csv", "--out", "-", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "4 records, 0 skipped" in done.stderr
+    names = {name for row in done.stdout.splitlines()[1:] for name in row.split(",")[:2]}
+    assert names == {"line:2.2", "3", "line:2"}  # Samir pairs with no one
+
+
+def test_a_csv_cell_longer_than_pythons_default_limit_is_read(tmp_path: Path) -> None:
+    photo = "A" * 200_000  # a small photo as base64
+    (tmp_path / "in.csv").write_text(
+        "id,names.given,names.family,date_of_birth,photo\n"
+        "1,Ahmed,Ali,1987-05-04,\n"
+        f"2,Ahmad,Ali,1987-05-04,{photo}\n",
+        encoding="utf-8",
+    )
+    done = _dedup_file("in.csv", "--out", "-", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [row.split(",")[:2] for row in done.stdout.splitlines()[1:]] == [["1", "2"]]
