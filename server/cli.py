@@ -11,7 +11,6 @@ from typing import Annotated, NoReturn
 
 import sqlalchemy as sa
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from server import (
@@ -35,6 +34,7 @@ from server.cli_common import (
     open_hub,
     out,
     settings_for,
+    table_of,
 )
 from server.db import make_engine, migrate
 from server.keystore import KEYS_FILE
@@ -55,6 +55,8 @@ user_app = typer.Typer(help="People who log in to the hub.", no_args_is_help=Tru
 app.add_typer(user_app, name="user")
 
 
+MAX_RECORDS_LISTED = 1_000_000
+"""The most `records --limit` lists (each one unsealed, in memory)."""
 MAX_CODE_VALIDITY = timedelta(days=90)
 """The longest an enrolment code may stay valid (`--expires`)."""
 _UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1)}
@@ -188,7 +190,7 @@ def device_list(data_dir: DataDir = None) -> None:
     flag_ms = hub.settings.clock_flag_ms
     with hub.engine.connect() as conn:
         rows = device_store.list_devices(conn)
-    table = Table("device", "sites", "last contact", "high-water", "clock offset", "status")
+    table = table_of("device", "sites", "last contact", "high-water", "clock offset", "status")
     for d in rows:
         offset = Text("?" if d.clock_offset_ms is None else f"{d.clock_offset_ms / 1000:+.1f}s")
         if d.clock_offset_ms is not None and abs(d.clock_offset_ms) > flag_ms:
@@ -301,7 +303,7 @@ def user_list(data_dir: DataDir = None) -> None:
     hub = open_hub(data_dir)
     with hub.engine.connect() as conn:
         found = accounts.list_users(conn)
-    table = Table("user", "role", "sites", "state")
+    table = table_of("user", "role", "sites", "state")
     now = datetime.now(UTC)
     for u in found:
         state = (
@@ -358,14 +360,14 @@ def user_reset_password(name: Annotated[str, typer.Argument()], data_dir: DataDi
 @app.command()
 def records(
     data_dir: DataDir = None,
-    limit: Annotated[int, typer.Option(min=1)] = 100,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_RECORDS_LISTED)] = 100,
 ) -> None:
     """What the hub holds (names are unsealed: identifying data)."""
     hub = open_hub(data_dir)
     views = admin.list_records(hub.engine, hub.secrets.master_key, limit=limit)
     with hub.engine.begin() as conn:  # a read of identifying data, like any other
         audit_cli(hub, conn, "records.list", f"records:{len(views)}")
-    table = Table("id", "site", "name", "scenario", "nationality", "needs")
+    table = table_of("id", "site", "name", "scenario", "nationality", "needs")
     for v in views:
         cells = (
             v.id,

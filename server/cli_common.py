@@ -21,6 +21,7 @@ import sqlalchemy as sa
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Column, Table
 from rich.text import Text
 
 from server.hub import Hub
@@ -38,6 +39,7 @@ __all__ = [
     "open_hub",
     "out",
     "settings_for",
+    "table_of",
 ]
 
 out = Console(emoji=False)  # a name like ":flag_sy:" stays as it is
@@ -49,6 +51,15 @@ DataDir = Annotated[
         "--data-dir", envvar="FIELDREG_HUB_DATA_DIR", help="Hub keys, master key, SQLite file."
     ),
 ]
+
+
+def table_of(key: str, *headers: str) -> Table:
+    """A table whose first column (`key`: device ids, record ids, user names,
+    which other commands take) is never wrapped nor cut, whatever the width,
+    and whose other cells fold onto more lines instead of ending in "…"."""
+    columns = [Column(key, no_wrap=True, overflow="fold")]
+    columns += [Column(header, overflow="fold") for header in headers]
+    return Table(*columns)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -301,3 +301,10 @@ def test_init_under_a_regular_file_says_which_and_makes_nothing(tmp_path: Path) 
     _refused(hub(afile, "init"), f"{afile} is a file, not a directory")
     assert afile.read_text(encoding="utf-8") == "notes\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("limit", ["0", "1000001", "99999999999999999999"])
+def test_records_limit_is_bounded(data: Path, limit: str) -> None:
+    refused = hub(data, "records", "--limit", limit)
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr and "--limit" in refused.stderr

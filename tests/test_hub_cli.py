@@ -364,3 +364,26 @@ def test_init_as_a_postgresql_role_without_create_keeps_nothing(tmp_path: Path) 
     finally:
         with psycopg.connect(admin_url, autocommit=True) as db:
             db.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_ids_in_tables_are_whole_at_any_terminal_width(tmp_path: Path) -> None:
+    """`device revoke ID` and `user disable NAME` take what the tables show:
+    an id cut to `aaa2a8c9-9…` cannot be copied back."""
+    data = tmp_path / "hub"
+    assert hub(data, "init").returncode == 0
+    site = "ras-jedir-north-camp-section-b"
+    with (
+        live_hub(HubSettings(data_dir=data)) as (url, live),
+        httpx.Client(base_url=url, timeout=30) as http,
+    ):
+        device = HandDevice.enrol(http, live, site)
+        record = device.new_record("Mohammed Abdulrahman Abdelaziz")
+        assert device.push(device.envelope([record])).status_code == 200
+    user = "amina.abdelrahman@unhcr-field-office.example"
+    password = {"FIELDREG_HUB_USER_PASSWORD": "a long user password"}
+    assert hub(data, "user", "add", user, "--role", "auditor", env=password).returncode == 0
+    for columns in ("80", "60"):
+        narrow = {"COLUMNS": columns}
+        _shown(hub(data, "device", "list", env=narrow), device.id)
+        _shown(hub(data, "records", env=narrow), record.record_id)
+        _shown(hub(data, "user", "list", env=narrow), user)
