@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gc
 import getpass
-import os
 import re
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, NoReturn
 
@@ -31,8 +31,10 @@ from server.cli_common import (
     escape,
     fail,
     file_reason,
+    is_text,
     open_hub,
     out,
+    password_from,
     settings_for,
     table_of,
 )
@@ -82,7 +84,7 @@ def init(
 ) -> None:
     """Create the hub's key pairs, master key (0600), database and first admin."""
     settings = settings_for(data_dir)
-    password = os.environ.get("FIELDREG_HUB_ADMIN_PASSWORD")
+    password = password_from("FIELDREG_HUB_ADMIN_PASSWORD")  # empty: generated, and shown
     try:
         result = admin.initialise(settings, admin=admin_name, admin_password=password)
     except ValueError as exc:
@@ -241,7 +243,7 @@ def device_revoke(
 
 
 def _new_password(prompt: str) -> str:
-    from_env = os.environ.get("FIELDREG_HUB_USER_PASSWORD")
+    from_env = password_from("FIELDREG_HUB_USER_PASSWORD")
     if from_env:
         return from_env
     try:
@@ -250,6 +252,8 @@ def _new_password(prompt: str) -> str:
             fail("the two passwords differ")
     except (EOFError, OSError):
         fail("no password: set FIELDREG_HUB_USER_PASSWORD or run in a terminal")
+    if not is_text(first):
+        fail("the password is not UTF-8 text")
     return first
 
 
@@ -415,15 +419,18 @@ dedup_commands.register(app)
 restore_commands.register(app)
 
 
-def _stop(message: str) -> NoReturn:
+def _stop(message: str, code: int = 1) -> NoReturn:
     err.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
-    raise SystemExit(1)
+    raise SystemExit(code)
 
 
 def main() -> None:
     # Database errors end in one line, never a traceback nor the statement and
     # its parameters (identifying data). The transaction that failed changed
     # nothing; one committed before it stays.
+    for position, argument in enumerate(sys.argv[1:], start=1):
+        if not is_text(argument):  # a name, reason or path in another encoding
+            _stop(f"argument {position} ({argument!r}) is not UTF-8 text", code=2)
     try:
         app()
     except sa.exc.OperationalError as exc:

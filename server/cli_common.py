@@ -12,6 +12,7 @@ anything, `[/b]` included: it reaches the consoles escaped (`escape`), as a
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,8 +37,10 @@ __all__ = [
     "escape",
     "fail",
     "file_reason",
+    "is_text",
     "open_hub",
     "out",
+    "password_from",
     "settings_for",
     "table_of",
 ]
@@ -89,6 +92,24 @@ def database_reason(exc: sa.exc.DBAPIError) -> str:
     if exc.orig is None:
         return type(exc).__name__
     return (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+
+
+def is_text(value: str) -> bool:
+    """Whether `value` is Unicode text: not bytes that were not UTF-8, which
+    Python hands over as lone surrogates (`\\udcff`) no database or hash takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def password_from(variable: str) -> str | None:
+    """The password in environment `variable`, None when unset or empty."""
+    value = os.environ.get(variable) or None
+    if value is not None and not is_text(value):
+        fail(f"{variable} is not UTF-8 text")
+    return value
 
 
 def settings_for(data_dir: Path | None) -> HubSettings:

@@ -308,3 +308,28 @@ def test_records_limit_is_bounded(data: Path, limit: str) -> None:
     refused = hub(data, "records", "--limit", limit)
     assert refused.returncode == 2, refused.stderr
     assert "Traceback" not in refused.stderr and "--limit" in refused.stderr
+
+
+def test_text_that_is_not_utf8_is_refused_in_one_line(data: Path, tmp_path: Path) -> None:
+    """Bytes of another encoding reach Python as lone surrogates ("\\udcff"),
+    which neither the database nor the password hash takes."""
+    before = _count(data, "users")
+    user_env = {"FIELDREG_HUB_USER_PASSWORD": "a long user password"}
+    latin1 = "b\udcf6b"  # "böb" written in Latin-1
+    _refused(hub(data, "user", "add", latin1, "--role", "auditor", env=user_env), "argument 3")
+    _refused(hub(data, "user", "disable", latin1), "is not UTF-8 text")
+    bad_password = {"FIELDREG_HUB_USER_PASSWORD": "a long p\udcf6ssword"}
+    _refused(
+        hub(data, "user", "add", "bob", "--role", "auditor", env=bad_password),
+        "FIELDREG_HUB_USER_PASSWORD is not UTF-8 text",
+    )
+    assert _count(data, "users") == before
+    bad_admin = {"FIELDREG_HUB_ADMIN_PASSWORD": "a long p\udcf6ssword"}
+    _refused(hub(tmp_path / "hub", "init", env=bad_admin), "FIELDREG_HUB_ADMIN_PASSWORD is not")
+    assert not (tmp_path / "hub").exists()
+
+
+def test_an_empty_admin_password_variable_gets_a_password_made_and_shown(tmp_path: Path) -> None:
+    made = hub(tmp_path / "hub", "init", env={"FIELDREG_HUB_ADMIN_PASSWORD": ""})
+    assert made.returncode == 0, made.stderr
+    assert "password (shown once): " in made.stdout
