@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import getpass
 import re
 import sys
 from datetime import UTC, datetime, timedelta
@@ -19,9 +18,9 @@ from server import (
     audit_commands,
     dedup_commands,
     restore_commands,
+    user_commands,
 )
 from server import devices as device_store
-from server.accounts import Role
 from server.cli_common import (
     DataDir,
     audit_cli,
@@ -53,8 +52,6 @@ app = typer.Typer(
 )
 device_app = typer.Typer(help="Enrolled devices.", no_args_is_help=True)
 app.add_typer(device_app, name="device")
-user_app = typer.Typer(help="People who log in to the hub.", no_args_is_help=True)
-app.add_typer(user_app, name="user")
 
 
 MAX_RECORDS_LISTED = 1_000_000
@@ -242,125 +239,6 @@ def device_revoke(
     out.print(f"device {escape(device.id)} revoked; its next contact is told to wipe itself")
 
 
-def _new_password(prompt: str) -> str:
-    from_env = password_from("FIELDREG_HUB_USER_PASSWORD")
-    if from_env:
-        return from_env
-    try:
-        first = getpass.getpass(f"{prompt}: ")
-        if getpass.getpass(f"{prompt} (again): ") != first:
-            fail("the two passwords differ")
-    except (EOFError, OSError):
-        fail("no password: set FIELDREG_HUB_USER_PASSWORD or run in a terminal")
-    if not is_text(first):
-        fail("the password is not UTF-8 text")
-    return first
-
-
-@user_app.command("add")
-def user_add(
-    name: Annotated[str, typer.Argument(help="Login name.")],
-    role: Annotated[Role, typer.Option(help="What the user may do (see docs/permissions.md).")],
-    sites: Annotated[
-        list[str] | None,
-        typer.Option("--site", help="A site in scope (repeat); none: all, for auditor/admin."),
-    ] = None,
-    data_dir: DataDir = None,
-) -> None:
-    """Add a user (password asked, or FIELDREG_HUB_USER_PASSWORD)."""
-    problem = accounts.user_name_error(name)
-    if problem:
-        fail(f"user name {name!r}: {problem}")
-    for site in sites or []:
-        problem = accounts.site_code_error(site)
-        if problem:
-            fail(f"--site: {problem}")
-    hub = open_hub(data_dir)
-    password = _new_password("Password")
-    try:
-        with hub.engine.begin() as conn:
-            user = accounts.add_user(
-                conn,
-                name=name,
-                role=role,
-                sites=sites or [],
-                password=password,
-                now=datetime.now(UTC),
-            )
-            audit_cli(
-                hub,
-                conn,
-                "user.add",
-                f"user:{name}",
-                actor="cli:admin",
-                detail={"role": role.value, "sites": sorted(user.sites)},
-            )
-    except Problem as exc:
-        fail(exc.detail)
-    scope = ", ".join(sorted(user.sites)) or "all sites"
-    out.print(f"user {escape(user.name)} added as {user.role.value} ({escape(scope)})")
-
-
-@user_app.command("list")
-def user_list(data_dir: DataDir = None) -> None:
-    """Every user: role, sites, state."""
-    hub = open_hub(data_dir)
-    with hub.engine.connect() as conn:
-        found = accounts.list_users(conn)
-    table = table_of("user", "role", "sites", "state")
-    now = datetime.now(UTC)
-    for u in found:
-        state = (
-            "disabled"
-            if not u.is_active
-            else "locked"
-            if u.locked_until and u.locked_until > now
-            else "active"
-        )
-        table.add_row(Text(u.name), u.role.value, Text(", ".join(sorted(u.sites)) or "all"), state)
-    out.print(table)
-
-
-@user_app.command("disable")
-def user_disable(name: Annotated[str, typer.Argument()], data_dir: DataDir = None) -> None:
-    """Disable a user and end their sessions."""
-    hub = open_hub(data_dir)
-    try:
-        with hub.engine.begin() as conn:
-            accounts.set_active(conn, name, is_active=False)
-            audit_cli(hub, conn, "user.disable", f"user:{name}", actor="cli:admin")
-    except Problem as exc:
-        fail(exc.detail)
-    out.print(f"user {escape(name)} disabled; their sessions are ended")
-
-
-@user_app.command("enable")
-def user_enable(name: Annotated[str, typer.Argument()], data_dir: DataDir = None) -> None:
-    """Enable a disabled user again."""
-    hub = open_hub(data_dir)
-    try:
-        with hub.engine.begin() as conn:
-            accounts.set_active(conn, name, is_active=True)
-            audit_cli(hub, conn, "user.enable", f"user:{name}", actor="cli:admin")
-    except Problem as exc:
-        fail(exc.detail)
-    out.print(f"user {escape(name)} enabled")
-
-
-@user_app.command("reset-password")
-def user_reset_password(name: Annotated[str, typer.Argument()], data_dir: DataDir = None) -> None:
-    """Set a new password (asked, or FIELDREG_HUB_USER_PASSWORD); clears a lockout."""
-    hub = open_hub(data_dir)
-    password = _new_password("New password")
-    try:
-        with hub.engine.begin() as conn:
-            accounts.set_password(conn, name, password)
-            audit_cli(hub, conn, "user.reset_password", f"user:{name}", actor="cli:admin")
-    except Problem as exc:
-        fail(exc.detail)
-    out.print(f"password of {escape(name)} reset; their sessions are ended")
-
-
 @app.command()
 def records(
     data_dir: DataDir = None,
@@ -417,6 +295,7 @@ def quarantine_cmd(data_dir: DataDir = None) -> None:
 audit_commands.register(app)
 dedup_commands.register(app)
 restore_commands.register(app)
+user_commands.register(app)
 
 
 def _stop(message: str, code: int = 1) -> NoReturn:
