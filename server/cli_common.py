@@ -26,7 +26,8 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from server.hub import Hub
-from server.settings import HubSettings
+from server.keystore import KEYS_FILE
+from server.settings import DEFAULT_DATABASE, HubSettings
 
 __all__ = [
     "DataDir",
@@ -121,9 +122,21 @@ def settings_for(data_dir: Path | None) -> HubSettings:
 
 def open_hub(data_dir: Path | None) -> Hub:
     """The hub in `data_dir`, or one line saying why it cannot be opened: not
-    initialised, a key file unreadable (which one, why) or damaged."""
+    initialised, a key file unreadable (which one, why) or damaged, its SQLite
+    database missing (never made anew, empty, beside the keys)."""
     try:
-        return Hub(settings_for(data_dir))
+        settings = settings_for(data_dir)
+    except ValueError as exc:  # a FIELDREG_HUB_* variable out of range
+        fail(str(exc))
+    database = settings.data_dir / DEFAULT_DATABASE
+    keys = settings.data_dir / KEYS_FILE
+    if settings.database_url is None and keys.is_file() and not database.exists():
+        fail(
+            f"the hub's database {database} is missing: put its backup back in place"
+            " (docs/deployment.md, Restoring), or set FIELDREG_HUB_DATABASE_URL"
+        )
+    try:
+        return Hub(settings)
     except FileNotFoundError as exc:
         fail(file_reason(exc))
     except OSError as exc:  # PermissionError, IsADirectoryError, NotADirectoryError

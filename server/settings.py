@@ -7,7 +7,10 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["HubSettings"]
+__all__ = ["DEFAULT_DATABASE", "HubSettings"]
+
+DEFAULT_DATABASE = "hub.db"
+"""The SQLite file in the data directory when no database URL is set."""
 
 _DAY_MS = 86_400_000
 
@@ -63,4 +66,4 @@ class HubSettings(BaseSettings):
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{(self.data_dir / 'hub.db').resolve()}"
+        return f"sqlite:///{(self.data_dir / DEFAULT_DATABASE).resolve()}"

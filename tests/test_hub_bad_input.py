@@ -235,6 +235,15 @@ def test_migrate_names_a_missing_data_directory_or_one_without_a_hub(tmp_path: P
     assert list((tmp_path / "empty").iterdir()) == []
 
 
+def test_a_hub_whose_database_went_missing_says_so_and_makes_none(tmp_path: Path) -> None:
+    data = tmp_path / "hub"
+    assert hub(data, "init", env=ADMIN_ENV).returncode == 0
+    (data / "hub.db").rename(data / "elsewhere.db")
+    for args in (("device", "list"), ("records",), ("user", "list"), ("dedup", "list")):
+        _refused(hub(data, *args), "hub.db is missing", "backup")
+        assert not (data / "hub.db").exists()
+
+
 def test_revoking_a_revoked_device_says_when_and_why_and_keeps_the_reason(
     tmp_path: Path,
 ) -> None:

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from server.settings import HubSettings
-from tests.hubkit import POSTGRES_ENV, HandDevice, fresh_database, live_hub
+from tests.hubkit import POSTGRES_ENV, HandDevice, database_backends, fresh_database, live_hub
 
 
 def hub(
@@ -332,15 +332,18 @@ def test_an_init_failing_after_its_keys_removes_its_keys_database_and_directory(
     assert sorted(p.name for p in data.iterdir()) == ["kept"]
 
 
-@pytest.mark.skipif(not os.environ.get(POSTGRES_ENV), reason=f"needs {POSTGRES_ENV}")
-def test_init_as_a_postgresql_role_without_create_keeps_nothing(tmp_path: Path) -> None:
+# PostgreSQL only: without FIELDREG_TEST_POSTGRES_URL no parameter, so not collected.
+@pytest.mark.parametrize("backend", [b for b in database_backends() if b == "postgresql"])
+def test_init_as_a_postgresql_role_without_create_keeps_nothing(
+    tmp_path: Path, backend: str
+) -> None:
     import psycopg
 
     admin_url = os.environ[POSTGRES_ENV]
     role = f"fieldreg_limited_{uuid.uuid4().hex[:8]}"
     data = tmp_path / "hub"
     try:
-        with fresh_database("postgresql") as url:
+        with fresh_database(backend) as url:
             assert url is not None
             with psycopg.connect(url) as db:
                 db.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
