@@ -37,6 +37,8 @@ _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 # (an edit's canonical JSON): five more keys with their quotes, colons and commas.
 _ADDED_BYTES = 25
 _EMPTY_BASES_BYTES = len(',"b":{}')
+_MAX_SEQ = 2**63 - 1  # the largest hub sequence either database stores
+_NONCE_BYTES = 12  # a sealed value starts with its random AES-GCM nonce (`server.sealing`)
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def decode_cursor(cursor: str, epoch: str) -> Cursor:
         raise Problem(
             400, "cursor.invalid", "the cursor is not one this hub gave out", epoch=epoch
         ) from None
-    if len(rest) > 1 or value < 0:
+    if len(rest) > 1 or not 0 <= value <= _MAX_SEQ:
         raise Problem(400, "cursor.invalid", "the cursor is not one this hub gave out", epoch=epoch)
     if cursor_epoch != epoch:
         raise Problem(
@@ -88,17 +90,20 @@ def change_mark(conn: sa.Connection, hub_seq: int) -> str:
 
     A hub restored from an older backup numbers new changes with sequences it
     had given out before; the mark tells the change a cursor was made after
-    from the one that now has its number.
+    from the one that now has its number. It covers the sealed row's random
+    nonce: a device that pushes the same change again after such a restore
+    may land it on the very same number, and must not pass for the original.
     """
     if hub_seq <= 0:
         return ""
-    stmt = sa.select(changes.c.record_id, changes.c.device_id, changes.c.stamp).where(
-        changes.c.hub_seq == hub_seq
-    )
+    stmt = sa.select(
+        changes.c.record_id, changes.c.device_id, changes.c.stamp, changes.c.sealed
+    ).where(changes.c.hub_seq == hub_seq)
     row = conn.execute(stmt).first()
     if row is None:
         return ""
-    text = f"{row.record_id}|{row.device_id}|{row.stamp}"
+    nonce = bytes(row.sealed[:_NONCE_BYTES]).hex()
+    text = f"{row.record_id}|{row.device_id}|{row.stamp}|{nonce}"
     return base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()[:9]).decode()
 
 

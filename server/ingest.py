@@ -208,6 +208,16 @@ def _poison_reason(
             return f"site.out_of_scope: this device does not serve site {site!r}"
     if rec is not None and rec.site not in sites:
         return f"site.out_of_scope: this device does not serve site {rec.site!r}"
+    # A registration stays at the site it was made at (devices never edit it):
+    # a record that moved would reach the new site's devices without the edits
+    # logged before, and the old site's would never hear of the move.
+    if rec is not None and "registration" in values and rec.site is not None:
+        site = values["registration"].get("site")
+        if site != rec.site:
+            return (
+                f"site.fixed: a registration stays at its site {rec.site!r};"
+                f" register the person at {site!r} (the duplicate check links them)"
+            )
     return None
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server import accounts, admin
+from server import accounts
 from server.accounts import Role
 from server.hub import Hub
 from server.permissions import HUB_WIDE, PERMISSIONS, Permission
@@ -258,54 +258,6 @@ def _add_user(world: World, name: str, role: Role, sites: list[str]) -> None:
             conn, name=name, role=role, sites=sites, password=PASSWORD, now=datetime.now(UTC)
         )
     world.tokens[name] = world.login(name)
-
-
-def test_a_conflict_follows_its_record_to_another_site(world: World) -> None:
-    _add_user(world, "aud-a", Role.AUDITOR, ["site-a"])
-    _add_user(world, "opb", Role.HUB_OPERATOR, ["site-b"])
-    [listed] = world.get("/api/v1/conflicts", "aud-a").json()
-    assert listed["site"] == "site-a"
-    # A device serving both sites moves the record: its conflict goes with it.
-    both = HandDevice.enrol(world.http, world.hub, "site-a", also=("site-b",))
-    rid = world.rec_a.record_id
-    moved = {**dict(world.rec_a.fields)["registration"], "site": "site-b"}
-    base = Version(world.rec_a.version.stamp, world.devices[0].id)
-    move = both.edit(rid, {"registration": moved}, {"registration": base})
-    both.open_answer(both.push(both.envelope([move])))
-    assert world.get(f"/api/v1/records/{rid}", "aud-a").status_code == 404
-    for who in ("aud-a", "opa"):
-        assert world.get("/api/v1/conflicts", who).json() == []
-        gone = world.get(f"/api/v1/conflicts/{listed['id']}", who)
-        assert gone.status_code == 404 and gone.json()["code"] == "conflict.not_found"
-    refused = world.post(
-        f"/api/v1/conflicts/{listed['id']}/resolve",
-        "aud-a",
-        json={"choice": "current", "reason": "not my site any more"},
-    )
-    assert refused.status_code == 404 and refused.json()["code"] == "conflict.not_found"
-    [seen] = world.get("/api/v1/conflicts", "opb").json()
-    assert seen["id"] == listed["id"] and seen["site"] == "site-b" and seen["status"] == "open"
-    [shown] = admin.list_conflicts(world.hub.engine, world.hub.secrets.master_key)
-    assert shown.site == "site-b"  # `fieldreg-hub conflicts` too
-    assert world.get("/api/v1/conflicts", "aud", params={"site": "site-a"}).json() == []
-    assert [
-        c["id"] for c in world.get("/api/v1/conflicts", "aud", params={"site": "site-b"}).json()
-    ] == [listed["id"]]
-    assert (
-        world.get(f"/api/v1/conflicts/{listed['id']}", "opb").json()["conflict"]["site"] == "site-b"
-    )
-    done = world.post(
-        f"/api/v1/conflicts/{listed['id']}/resolve",
-        "aud",
-        json={"choice": "current", "reason": "checked with the person"},
-    )
-    assert done.status_code == 200, done.text
-    refused = world.post(
-        f"/api/v1/conflicts/{listed['id']}/reopen", "aud-a", json={"reason": "not my site"}
-    )
-    assert refused.status_code == 404 and refused.json()["code"] == "conflict.not_found"
-    still = world.get(f"/api/v1/conflicts/{listed['id']}", "aud").json()["conflict"]
-    assert still["status"] == "resolved" and still["resolved_by"] == "user:aud"
 
 
 def test_the_audit_log_is_for_auditors_and_admins_of_every_site(world: World) -> None:

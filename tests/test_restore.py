@@ -257,6 +257,34 @@ def test_an_edit_parked_after_a_restore_is_released_and_its_device_hears_of_it(
             assert released == 1 and later.received_edits == 0 and later.released == 0
 
 
+def test_a_change_pushed_again_onto_its_old_number_does_not_pass_for_the_original(
+    place: HubPlace, tmp_path: Path
+) -> None:
+    """Restored without `restored` (a failover): c's change is lost, d's new one
+    takes its number 1, and b's change, pushed again with a new one, lands on
+    its old number 2. b's cursor (2 and its mark) must not pass: b would never
+    pull d's change."""
+    backup = tmp_path / "hub-backup"
+    with ExitStack() as stack:
+        with live_hub(place.settings) as (url, live):
+            b = stack.enter_context(new_device(tmp_path, "b", url, live, sites=[SITE]))
+            c = stack.enter_context(new_device(tmp_path, "c", url, live, sites=[SITE]))
+            d = stack.enter_context(new_device(tmp_path, "d", url, live, sites=[SITE]))
+            place.backup(backup)
+            register(c, "Cala")
+            sync(c, url)
+            register(b, "Bilal")
+            sync(b, url)
+        place.restore(backup)  # and nobody runs `fieldreg-hub restored`
+        with live_hub(place.settings) as (url, live):
+            (dina,) = register(d, "Dina")
+            sync(d, url)
+            register(b, "Bilal's brother")
+            sync(b, url)  # sends Bilal again (numbered 2 again), his brother, then pulls
+            sync(b, url)
+            assert dina in device_state(b)
+
+
 def test_a_released_edit_takes_the_hubs_verdict_on_each_field(tmp_path: Path) -> None:
     store = Store.init(tmp_path / "d", PASSPHRASE, site=SITE, operator="o", kdf_memory_kib=8192)
     with store:
@@ -400,6 +428,8 @@ def test_cursors_carry_a_mark_and_refusals_name_the_epoch() -> None:
         "%%%",
         encode_cursor(epoch, 7, "m") + "Om9v",  # a fourth part
         encode_cursor(epoch, -1),
+        encode_cursor(epoch, 2**63, "m"),  # past what the databases store: was a 500
+        encode_cursor(epoch, 10**23, "m"),
     ):
         with pytest.raises(Problem) as info:
             decode_cursor(bad, epoch)
