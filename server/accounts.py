@@ -56,7 +56,7 @@ def user_name_error(name: str) -> str | None:
         return "a user name cannot be empty"
     if len(name) > MAX_USER_NAME_CHARS:
         return f"a user name is at most {MAX_USER_NAME_CHARS} characters"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in name):  # C0, DEL, C1
         return "a user name cannot hold control characters"
     return None
 

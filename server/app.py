@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,9 +26,20 @@ from server.settings import HubSettings
 __all__ = ["EchoRequestId", "create_app"]
 
 
+def _request_id(scope: Scope) -> str:
+    """The caller's X-Request-ID if it is sane, else a new one."""
+    given = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"")
+    text = given.decode("latin-1")
+    if 0 < len(text) <= 64 and text.isascii() and text.isprintable():
+        return text
+    return uuid.uuid4().hex
+
+
 class EchoRequestId:
-    """Puts the request's id (`routes.deps.request_id`, kept in the request's
-    state) on the answer as X-Request-ID.
+    """Gives every request an id (the caller's X-Request-ID if sane, else a new
+    one), kept in the request's state for the audit log
+    (`routes.deps.request_id`), and puts it on every answer as X-Request-ID,
+    refusals before any route ran included.
 
     Plain ASGI: Starlette's `@app.middleware("http")` runs every request
     through extra tasks and streams, a few hundred microseconds of each push."""
@@ -39,12 +51,12 @@ class EchoRequestId:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        rid = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                rid = scope.get("state", {}).get("request_id")
-                if rid:
-                    MutableHeaders(scope=message).append("X-Request-ID", rid)
+                MutableHeaders(scope=message).append("X-Request-ID", rid)
             await send(message)
 
         await self.app(scope, receive, send_with_id)

@@ -37,6 +37,7 @@ def assert_problem(answer: httpx.Response, status: int) -> dict[str, object]:
         "internal",
     }
     assert "Traceback" not in answer.text
+    assert len(answer.headers["x-request-id"]) == 32  # every answer, refusals included
     return body
 
 

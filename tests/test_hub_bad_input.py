@@ -208,6 +208,7 @@ def test_a_value_with_a_choice_that_keeps_a_side_is_refused(
         (("user", "add", "", "--role", "admin"), "cannot be empty"),
         (("user", "add", "   ", "--role", "admin"), "cannot be empty"),
         (("user", "add", "a\tb", "--role", "admin"), "control characters"),
+        (("user", "add", "c1\u009bname", "--role", "admin"), "control characters"),  # a CSI
         (("user", "add", "x" * 129, "--role", "admin"), "at most 128"),
         (("user", "add", "sam", "--role", "hub_operator", "--site", "BAD!"), "not a site code"),
         (("enrol-code", "--site", "BAD!"), "not a site code"),

@@ -323,6 +323,9 @@ def test_the_audit_log_records_reads_and_writes(world: World) -> None:
     again = world.get(f"/api/v1/records/{world.rec_a.record_id}", "opa")
     made_up = again.headers["x-request-id"]
     assert len(made_up) == 32 and made_up != "req-42"  # none given: the hub makes one
+    given = {"X-Request-ID": "req-43"}
+    for path in ("/healthz", "/api/v1/records", "/api/v1/no-such-route"):  # 200, 401, 404
+        assert world.http.get(path, headers=given).headers["x-request-id"] == "req-43"
     assert entries[0]["target"] == f"record:{world.rec_a.record_id}"
     actions = {
         e["action"] for e in world.get("/api/v1/audit", "aud", params={"limit": 1000}).json()
