@@ -6,8 +6,8 @@
 import these instead of keeping copies.
 
 Text from the hub or the operator (names, ids, reasons, paths) may hold
-anything, `[/b]` included: it reaches the consoles escaped (`escape`), as a
-`Text`, or through `fail`, never as Rich markup.
+anything, `[/b]` included: the consoles read no Rich markup (nor emoji codes),
+so it is printed as it is; styles are given as `Text` or `style=`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Annotated, Any, NoReturn
 import sqlalchemy as sa
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
@@ -35,7 +34,6 @@ __all__ = [
     "cli_request_id",
     "database_reason",
     "err",
-    "escape",
     "fail",
     "file_reason",
     "is_text",
@@ -46,8 +44,8 @@ __all__ = [
     "table_of",
 ]
 
-out = Console(emoji=False)  # a name like ":flag_sy:" stays as it is
-err = Console(stderr=True, emoji=False)
+out = Console(markup=False, emoji=False)  # "[/b]" and ":flag_sy:" stay as they are
+err = Console(stderr=True, markup=False, emoji=False)
 
 DataDir = Annotated[
     Path | None,

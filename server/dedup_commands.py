@@ -25,10 +25,11 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from schemas.matching import OPERATING_THRESHOLD
 from server import admin, dedup_check, duplicates
-from server.cli_common import DataDir, audit_cli, err, escape, fail, open_hub, out
+from server.cli_common import DataDir, audit_cli, err, fail, open_hub, out
 from server.dedup_file import InputError, Pair, Parsed, find_pairs, parse, write_pairs
 from server.dedup_scan import ScanStopped, scan
 
@@ -71,12 +72,12 @@ def dedup_list(
         )
         audit_cli(hub, conn, "duplicates.list", f"pairs:{len(views)}")
     for v in views:
-        out.print(f"[bold]pair {v.id}[/bold] score {v.score:.2f} ({v.status})")
+        out.print(Text.assemble((f"pair {v.id}", "bold"), f" score {v.score:.2f} ({v.status})"))
         for rid, site in ((v.record_a, v.site_a), (v.record_b, v.site_b)):
-            out.print(escape(f"  {names.get(rid, '?')}  {rid}  site {site}"))
+            out.print(f"  {names.get(rid, '?')}  {rid}  site {site}")
         for e in v.explanation:
             if e["outcome"] != "missing":
-                out.print(escape(f"    {e['field']:14} {e['outcome']:9} {e['detail']}"))
+                out.print(f"    {e['field']:14} {e['outcome']:9} {e['detail']}")
     out.print(f"{len(views)} {status} pair(s)")
 
 
@@ -244,16 +245,17 @@ def dedup_file(
     except InputError as exc:
         fail(f"{input_file}: {exc}")
     for bad in parsed.bad[:_SHOWN_BAD_LINES]:
-        err.print(f"[yellow]skipped[/yellow] {escape(str(bad))}", highlight=False)
+        err.print(Text.assemble(("skipped", "yellow"), f" {bad}"), highlight=False)
     if len(parsed.bad) > _SHOWN_BAD_LINES:
-        err.print(f"[yellow]skipped[/yellow] {len(parsed.bad) - _SHOWN_BAD_LINES} more lines")
+        more = len(parsed.bad) - _SHOWN_BAD_LINES
+        err.print(Text.assemble(("skipped", "yellow"), f" {more} more lines"))
     if parsed.bad and strict:
         fail(f"{len(parsed.bad)} unreadable line(s) and --strict: nothing written")
     if not parsed.records:
         fail(f"{input_file}: no readable record")
     pairs = _pairs(parsed, limit)
     _write(pairs, out)
-    where = "stdout" if out == "-" else escape(out)
+    where = "stdout" if out == "-" else out
     err.print(
         f"{len(parsed.records):,} records, {len(parsed.bad):,} skipped; "
         f"{len(pairs):,} pairs at or above {limit} written to {where}"

@@ -18,7 +18,6 @@ from server.accounts import Role
 from server.cli_common import (
     DataDir,
     audit_cli,
-    escape,
     fail,
     is_text,
     open_hub,
@@ -95,7 +94,7 @@ def user_add(
     except Problem as exc:
         fail(exc.detail)
     scope = ", ".join(sorted(user.sites)) or "all sites"
-    out.print(f"user {escape(user.name)} added as {user.role.value} ({escape(scope)})")
+    out.print(f"user {user.name} added as {user.role.value} ({scope})")
 
 
 @user_app.command("list")
@@ -133,7 +132,7 @@ def user_disable(name: Annotated[str, typer.Argument()], data_dir: DataDir = Non
     """Disable a user and end their sessions."""
     hub = open_hub(data_dir)
     _change(hub, name, "user.disable", lambda c: accounts.set_active(c, name, is_active=False))
-    out.print(f"user {escape(name)} disabled; their sessions are ended")
+    out.print(f"user {name} disabled; their sessions are ended")
 
 
 @user_app.command("enable")
@@ -141,7 +140,7 @@ def user_enable(name: Annotated[str, typer.Argument()], data_dir: DataDir = None
     """Enable a disabled user again."""
     hub = open_hub(data_dir)
     _change(hub, name, "user.enable", lambda c: accounts.set_active(c, name, is_active=True))
-    out.print(f"user {escape(name)} enabled")
+    out.print(f"user {name} enabled")
 
 
 @user_app.command("reset-password")
@@ -150,4 +149,4 @@ def user_reset_password(name: Annotated[str, typer.Argument()], data_dir: DataDi
     hub = open_hub(data_dir)
     password = _new_password("New password")
     _change(hub, name, "user.reset_password", lambda c: accounts.set_password(c, name, password))
-    out.print(f"password of {escape(name)} reset; their sessions are ended")
+    out.print(f"password of {name} reset; their sessions are ended")

@@ -257,27 +257,10 @@ def test_real_command_in_a_subprocess(tmp_path: Path) -> None:
         "\n".join(json.dumps(p, ensure_ascii=False) for p in people()), encoding="utf-8"
     )
     out = tmp_path / "pairs.csv"
-    env = {**os.environ, "COLUMNS": "200"}
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "dedup-file", str(source), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    done = _dedup_file(str(source), "--out", str(out), cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert frozenset(("egy-1", "egy-2")) in pairs_of(out)
-    bad = subprocess.run(
-        [sys.executable, "-m", "server", "dedup-file", str(tmp_path / "nope"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    bad = _dedup_file(str(tmp_path / "nope"), "--out", str(out), cwd=ROOT)
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error: cannot read")
     assert "Traceback" not in bad.stderr

@@ -19,13 +19,16 @@ from tests.hubkit import POSTGRES_ENV, HandDevice, database_backends, fresh_data
 
 
 def hub(
-    data_dir: Path, *args: str, env: dict[str, str] | None = None
+    data_dir: Path, *args: str, env: dict[str, str] | None = None, code: str | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """`fieldreg-hub ARGS` on `data_dir`; with `code`, that Python program runs in
+    its place (it calls `server.cli.main` after changing what the test needs)."""
     full_env = {**os.environ, "FIELDREG_HUB_DATA_DIR": str(data_dir), "COLUMNS": "200"}
     full_env.pop("FIELDREG_HUB_DATABASE_URL", None)
     full_env.update(env or {})
+    program = ["-c", code] if code is not None else ["-m", "server"]
     return subprocess.run(
-        [sys.executable, "-m", "server", *args],
+        [sys.executable, *program, *args],
         capture_output=True,
         text=True,
         env=full_env,
@@ -285,16 +288,7 @@ main()
 def test_any_database_error_is_one_line_without_the_statement(tmp_path: Path) -> None:
     data = tmp_path / "hub"
     assert hub(data, "init").returncode == 0
-    env = {**os.environ, "FIELDREG_HUB_DATA_DIR": str(data), "COLUMNS": "200"}
-    env.pop("FIELDREG_HUB_DATABASE_URL", None)
-    failed = subprocess.run(
-        [sys.executable, "-c", _REFUSED_READ, "records"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    failed = hub(data, "records", code=_REFUSED_READ)
     assert failed.returncode == 1
     assert failed.stderr.strip() == (
         "error: the database refused (permission denied for table records);"
@@ -306,18 +300,9 @@ def test_an_init_failing_after_its_keys_removes_its_keys_database_and_directory(
     tmp_path: Path,
 ) -> None:
     data = tmp_path / "hub"
-    env = {**os.environ, "FIELDREG_HUB_DATA_DIR": str(data), "COLUMNS": "200"}
-    env.pop("FIELDREG_HUB_DATABASE_URL", None)
 
     def refused_init() -> None:
-        failed = subprocess.run(
-            [sys.executable, "-c", _REFUSING_MIGRATION, "init"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-            check=False,
-        )
+        failed = hub(data, "init", code=_REFUSING_MIGRATION)
         assert failed.returncode == 2, failed.stderr
         assert failed.stderr.strip() == (
             "error: init: the database refused (permission denied for schema public);"

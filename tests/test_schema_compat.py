@@ -11,13 +11,11 @@ stands for the first field a later version retires or renames.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
@@ -35,12 +33,11 @@ from schemas.fields import (
 )
 from schemas.record import MIN_SCHEMA_VERSION, SCHEMA_VERSION, RegistrationCreate
 from schemas.validation import InvalidRecord, validate
-from server.hub import PULL_PATH, Hub
+from server.hub import Hub
 from server.records import load_records
 from sync.changes import Version
 from sync.envelope import Header, seal
 from sync.hlc import Stamp
-from sync.http_signature import sign_request
 from sync.protocol import Edit, dumps
 from sync.transport import HubClient
 from tests.conftest import PASSPHRASE, run_cli, sample_record
@@ -113,16 +110,7 @@ def pull_all(dev: HandDevice) -> list[dict[str, Any]]:
     edits: list[dict[str, Any]] = []
     cursor = ""
     for _ in range(50):
-        query = f"cursor={quote(cursor, safe='')}&limit=500"
-        headers = sign_request(
-            method="GET",
-            path=PULL_PATH,
-            query=query,
-            key_id=dev.id,
-            private_key=dev.keys.signing,
-            created=int(time.time()),
-        )
-        page = dev.open_answer(dev.http.get(f"{PULL_PATH}?{query}", headers=headers))
+        page = dev.open_answer(dev.pull(cursor))
         edits.extend(page["edits"])
         cursor = page["cursor"]
         if not page["more"]:
